@@ -1,0 +1,17 @@
+"""guard_fast: fast, faithful adversarially robust dataset distillation (GUARD).
+
+The drop-in loss::
+
+    from guard_fast import GuardLoss
+    crit = GuardLoss(h=3.0, lam=100.0)      # Eq. 11 of Xue et al., AAAI 2025
+    loss = crit(model, x, y)                 # CE + curvature penalty, one scalar
+    loss.backward()
+"""
+from guard_fast import ops
+from guard_fast.losses import (MODES, GradNormLoss, GuardLoss, GuardOutput, grad_norm_loss,
+                               guard_loss, guard_penalty_reference)
+
+__version__ = "0.1.0"
+
+__all__ = ["GuardLoss", "guard_loss", "GradNormLoss", "grad_norm_loss", "GuardOutput",
+           "guard_penalty_reference", "MODES", "ops", "__version__"]

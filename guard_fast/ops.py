@@ -1,0 +1,288 @@
+"""Fused ops of guard_fast as torch.library custom ops, and the backend registry.
+
+Backends, chosen once at import (``GUARD_FAST_BACKEND=triton|cuda|cpp|torch`` overrides):
+  triton  kernels/guard_penalty.py (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
+  cuda    the CUDA kernels compiled into guard_fast._C (CPU tensors use its C++ kernels)
+  cpp     the C++ CPU kernels of guard_fast._C (CUDA tensors use its CUDA kernels if built)
+  torch   the plain-PyTorch references (always works)
+
+Auto choice: CUDA tensors -> triton, else cuda, else torch; CPU tensors -> cpp, else torch.
+An auto-chosen backend that fails (import or first call) warns once and falls back; an
+explicitly requested backend that cannot work raises.
+
+Ops (shapes: x, g, a, b are (N, ...); per-sample results are (N,) in the accumulation dtype,
+fp32 for fp32/bf16/fp16 inputs and fp64 for fp64):
+  guard_fast::perturb(x, g, h, tiny) -> (x + h*g/max(||g||, tiny), ||g||)
+  guard_fast::sqdiff_norm(a, b) -> ||a - b||^2          (differentiable, twice)
+  guard_fast::sqdiff_norm_backward(go, a, b) -> (2(a-b)go, -2(a-b)go)
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from guard_fast.kernels import guard_penalty as _gp
+
+__all__ = [
+    "BACKENDS",
+    "backend_for",
+    "backend_info",
+    "perturb",
+    "sqdiff_norm",
+    "sqdiff_norm_backward",
+    "extension",
+]
+
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+_OPS = ("perturb", "sqdiff_norm", "sqdiff_norm_backward")
+
+# ----------------------------------------------------------------------------- extension
+
+extension = None
+_ext_error: str | None = None
+try:
+    from guard_fast import _C as extension  # noqa: F401  (registers torch.ops.guard_fast_C)
+except ImportError as e:  # pure-PyTorch path still works
+    _ext_error = f"{type(e).__name__}: {e}"
+
+
+def _ext_cuda() -> bool:
+    return extension is not None and bool(extension.cuda_compiled())
+
+
+def _triton_on_cpu() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _impls(backend: str) -> dict[str, Callable]:
+    if backend == "torch":
+        return {"perturb": _gp.perturb_ref, "sqdiff_norm": _gp.sqdiff_norm_ref,
+                "sqdiff_norm_backward": _gp.sqdiff_norm_backward_ref}
+    if backend == "triton":
+        return {"perturb": _gp.perturb_triton, "sqdiff_norm": _gp.sqdiff_norm_triton,
+                "sqdiff_norm_backward": _gp.sqdiff_norm_backward_triton}
+    ops = torch.ops.guard_fast_C
+    return {name: getattr(ops, name) for name in _OPS}
+
+
+def _usable(backend: str, device_type: str) -> str | None:
+    """None if `backend` can run on `device_type` tensors, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not _gp.HAS_TRITON:
+            return "triton is not installed"
+        if device_type == "cpu" and not _triton_on_cpu():
+            return "triton runs CPU tensors only with TRITON_INTERPRET=1"
+        return None
+    if extension is None:
+        return f"guard_fast._C failed to import ({_ext_error}); reinstall to build it"
+    if backend == "cuda" and not _ext_cuda():
+        return "guard_fast._C was built without CUDA kernels (GUARD_FAST_SKIP_CUDA_BUILD or no nvcc)"
+    if device_type == "cuda" and not _ext_cuda():
+        return "guard_fast._C was built without CUDA kernels"
+    return None
+
+
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
+def _parse_request() -> str:
+    req = os.environ.get("GUARD_FAST_BACKEND", "auto").strip().lower() or "auto"
+    if req != "auto" and req not in BACKENDS:
+        raise ValueError(f"GUARD_FAST_BACKEND={req!r} is not one of auto, {', '.join(BACKENDS)}")
+    return req
+
+
+_requested = _parse_request()
+if _requested != "auto":
+    # Explicit request: it must be able to run at least on the device type it is made for.
+    _why = _usable(_requested, "cuda" if _requested == "cuda" else "cpu")
+    if _why is not None and not (_requested == "triton" and torch.cuda.is_available()):
+        raise RuntimeError(f"GUARD_FAST_BACKEND={_requested} cannot be used: {_why}")
+elif extension is None:
+    warnings.warn(f"guard_fast._C is not available ({_ext_error}); "
+                  "falling back to the plain-PyTorch kernels", RuntimeWarning, stacklevel=2)
+
+_chosen: dict[str, str] = {}  # device type -> backend
+_tables: dict[str, dict[str, Callable]] = {}
+
+
+def backend_for(device_type: str) -> str:
+    """The backend that ops on tensors of this device type ('cpu', 'cuda') use."""
+    if device_type not in _chosen:
+        if _requested != "auto":
+            why = _usable(_requested, device_type)
+            if why is not None:
+                raise RuntimeError(
+                    f"GUARD_FAST_BACKEND={_requested} cannot run {device_type} tensors: {why}")
+            _chosen[device_type] = _requested
+        else:
+            order = _AUTO_ORDER.get(device_type, ("torch",))
+            _chosen[device_type] = next(b for b in order if _usable(b, device_type) is None)
+        _tables[device_type] = _impls(_chosen[device_type])
+    return _chosen[device_type]
+
+
+def backend_info() -> dict:
+    """What is available and what was chosen (for bench rows and bug reports)."""
+    return {"requested": _requested, "chosen": dict(_chosen),
+            "extension": extension is not None, "extension_error": _ext_error,
+            "extension_cuda": _ext_cuda(), "triton": _gp.HAS_TRITON}
+
+
+def _call(name: str, device: torch.device, *args):
+    dt = device.type
+    backend = backend_for(dt)
+    fn = _tables[dt][name]
+    if _requested != "auto" or backend == "torch":
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as e:  # auto-chosen backend broke at run time: warn once, fall back
+        order = _AUTO_ORDER.get(dt, ("torch",))
+        nxt = next(b for b in order[order.index(backend) + 1:] if _usable(b, dt) is None)
+        warnings.warn(f"guard_fast: backend {backend!r} failed on {dt} ({type(e).__name__}: {e}); "
+                      f"falling back to {nxt!r}", RuntimeWarning, stacklevel=3)
+        _chosen[dt] = nxt
+        _tables[dt] = _impls(nxt)
+        return _tables[dt][name](*args)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise TypeError(f"{name_a} and {name_b} must be floating tensors, got {a.dtype} and {b.dtype}")
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} is {a.dtype} but {name_b} is {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
+    if a.dim() < 1 or a.shape[0] < 1:
+        raise ValueError(f"{name_a} must have a batch dimension of size >= 1, got {tuple(a.shape)}")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return _gp.acc_dtype(dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("guard_fast::perturb", mutates_args=())
+def perturb(x: Tensor, g: Tensor, h: float, tiny: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """(x + h * g / max(||g||, tiny), ||g||) per sample, one pass over g after its norm."""
+    _check_pair("x", x, "g", g)
+    return _call("perturb", x.device, x, g, float(h), float(tiny))
+
+
+@perturb.register_fake
+def _perturb_fake(x, g, h, tiny=1e-12):
+    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_acc(x.dtype))
+
+
+def _perturb_setup(ctx, inputs, output):
+    _, g, h, tiny = inputs
+    ctx.save_for_backward(g, output[1])
+    ctx.h, ctx.tiny = h, tiny
+
+
+def _perturb_backward(ctx, gxp, gnorm):
+    # d xp / d x = I. For g (rarely needed: GUARD detaches z), with n = ||g||, s = h/max(n, tiny):
+    #   d xp = s dg - (h/n^3) g (g . dg) [n > tiny];  d n = g . dg / n.
+    g, n = ctx.saved_tensors
+    acc = n.dtype
+    shape = (-1,) + (1,) * (g.dim() - 1)
+    gx = gxp if ctx.needs_input_grad[0] else None
+    gg = None
+    if ctx.needs_input_grad[1]:
+        ga = g.to(acc)
+        big = n > ctx.tiny
+        nsafe = torch.where(big, n, torch.ones_like(n))
+        s = ctx.h / n.clamp_min(ctx.tiny)
+        total = torch.zeros_like(ga)
+        if gxp is not None:
+            go = gxp.to(acc)
+            dot = (ga * go).flatten(1).sum(1)
+            total = total + s.view(shape) * go - (big * ctx.h * dot / nsafe**3).view(shape) * ga
+        if gnorm is not None:
+            total = total + (big * gnorm.to(acc) / nsafe).view(shape) * ga
+        gg = total.to(g.dtype)
+    return gx, gg, None, None
+
+
+perturb.register_autograd(_perturb_backward, setup_context=_perturb_setup)
+
+
+@torch.library.custom_op("guard_fast::sqdiff_norm_backward", mutates_args=())
+def sqdiff_norm_backward(go: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(2 (a - b) go_i, -2 (a - b) go_i) per sample, both written in one pass."""
+    _check_pair("a", a, "b", b)
+    if go.shape != (a.shape[0],):
+        raise ValueError(f"go must have shape ({a.shape[0]},), got {tuple(go.shape)}")
+    return _call("sqdiff_norm_backward", a.device, go, a, b)
+
+
+@sqdiff_norm_backward.register_fake
+def _sqdiff_norm_backward_fake(go, a, b):
+    return torch.empty_like(a), torch.empty_like(a)
+
+
+def _sqb_setup(ctx, inputs, output):
+    go, a, b = inputs
+    ctx.save_for_backward(go, a, b)
+
+
+def _sqb_backward(ctx, gda, gdb):
+    # da = 2 go (a - b), db = -da. With e = gda - gdb (what the pair sends back per element):
+    #   d go_i = 2 sum_j (a - b)_ij e_ij,  d a = 2 go e,  d b = -d a.
+    go, a, b = ctx.saved_tensors
+    acc = _acc(a.dtype)
+    e = torch.zeros_like(a, dtype=acc)
+    if gda is not None:
+        e = e + gda.to(acc)
+    if gdb is not None:
+        e = e - gdb.to(acc)
+    shape = (-1,) + (1,) * (a.dim() - 1)
+    dgo = (2.0 * (a.to(acc) - b.to(acc)) * e).flatten(1).sum(1).to(go.dtype)
+    da = (2.0 * go.to(acc).view(shape) * e).to(a.dtype)
+    return dgo, da, -da
+
+
+sqdiff_norm_backward.register_autograd(_sqb_backward, setup_context=_sqb_setup)
+
+
+@torch.library.custom_op("guard_fast::sqdiff_norm", mutates_args=())
+def sqdiff_norm(a: Tensor, b: Tensor) -> Tensor:
+    """||a_i - b_i||_2^2 per sample, accumulated in fp32 (fp64 for fp64); shape (N,)."""
+    _check_pair("a", a, "b", b)
+    return _call("sqdiff_norm", a.device, a, b)
+
+
+@sqdiff_norm.register_fake
+def _sqdiff_norm_fake(a, b):
+    return a.new_empty((a.shape[0],), dtype=_acc(a.dtype))
+
+
+def _sq_setup(ctx, inputs, output):
+    a, b = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _sq_backward(ctx, go):
+    a, b = ctx.saved_tensors
+    da, db = sqdiff_norm_backward(go.contiguous(), a, b)
+    return (da if ctx.needs_input_grad[0] else None), (db if ctx.needs_input_grad[1] else None)
+
+
+sqdiff_norm.register_autograd(_sq_backward, setup_context=_sq_setup)
