@@ -8,10 +8,10 @@ The drop-in loss::
     loss.backward()
 """
 from guard_fast import ops
-from guard_fast.losses import (MODES, GradNormLoss, GuardLoss, GuardOutput, grad_norm_loss,
-                               guard_loss, guard_penalty_reference)
+from guard_fast.losses import (MODES, GradNormLoss, GuardLoss, GuardOutput, compile_guard_step,
+                               grad_norm_loss, guard_loss, guard_penalty_reference)
 
 __version__ = "0.1.0"
 
 __all__ = ["GuardLoss", "guard_loss", "GradNormLoss", "grad_norm_loss", "GuardOutput",
-           "guard_penalty_reference", "MODES", "ops", "__version__"]
+           "guard_penalty_reference", "compile_guard_step", "MODES", "ops", "__version__"]

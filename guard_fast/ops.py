@@ -213,7 +213,7 @@ def _perturb_backward(ctx, gxp, gnorm):
         total = torch.zeros_like(ga)
         if gxp is not None:
             go = gxp.to(acc)
-            dot = (ga * go).flatten(1).sum(1)
+            dot = (ga * go).reshape(len(ga), -1).sum(1)
             total = total + s.view(shape) * go - (big * ctx.h * dot / nsafe**3).view(shape) * ga
         if gnorm is not None:
             total = total + (big * gnorm.to(acc) / nsafe).view(shape) * ga
@@ -254,7 +254,7 @@ def _sqb_backward(ctx, gda, gdb):
     if gdb is not None:
         e = e - gdb.to(acc)
     shape = (-1,) + (1,) * (a.dim() - 1)
-    dgo = (2.0 * (a.to(acc) - b.to(acc)) * e).flatten(1).sum(1).to(go.dtype)
+    dgo = (2.0 * (a.to(acc) - b.to(acc)) * e).reshape(len(a), -1).sum(1).to(go.dtype)
     da = (2.0 * go.to(acc).view(shape) * e).to(a.dtype)
     return dgo, da, -da
 

@@ -73,7 +73,7 @@ def perturb_ref(x: torch.Tensor, g: torch.Tensor, h: float, tiny: float = 1e-12)
     """x + h * g / max(||g||, tiny) per sample; returns (xp, norm) with norm in acc dtype."""
     acc = acc_dtype(x.dtype)
     g_acc = g.to(acc)
-    n = g_acc.flatten(1).norm(dim=1)
+    n = g_acc.reshape(g.shape[0], -1).norm(dim=1)
     scale = h / n.clamp_min(tiny)
     shape = (-1,) + (1,) * (x.dim() - 1)
     xp = (x.to(acc) + g_acc * scale.view(shape)).to(x.dtype)
@@ -83,7 +83,7 @@ def perturb_ref(x: torch.Tensor, g: torch.Tensor, h: float, tiny: float = 1e-12)
 def sqdiff_norm_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample squared L2 distance, accumulated in the acc dtype; shape (N,)."""
     acc = acc_dtype(a.dtype)
-    return (a.to(acc) - b.to(acc)).flatten(1).pow(2).sum(dim=1)
+    return (a.to(acc) - b.to(acc)).reshape(a.shape[0], -1).pow(2).sum(dim=1)
 
 
 def sqdiff_norm_backward_ref(go: torch.Tensor, a: torch.Tensor, b: torch.Tensor):

@@ -287,3 +287,20 @@ def test_nonfinite_penalty_raises_with_statistics():
     x, y = _data(dtype=torch.float32)
     with pytest.raises(FloatingPointError, match="penalty is not finite.*ce="):
         guard_loss(_Overflow(), x, y)
+
+
+def test_compiled_step_equals_eager():
+    """The whole loss + backward compiled as one graph gives the eager gradients."""
+    m = make(dtype=torch.float32, act="relu")
+    m2 = copy.deepcopy(m)
+    x, y = _data(dtype=torch.float32)
+    step = guard_fast.compile_guard_step(m, GuardLoss(check=False))
+    loss = step(x, y)
+    ref = guard_loss(m2, x, y)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(m), _grads(m2)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+

@@ -1,0 +1,203 @@
+"""Training-step time and peak memory of GUARD's loss variants vs plain CE.
+
+Variants (ResNet-18; every step = loss, backward, SGD step):
+  ce               plain cross-entropy
+  straightforward  Eq. 11 structured like the public code: CE pass, a pass for z, then
+                   create_graph passes at x + h z and at x (guard_penalty_reference)
+  exact            GuardLoss(mode="exact"): two penalty passes, fused gradient injection
+  exact-unfused    the same with one autograd graph (fused=False)
+  exact-bntrain    exact with bn_mode="train" (CE reuses the first penalty pass; not the
+                   published BatchNorm semantics)
+  fd               GuardLoss(mode="fd"), central differences (first-order passes only)
+  fd-compiled      fd with torch.compile(model) (first-order graphs compile; double
+                   backprop through compiled graphs does not)
+
+Each variant runs in a fresh process so that CPU peak memory (peak RSS growth) is its own,
+and first checks its loss and gradient against the straightforward form on the same batch.
+
+    python bench/bench_loss.py --quick                 # < 1 min on a laptop CPU
+    python bench/bench_loss.py --device cuda           # full grid on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+VARIANTS = ["ce", "straightforward", "exact", "exact-unfused", "exact-bntrain", "fd", "fd-compiled"]
+# (name, stem, image size, batch)
+FULL_CONFIGS = [("r18-imagenet-224-b32", "imagenet", 224, 32),
+                ("r18-imagenet-224-b128", "imagenet", 224, 128),
+                ("r18-small-32-b32", "small", 32, 32),
+                ("r18-small-32-b128", "small", 32, 128)]
+CPU_CONFIGS = [("r18-imagenet-224-b32", "imagenet", 224, 32),
+               ("r18-small-32-b32", "small", 32, 32),
+               ("r18-imagenet-32-b128", "imagenet", 32, 128)]
+QUICK_CONFIGS = [("r18-imagenet-32-b32", "imagenet", 32, 32)]
+
+
+def _step_fn(variant, model, x, y, opt, amp_dtype, device):
+    import torch
+    import torch.nn.functional as F
+
+    from guard_fast import GuardLoss, guard_penalty_reference
+
+    crit = {
+        "exact": GuardLoss(mode="exact", check=False),
+        "exact-unfused": GuardLoss(mode="exact", fused=False, check=False),
+        "exact-bntrain": GuardLoss(mode="exact", bn_mode="train", check=False),
+        "fd": GuardLoss(mode="fd", check=False),
+        "fd-compiled": GuardLoss(mode="fd", check=False),
+    }.get(variant)
+    fwd_model = torch.compile(model) if variant == "fd-compiled" else model
+
+    def loss_fn():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if variant == "ce":
+                return F.cross_entropy(model(x), y)
+            if variant == "straightforward":
+                ce = F.cross_entropy(model(x), y)
+                model.eval()
+                pen = guard_penalty_reference(model, x, y, h=3.0, lam=100.0)
+                model.train()
+                return ce + pen
+            return crit(fwd_model, x, y)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, loss_fn
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    from guard_fast.models import resnet18
+    from harness import time_fn
+
+    torch.manual_seed(0)
+    device = torch.device(spec["device"])
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
+    model = resnet18(num_classes=spec["classes"], stem=spec["stem"]).to(device)
+    x = torch.rand(spec["batch"], 3, spec["size"], spec["size"], device=device)
+    y = torch.randint(0, spec["classes"], (spec["batch"],), device=device)
+    if spec["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    model.train()
+    with torch.no_grad():  # running statistics that differ from batch statistics
+        model(torch.rand_like(x))
+
+    check = {}
+    if spec["variant"] not in ("ce", "straightforward"):
+        # Correctness before timing: loss and gradient vs the straightforward form.
+        grads = {}
+        for v in ("straightforward", spec["variant"]):
+            m = copy.deepcopy(model)
+            _, loss_fn = _step_fn(v, m, x, y, torch.optim.SGD(m.parameters(), lr=0.0), amp, device)
+            loss = loss_fn()
+            loss.backward()
+            grads[v] = (float(loss), torch.cat([p.grad.flatten().float() for p in m.parameters()]))
+        (l0, g0), (l1, g1) = grads["straightforward"], grads[spec["variant"]]
+        check = {"loss_rel_diff": abs(l1 - l0) / max(abs(l0), 1e-12),
+                 "grad_cos": float(torch.nn.functional.cosine_similarity(g0, g1, dim=0)),
+                 "grad_rel_diff": float((g1 - g0).norm() / g0.norm().clamp_min(1e-30))}
+        del grads, g0, g1
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    step, _ = _step_fn(spec["variant"], model, x, y, opt, amp, device)
+    res = time_fn(step, warmup=spec["warmup"], reps=spec["reps"], device=device)
+    return {**res, **check}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one small config, few reps (< 1 min on CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument("--dtype", default=None, help="fp32,bf16 (comma list; default fp32 on CPU, fp32,bf16 on CUDA)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants")
+    ap.add_argument("--configs", default=None, help="comma list of config names (default by device)")
+    ap.add_argument("--reps", type=int, default=None, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant")
+    ap.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
+    ap.add_argument("--results-dir", default=None, help="where to append loss.jsonl (default bench/results)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    from harness import append_result, table
+
+    cuda = args.device.startswith("cuda")
+    configs = QUICK_CONFIGS if args.quick else (FULL_CONFIGS if cuda else CPU_CONFIGS)
+    if args.configs:
+        allc = {c[0]: c for c in FULL_CONFIGS + CPU_CONFIGS + QUICK_CONFIGS}
+        unknown = [c for c in args.configs.split(",") if c not in allc]
+        if unknown:
+            ap.error(f"unknown config(s) {unknown}; known: {sorted(allc)}")
+        configs = [allc[c] for c in args.configs.split(",")]
+    variants = args.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"unknown variant(s) {bad}; known: {VARIANTS}")
+    if args.quick and args.variants == ",".join(VARIANTS):
+        variants = ["ce", "straightforward", "exact", "fd"]
+    dtypes = (args.dtype or ("fp32,bf16" if cuda else "fp32")).split(",")
+    reps = args.reps or (3 if args.quick else (20 if cuda else 3))
+    warmup = args.warmup or (1 if args.quick else (5 if cuda else 1))
+
+    rows = []
+    for cname, stem, size, batch in configs:
+        for dt in dtypes:
+            base = {}
+            for v in variants:
+                spec = dict(variant=v, device=args.device, stem=stem, size=size, batch=batch,
+                            classes=10 if size <= 64 else 100, dtype=dt, reps=reps, warmup=warmup,
+                            channels_last=args.channels_last)
+                env = dict(os.environ)
+                env.setdefault("PYTHONUNBUFFERED", "1")
+                p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                                   capture_output=True, text=True, env=env)
+                line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+                if p.returncode != 0 or not line:
+                    err = (p.stderr.strip().splitlines() or ["?"])[-1]
+                    print(f"[{cname} {dt} {v}] failed: {err}", file=sys.stderr)
+                    row = {"config": cname, "dtype": dt, "variant": v, "error": err[:300]}
+                else:
+                    res = json.loads(line[0][7:])
+                    base[v] = res
+                    row = {"config": cname, "dtype": dt, "variant": v, **res}
+                    if "straightforward" in base:
+                        row["x_straightforward"] = res["median_ms"] / base["straightforward"]["median_ms"]
+                        row["mem_x_straightforward"] = (res["peak_mem_mb"] /
+                                                        max(base["straightforward"]["peak_mem_mb"], 1e-9))
+                    if "ce" in base:
+                        row["x_ce"] = res["median_ms"] / base["ce"]["median_ms"]
+                row.update(device_type=args.device.split(":")[0], channels_last=args.channels_last,
+                           batch=batch, size=size, stem=stem, quick=args.quick)
+                rows.append(append_result("loss", row, args.results_dir, device=args.device))
+                print(table([rows[-1]], ["config", "dtype", "variant", "median_ms", "p20_ms", "p80_ms",
+                                         "peak_mem_mb", "x_straightforward", "mem_x_straightforward",
+                                         "x_ce", "grad_cos"]).splitlines()[-1], flush=True)
+    print()
+    print(f"device: {rows[0]['device'] if rows else '?'}  torch {rows[0]['torch'] if rows else '?'}")
+    print(table(rows, ["config", "dtype", "variant", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
+                       "x_straightforward", "mem_x_straightforward", "x_ce", "grad_cos"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""Shared bench harness: warm-up, median with p20/p80, peak memory, and result rows.
+
+Rows are appended (one JSON object per line) to bench/results/<area>.jsonl with the device
+name, torch/triton versions, the git commit and the date, so a figure can always be traced
+to the run and the machine that produced it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=Path(__file__).parent,
+                               timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 2, reps: int = 5,
+            device: str | torch.device = "cpu") -> dict:
+    """Median / p20 / p80 wall time of fn() in ms, after `warmup` calls, and peak memory.
+
+    Peak memory: on CUDA, torch's max_memory_allocated over the timed calls minus what was
+    allocated before them; on CPU, the growth of the process's peak RSS over its RSS before
+    the first call (meaningful when each variant runs in a fresh process, as the benches do).
+    """
+    device = torch.device(device)
+    rss0 = _rss_mb()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+    q = torch.tensor(times, dtype=torch.float64)
+    return {"median_ms": float(q.median()), "p20_ms": float(q.quantile(0.2)),
+            "p80_ms": float(q.quantile(0.8)), "reps": reps, "warmup": warmup,
+            "peak_mem_mb": round(float(peak), 1)}
+
+
+def env_row(device: str | torch.device = "cpu") -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = None
+    return {"device": device_name(device), "torch": torch.__version__, "triton": tv,
+            "commit": _commit(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "threads": torch.get_num_threads()}
+
+
+def append_result(area: str, row: dict, results_dir: str | Path | None = None,
+                  device: str | torch.device | None = None) -> dict:
+    """Add the environment to `row` and append it to <results_dir>/<area>.jsonl."""
+    out = Path(results_dir) if results_dir else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    full = {**env_row(device or row.get("device_type", "cpu")), **row}
+    with open(out / f"{area}.jsonl", "a") as f:
+        f.write(json.dumps(full) + "\n")
+    return full
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    """A small fixed-width text table for the terminal."""
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for r in rows:
+        out.append("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
