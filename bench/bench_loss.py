@@ -10,7 +10,9 @@ Variants (ResNet-18; every step = loss, backward, SGD step):
                    published BatchNorm semantics)
   fd               GuardLoss(mode="fd"), central differences (first-order passes only)
   fd-compiled      fd with torch.compile(model) (first-order graphs compile; double
-                   backprop through compiled graphs does not)
+                   backprop through a compiled model does not)
+  exact-compiled   exact through guard_fast.compile_guard_step: the loss and all of its
+                   backward passes traced as one graph (slow to compile: opt-in on CPU)
 
 Each variant runs in a fresh process so that CPU peak memory (peak RSS growth) is its own,
 and first checks its loss and gradient against the straightforward form on the same batch.
@@ -31,7 +33,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-VARIANTS = ["ce", "straightforward", "exact", "exact-unfused", "exact-bntrain", "fd", "fd-compiled"]
+VARIANTS = ["ce", "straightforward", "exact", "exact-unfused", "exact-bntrain", "fd", "fd-compiled",
+            "exact-compiled"]
+DEFAULT_VARIANTS = VARIANTS[:-2]  # compiled variants compile for minutes: ask for them by name
 # (name, stem, image size, batch)
 FULL_CONFIGS = [("r18-imagenet-224-b32", "imagenet", 224, 32),
                 ("r18-imagenet-224-b128", "imagenet", 224, 128),
@@ -44,10 +48,12 @@ QUICK_CONFIGS = [("r18-imagenet-32-b32", "imagenet", 32, 32)]
 
 
 def _step_fn(variant, model, x, y, opt, amp_dtype, device):
+    """(step, grad_fn): grad_fn() leaves the loss's gradients in .grad and returns the loss;
+    step() is zero_grad + grad_fn + optimizer step."""
     import torch
     import torch.nn.functional as F
 
-    from guard_fast import GuardLoss, guard_penalty_reference
+    from guard_fast import GuardLoss, compile_guard_step, guard_penalty_reference
 
     crit = {
         "exact": GuardLoss(mode="exact", check=False),
@@ -55,29 +61,45 @@ def _step_fn(variant, model, x, y, opt, amp_dtype, device):
         "exact-bntrain": GuardLoss(mode="exact", bn_mode="train", check=False),
         "fd": GuardLoss(mode="fd", check=False),
         "fd-compiled": GuardLoss(mode="fd", check=False),
+        "exact-compiled": GuardLoss(mode="exact", check=False),
     }.get(variant)
     fwd_model = torch.compile(model) if variant == "fd-compiled" else model
+    compiled = compile_guard_step(model, crit) if variant == "exact-compiled" else None
 
-    def loss_fn():
+    def grad_fn():
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if compiled is not None:
+                return compiled(x, y)
             if variant == "ce":
-                return F.cross_entropy(model(x), y)
-            if variant == "straightforward":
-                ce = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(model(x), y)
+            elif variant == "straightforward":
+                loss = F.cross_entropy(model(x), y)
                 model.eval()
-                pen = guard_penalty_reference(model, x, y, h=3.0, lam=100.0)
+                loss = loss + guard_penalty_reference(model, x, y, h=3.0, lam=100.0)
                 model.train()
-                return ce + pen
-            return crit(fwd_model, x, y)
+            elif variant == "straightforward-bntrain":  # reference for exact-bntrain only
+                loss = F.cross_entropy(model(x), y)
+                frozen = copy.deepcopy(model)
+                for mod in frozen.modules():  # batch statistics, running stats untouched
+                    if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                        mod.momentum = 0.0
+                pen = guard_penalty_reference(frozen, x, y, h=3.0, lam=100.0)
+                pen.backward()
+                for p, q in zip(model.parameters(), frozen.parameters()):
+                    p.grad = q.grad.clone()
+                loss = loss + pen.detach()
+            else:
+                loss = crit(fwd_model, x, y)
+        loss.backward()
+        return loss.detach()
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
+        loss = grad_fn()
         opt.step()
         return loss
 
-    return step, loss_fn
+    return step, grad_fn
 
 
 def worker(spec: dict) -> dict:
@@ -88,6 +110,8 @@ def worker(spec: dict) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes, as in training
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
     model = resnet18(num_classes=spec["classes"], stem=spec["stem"]).to(device)
     x = torch.rand(spec["batch"], 3, spec["size"], spec["size"], device=device)
@@ -103,17 +127,19 @@ def worker(spec: dict) -> dict:
     if spec["variant"] not in ("ce", "straightforward"):
         # Correctness before timing: loss and gradient vs the straightforward form.
         grads = {}
-        for v in ("straightforward", spec["variant"]):
+        ref = "straightforward-bntrain" if spec["variant"] == "exact-bntrain" else "straightforward"
+        for v in (ref, spec["variant"]):
             m = copy.deepcopy(model)
-            _, loss_fn = _step_fn(v, m, x, y, torch.optim.SGD(m.parameters(), lr=0.0), amp, device)
-            loss = loss_fn()
-            loss.backward()
+            _, grad_fn = _step_fn(v, m, x, y, torch.optim.SGD(m.parameters(), lr=0.0), amp, device)
+            loss = grad_fn()
             grads[v] = (float(loss), torch.cat([p.grad.flatten().float() for p in m.parameters()]))
-        (l0, g0), (l1, g1) = grads["straightforward"], grads[spec["variant"]]
+        (l0, g0), (l1, g1) = grads[ref], grads[spec["variant"]]
         check = {"loss_rel_diff": abs(l1 - l0) / max(abs(l0), 1e-12),
                  "grad_cos": float(torch.nn.functional.cosine_similarity(g0, g1, dim=0)),
                  "grad_rel_diff": float((g1 - g0).norm() / g0.norm().clamp_min(1e-30))}
-        del grads, g0, g1
+        del grads, g0, g1, m
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     step, _ = _step_fn(spec["variant"], model, x, y, opt, amp, device)
@@ -121,12 +147,36 @@ def worker(spec: dict) -> dict:
     return {**res, **check}
 
 
+def _run(spec: dict, in_process: bool):
+    """Run one variant: in this process on CUDA (peak memory comes from the allocator), in a
+    fresh process on CPU (peak RSS is per process). Returns (result, error message)."""
+    if in_process:
+        import torch
+        try:
+            res = worker(spec)
+        except Exception as e:  # a failed variant is reported, the others still run
+            res, err = None, f"{type(e).__name__}: {e}".splitlines()[0]
+        else:
+            err = None
+        torch.cuda.empty_cache()
+        return res, err
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                       capture_output=True, text=True, env=env)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not line:
+        return None, (p.stderr.strip().splitlines() or ["?"])[-1]
+    return json.loads(line[0][7:]), None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one small config, few reps (< 1 min on CPU)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     ap.add_argument("--dtype", default=None, help="fp32,bf16 (comma list; default fp32 on CPU, fp32,bf16 on CUDA)")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma list of variants (default: all but the compiled ones; "
+                         "--quick: ce,straightforward,exact,fd)")
     ap.add_argument("--configs", default=None, help="comma list of config names (default by device)")
     ap.add_argument("--reps", type=int, default=None, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant")
@@ -153,11 +203,11 @@ def main(argv=None) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         ap.error(f"unknown variant(s) {bad}; known: {VARIANTS}")
-    if args.quick and args.variants == ",".join(VARIANTS):
-        variants = ["ce", "straightforward", "exact", "fd"]
+    if args.variants == ",".join(VARIANTS):
+        variants = ["ce", "straightforward", "exact", "fd"] if args.quick else DEFAULT_VARIANTS
     dtypes = (args.dtype or ("fp32,bf16" if cuda else "fp32")).split(",")
-    reps = args.reps or (3 if args.quick else (20 if cuda else 3))
-    warmup = args.warmup or (1 if args.quick else (5 if cuda else 1))
+    reps = args.reps or (3 if args.quick else (10 if cuda else 3))
+    warmup = args.warmup or (1 if args.quick else (3 if cuda else 1))
 
     rows = []
     for cname, stem, size, batch in configs:
@@ -167,17 +217,11 @@ def main(argv=None) -> int:
                 spec = dict(variant=v, device=args.device, stem=stem, size=size, batch=batch,
                             classes=10 if size <= 64 else 100, dtype=dt, reps=reps, warmup=warmup,
                             channels_last=args.channels_last)
-                env = dict(os.environ)
-                env.setdefault("PYTHONUNBUFFERED", "1")
-                p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                                   capture_output=True, text=True, env=env)
-                line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
-                if p.returncode != 0 or not line:
-                    err = (p.stderr.strip().splitlines() or ["?"])[-1]
+                res, err = _run(spec, in_process=cuda)
+                if err is not None:
                     print(f"[{cname} {dt} {v}] failed: {err}", file=sys.stderr)
                     row = {"config": cname, "dtype": dt, "variant": v, "error": err[:300]}
                 else:
-                    res = json.loads(line[0][7:])
                     base[v] = res
                     row = {"config": cname, "dtype": dt, "variant": v, **res}
                     if "straightforward" in base:

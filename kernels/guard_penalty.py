@@ -13,6 +13,8 @@ Math (per sample i, accumulation in fp32, or fp64 for fp64 inputs):
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:  # triton is optional: a CPU-only install may lack it.
@@ -102,9 +104,14 @@ def sqdiff_norm_backward_ref(go: torch.Tensor, a: torch.Tensor, b: torch.Tensor)
 _BLOCK = 1024
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _split(n: int, d: int, device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:  # interpreter: every program instance costs ~1 ms, keep grids tiny
         target = 1
     s = max(1, min(triton.cdiv(d, _BLOCK), triton.cdiv(target, n)))

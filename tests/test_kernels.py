@@ -225,3 +225,48 @@ def test_bad_op_inputs():
         ops.perturb(a.long(), a.long(), 1.0)
     with pytest.raises(ValueError, match="go must have shape"):
         ops.sqdiff_norm_backward(torch.ones(3), a, a)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+from conftest import gpu  # noqa: E402
+
+
+def _cuda_impls():
+    out = {"op": IMPLS["op"], "torch": IMPLS["torch"]}
+    if gp.HAS_TRITON:
+        out["triton"] = IMPLS["triton"]
+    if ops.extension is not None and ops.extension.cuda_compiled():
+        c = torch.ops.guard_fast_C
+        out["cuda-ext"] = (c.perturb, c.sqdiff_norm, c.sqdiff_norm_backward)
+    return out
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(1, 3, 224, 224), (128, 3, 32, 32)], ids=str)
+def test_ops_on_cuda_against_formula(dtype, shape):
+    for name, (perturb, sq, sqb) in _cuda_impls().items():
+        for layout in _layouts(shape):
+            x = _make(shape, dtype, layout, 0).cuda()
+            g = _make(shape, dtype, layout, 1).cuda()
+            if layout == "channels_last":
+                x, g = (t.to(memory_format=torch.channels_last) for t in (x, g))
+            go = (torch.randn(shape[0]) * 3).cuda()
+            args = lambda *a: tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in a)  # noqa: E731
+            out = tuple(t.cpu() for t in perturb(x, g, 3.0, 1e-12))
+            _assert_close_to_truth("perturb", out, args(x, g, 3.0), dtype)
+            _assert_close_to_truth("sqdiff_norm", sq(x, g).cpu(), args(x, g), dtype)
+            da, db = sqb(go, x, g)
+            _assert_close_to_truth("sqdiff_norm_backward", (da.cpu(), db.cpu()), args(go, x, g), dtype)
+            if layout == "channels_last":
+                assert out[0].is_contiguous(memory_format=torch.channels_last), name
+
+
+@gpu
+def test_opcheck_cuda():
+    x = torch.randn(3, 2, 5, 4, device="cuda")
+    g = torch.randn(3, 2, 5, 4, device="cuda")
+    torch.library.opcheck(ops.perturb, (x, g, 3.0, 1e-12))
+    torch.library.opcheck(ops.sqdiff_norm, (x.requires_grad_(), g))
+    torch.library.opcheck(ops.sqdiff_norm_backward, (torch.randn(3, device="cuda"), x.detach(), g))

@@ -304,3 +304,23 @@ def test_compiled_step_equals_eager():
     for (k, a), b in zip(m.state_dict().items(), m2.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
 
+
+
+from conftest import gpu  # noqa: E402
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["exact", "official-cifar", "official-imagenet", "fd"])
+def test_modes_on_cuda_match_cpu(mode):
+    m = make(act="relu")
+    x, y = _data()
+    kw = dict(fd_eps=1e-6) if mode == "fd" else {}
+    ref = copy.deepcopy(m)
+    lr = guard_loss(ref, x, y, mode=mode, **kw)
+    lr.backward()
+    mc = copy.deepcopy(m).cuda()
+    lc = guard_loss(mc, x.cuda(), y.cuda(), mode=mode, **kw)
+    lc.backward()
+    torch.testing.assert_close(lc.detach().cpu(), lr.detach(), rtol=1e-9, atol=1e-12)
+    cos = F.cosine_similarity(_flat(_grads(mc)).cpu(), _flat(_grads(ref)), dim=0)
+    assert 1 - cos < 1e-9, float(cos)
