@@ -9,9 +9,10 @@ The drop-in loss::
 """
 from guard_fast import ops
 from guard_fast.losses import (MODES, GradNormLoss, GuardLoss, GuardOutput, compile_guard_step,
-                               grad_norm_loss, guard_loss, guard_penalty_reference)
+                               grad_norm_loss, guard_loss, guard_penalty_reference,
+                               stable_cross_entropy)
 
 __version__ = "0.1.0"
 
 __all__ = ["GuardLoss", "guard_loss", "GradNormLoss", "grad_norm_loss", "GuardOutput",
-           "guard_penalty_reference", "compile_guard_step", "MODES", "ops", "__version__"]
+           "guard_penalty_reference", "compile_guard_step", "stable_cross_entropy", "MODES", "ops", "__version__"]

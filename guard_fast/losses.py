@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from guard_fast import ops
 
 __all__ = ["GuardLoss", "guard_loss", "GradNormLoss", "grad_norm_loss", "GuardOutput",
-           "guard_penalty_reference", "compile_guard_step", "MODES"]
+           "guard_penalty_reference", "compile_guard_step", "stable_cross_entropy", "MODES"]
 
 MODES = ("exact", "fd", "official-cifar", "official-imagenet")
 BN_MODES = ("eval", "train")
@@ -92,6 +92,28 @@ def _penalty_mode(model: nn.Module, bn_mode: str):
     else:
         with _frozen_running_stats(model):
             yield
+
+
+def stable_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-sample cross-entropy whose gradient keeps full relative precision when the model
+    is confident.
+
+    F.cross_entropy's gradient for the true class is p_y - 1, which float32 rounds to 0 once
+    p_y > 1 - 6e-8: on a trained teacher the input gradients of well-classified samples then
+    lose their main component, and z = g/||g|| points the wrong way. Written as
+        l = M + log1p(expm1(-M) + sum_{j != y} exp(a_j - M)),  a = logits - logits_y,
+    M = max_j a_j (detached: l does not depend on it), autograd produces the true-class
+    gradient as -sum_{j != y} p_j, accurate to float32 rounding, and double backprop works.
+    Same value as F.cross_entropy(reduction="none") up to rounding; fp16/bf16 logits are
+    computed in fp32, as autocast does for cross_entropy.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    a = logits - logits.gather(1, y[:, None])
+    m = a.max(dim=1, keepdim=True).values.detach()
+    e = torch.exp(a - m).scatter(1, y[:, None], 0.0)
+    m = m.squeeze(1)
+    return m + torch.log1p(torch.expm1(-m) + e.sum(dim=1))
 
 
 def _check(model, x, y) -> None:
@@ -156,11 +178,22 @@ def _raise_nonfinite(ce, pen, gn, x, mode):
 # ----------------------------------------------------------------------------- penalty passes
 
 
+def _penalty_ce(logits: Tensor, y: Tensor) -> Tensor:
+    """Summed CE of the penalty passes of our own modes: precise gradients (see above)."""
+    return stable_cross_entropy(logits, y).sum()
+
+
+def _official_ce(logits: Tensor, y: Tensor) -> Tensor:
+    """Summed CE as the public code computes it (official modes reproduce its arithmetic)."""
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
 def _exact_chunk(net, xc, yc, h, lam, official_cifar, total_n, create_graph):
     """Penalty of one chunk via the two passes at x and x + h z. Returns (pen_sum, gn_sum)
     where pen_sum is this chunk's share of the batch-mean penalty (already / total_n)."""
+    ce = _official_ce if official_cifar else _penalty_ce
     xa = xc.detach().requires_grad_(True)
-    l0 = F.cross_entropy(_logits(net, xa, xc.shape[0], yc, False), yc, reduction="sum")
+    l0 = ce(_logits(net, xa, xc.shape[0], yc, False), yc)
     (g0,) = torch.autograd.grad(l0, xa, create_graph=create_graph)
     if official_cifar:
         # Public CIFAR code: g is the gradient of the batch-MEAN CE (g0 / B), and
@@ -172,7 +205,7 @@ def _exact_chunk(net, xc, yc, h, lam, official_cifar, total_n, create_graph):
     else:
         xp, n0 = ops.perturb(xa.detach(), g0.detach(), h, _TINY)
     xp.requires_grad_(True)
-    l1 = F.cross_entropy(_logits(net, xp, xc.shape[0], yc, False), yc, reduction="sum")
+    l1 = ce(_logits(net, xp, xc.shape[0], yc, False), yc)
     (g1,) = torch.autograd.grad(l1, xp, create_graph=create_graph)
     sq = ops.sqdiff_norm(g1, g0)
     if official_cifar:
@@ -193,11 +226,11 @@ def _fd_chunk(net, xc, yc, h, lam, total_n, need_grads, params, fd_eps, fd_schem
     fd_eps * sqrt(D), i.e. an RMS per-element step of fd_eps in input units."""
     n = xc.shape[0]
     xa = xc.detach().requires_grad_(True)
-    l0 = F.cross_entropy(_logits(net, xa, n, yc, False), yc, reduction="none")
+    l0 = stable_cross_entropy(_logits(net, xa, n, yc, False), yc)
     (g0,) = torch.autograd.grad(l0.sum(), xa, retain_graph=need_grads and fd_scheme == "forward")
     xp, n0 = ops.perturb(xa.detach(), g0, h, _TINY)
     xp.requires_grad_(True)
-    l1 = F.cross_entropy(_logits(net, xp, n, yc, False), yc, reduction="none")
+    l1 = stable_cross_entropy(_logits(net, xp, n, yc, False), yc)
     (g1,) = torch.autograd.grad(l1.sum(), xp, retain_graph=need_grads and fd_scheme == "forward")
     sq = ops.sqdiff_norm(g1, g0)
     pen = lam * sq.sum() / total_n
@@ -217,12 +250,12 @@ def _fd_chunk(net, xc, yc, h, lam, total_n, need_grads, params, fd_eps, fd_schem
             inp = torch.cat([x1 + step, x1 - step, x0 + step, x0 - step])
             w = torch.cat([c, -c, -c, c])
             y4 = torch.cat([y2, y2])
-            lf = F.cross_entropy(net(inp), y4, reduction="none")
+            lf = stable_cross_entropy(net(inp), y4)
             grads = torch.autograd.grad((w.to(lf.dtype) * lf).sum(), params, allow_unused=True)
         else:  # forward: reuse the graphs of the two passes for the l(x1), l(x0) terms
             inp = torch.cat([x1 + step, x0 + step])
             w = torch.cat([2 * c, -2 * c]).to(l0.dtype)
-            lf = F.cross_entropy(net(inp), y2, reduction="none")
+            lf = stable_cross_entropy(net(inp), y2)
             obj = (w * lf).sum() - (2 * c.to(l1.dtype) * l1).sum() + (2 * c.to(l0.dtype) * l0).sum()
             grads = torch.autograd.grad(obj, params, allow_unused=True)
     return pen.detach(), n0.sum(), grads
@@ -408,8 +441,8 @@ def _exact_train_bn(net, x, y, h, lam, official_cifar, n, create_graph, check):
     """bn_mode='train': the first penalty pass is also the CE pass (it updates running
     statistics once); the pass at x + h z uses batch statistics without updating them."""
     xa = x if x.requires_grad else x.detach().requires_grad_(True)
-    logits = _logits(net, xa, n, y, check)
-    l0 = F.cross_entropy(logits, y, reduction="sum")
+    ce = _official_ce if official_cifar else _penalty_ce
+    l0 = ce(_logits(net, xa, n, y, check), y)
     (g0,) = torch.autograd.grad(l0, xa, create_graph=create_graph, retain_graph=True)
     if official_cifar:
         gb = g0.detach() / n
@@ -420,7 +453,7 @@ def _exact_train_bn(net, x, y, h, lam, official_cifar, n, create_graph, check):
         xp, n0 = ops.perturb(x.detach(), g0.detach(), h, _TINY)
     xp.requires_grad_(True)
     with _frozen_running_stats(net):
-        l1 = F.cross_entropy(net(xp), y, reduction="sum")
+        l1 = ce(net(xp), y)
     (g1,) = torch.autograd.grad(l1, xp, create_graph=create_graph)
     sq = ops.sqdiff_norm(g1, g0)
     per = sq.clamp_min(_TINY * _TINY).sqrt() / n if official_cifar else sq
@@ -485,8 +518,8 @@ def grad_norm_loss(model: nn.Module, x: Tensor, y: Tensor, *, lam: float = 1e-2,
     need = torch.is_grad_enabled() and mode == "exact"
     with _penalty_mode(net, bn_mode):
         xa = x.detach().requires_grad_(True)
-        red = "sum" if mode == "exact" else "mean"
-        l0 = F.cross_entropy(net(xa), y, reduction=red)
+        l0 = (stable_cross_entropy(net(xa), y).sum() if mode == "exact"
+              else F.cross_entropy(net(xa), y))
         (g,) = torch.autograd.grad(l0, xa, create_graph=need)
     norms = ops.sqdiff_norm(g, torch.zeros_like(g)).clamp_min(_TINY * _TINY).sqrt()
     pen = lam * norms.mean()

@@ -324,3 +324,24 @@ def test_modes_on_cuda_match_cpu(mode):
     torch.testing.assert_close(lc.detach().cpu(), lr.detach(), rtol=1e-9, atol=1e-12)
     cos = F.cosine_similarity(_flat(_grads(mc)).cpu(), _flat(_grads(ref)), dim=0)
     assert 1 - cos < 1e-9, float(cos)
+
+
+def test_stable_cross_entropy_value_and_confident_gradients():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 10, generator=g, dtype=torch.float64) * 8
+    y = torch.randint(0, 10, (64,), generator=g)
+    z[:16] = 0.0
+    z[torch.arange(16), y[:16]] = 25.0  # very confident and right: p_y - 1 ~ -1e-10
+    torch.testing.assert_close(guard_fast.stable_cross_entropy(z, y),
+                               F.cross_entropy(z, y, reduction="none"), rtol=1e-12, atol=1e-14)
+    z64 = z.clone().requires_grad_(True)
+    (truth,) = torch.autograd.grad(F.cross_entropy(z64, y, reduction="sum"), z64)
+    z32 = z.float().requires_grad_(True)
+    (ours,) = torch.autograd.grad(guard_fast.stable_cross_entropy(z32, y).sum(), z32)
+    (plain,) = torch.autograd.grad(F.cross_entropy(z32, y, reduction="sum"), z32)
+    rel = lambda a: ((a.double() - truth).abs() / truth.abs().clamp_min(1e-300)).max()  # noqa: E731
+    assert rel(ours) < 1e-5, float(rel(ours))
+    assert rel(plain) > 0.5  # float32 p_y - 1 rounds to 0: the reason this function exists
+    small = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    yy = torch.tensor([0, 3, 1])
+    assert torch.autograd.gradgradcheck(lambda t: guard_fast.stable_cross_entropy(t, yy), (small,))
