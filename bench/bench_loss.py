@@ -41,9 +41,11 @@ FULL_CONFIGS = [("r18-imagenet-224-b32", "imagenet", 224, 32),
                 ("r18-imagenet-224-b128", "imagenet", 224, 128),
                 ("r18-small-32-b32", "small", 32, 32),
                 ("r18-small-32-b128", "small", 32, 128)]
-CPU_CONFIGS = [("r18-imagenet-224-b32", "imagenet", 224, 32),
-               ("r18-small-32-b32", "small", 32, 32),
-               ("r18-imagenet-32-b128", "imagenet", 32, 128)]
+# On a 2-core CPU one straightforward step at 224 px takes tens of seconds: the default CPU
+# grid is the reference configuration (small stem, 32 px, batch 32) plus the ImageNet
+# stem at 32 px; ask for the 224 px configs by name.
+CPU_CONFIGS = [("r18-small-32-b32", "small", 32, 32),
+               ("r18-imagenet-32-b32", "imagenet", 32, 32)]
 QUICK_CONFIGS = [("r18-imagenet-32-b32", "imagenet", 32, 32)]
 
 
@@ -142,8 +144,13 @@ def worker(spec: dict) -> dict:
             torch.cuda.empty_cache()
 
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    step, _ = _step_fn(spec["variant"], model, x, y, opt, amp, device)
+    step, grad_fn = _step_fn(spec["variant"], model, x, y, opt, amp, device)
     res = time_fn(step, warmup=spec["warmup"], reps=spec["reps"], device=device)
+    if device.type == "cpu" and spec["variant"] not in ("fd-compiled", "exact-compiled"):
+        # Exact peak of live tensor memory of one loss + backward (RSS is only a bound).
+        from harness import peak_tensor_mb
+        res["peak_rss_mb"] = res["peak_mem_mb"]
+        res["peak_mem_mb"] = round(peak_tensor_mb(grad_fn), 1)
     return {**res, **check}
 
 

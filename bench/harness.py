@@ -89,6 +89,59 @@ def time_fn(fn: Callable[[], object], warmup: int = 2, reps: int = 5,
             "peak_mem_mb": round(float(peak), 1)}
 
 
+class _LiveTensorBytes:
+    """Counts the bytes of tensor storages created while active and not yet freed.
+
+    A TorchDispatchMode sees every ATen op (backward ones too: on CPU the autograd engine
+    runs them on the calling thread); each new output storage is counted until a weakref
+    finalizer reports it freed (storage Python objects live as long as their C++ storage).
+    Exact and deterministic, unlike RSS; tensors that existed before (parameters, inputs)
+    are not counted, temporaries inside a custom op's kernel are not seen.
+    """
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+        def freed(key: int, n: int) -> None:
+            tracker.live -= n
+            tracker._seen.discard(key)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and not t.is_meta:
+                        st = t.untyped_storage()
+                        key = st.data_ptr()
+                        if key and key not in tracker._seen:
+                            tracker._seen.add(key)
+                            tracker.live += st.nbytes()
+                            tracker.peak = max(tracker.peak, tracker.live)
+                            weakref.finalize(st, freed, key, st.nbytes())
+                return out
+
+        self.mode = Mode()
+
+
+def peak_tensor_mb(fn: Callable[[], object]) -> float:
+    """Peak of live tensor memory (MiB) allocated by one call of fn (see _LiveTensorBytes)."""
+    import gc
+
+    t = _LiveTensorBytes()
+    with t.mode:
+        out = fn()
+    del out
+    gc.collect()
+    return t.peak / 2**20
+
+
 def env_row(device: str | torch.device = "cpu") -> dict:
     try:
         import triton

@@ -154,7 +154,11 @@ def _flat_norm(t: Tensor) -> Tensor:
 
 class _InjectGrads(torch.autograd.Function):
     """value -> value, whose backward returns precomputed gradients for `params`, scaled by
-    the incoming gradient (so loss scaling, `loss * w` and GradScaler all behave)."""
+    the incoming gradient (so loss scaling, `loss * w` and GradScaler all behave).
+
+    The gradients are owned by this node (distinct storages, see _owned) and scaled in place,
+    so handing them back costs no copy; hence backward can run once per forward.
+    """
 
     @staticmethod
     def forward(ctx, value, grads, *params):
@@ -164,8 +168,27 @@ class _InjectGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, go):
         grads = ctx.grads
+        if grads is None:
+            raise RuntimeError("a fused GUARD loss can be backpropagated once; for "
+                               "retain_graph=True or higher-order gradients use fused=False")
         ctx.grads = None
-        return (None, None) + tuple(None if g is None else g * go.to(g.dtype) for g in grads)
+        return (None, None) + tuple(None if g is None else g.mul_(go.to(g.dtype)) for g in grads)
+
+
+def _owned(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """autograd.grad may return one tensor for several inputs (e.g. both sides of an add):
+    clone repeats so that each gradient can be updated in place."""
+    seen: set[int] = set()
+    out = []
+    for g in grads:
+        if g is not None:
+            key = g.untyped_storage().data_ptr()
+            if key in seen:
+                g = g.clone()
+            else:
+                seen.add(key)
+        out.append(g)
+    return out
 
 
 def _raise_nonfinite(ce, pen, gn, x, mode):
@@ -363,10 +386,17 @@ def guard_loss(model: nn.Module, x: Tensor, y: Tensor, *, h: float = 3.0,
     need = torch.is_grad_enabled() and len(params) > 0
     chunk = n if chunk_size is None else min(chunk_size, n)
 
-    ce = None
+    inject = need and fused
+    # With fused=True every gradient of the loss is computed here and handed back by
+    # backward(); the CE graph is freed before the penalty's graph is built, so peak memory
+    # is the larger of the two, not their sum. x gets the CE term's gradient only.
+    x_grad_wanted = inject and x.requires_grad
+    ce, ce_grads = None, None
     if bn_mode == "eval" or mode in ("fd", "official-imagenet"):
-        logits = _logits(model, x, n, y, check)
-        ce = F.cross_entropy(logits, y)
+        ce = F.cross_entropy(_logits(model, x, n, y, check), y)
+        if inject:
+            ce_grads = torch.autograd.grad(ce, params + [x] * x_grad_wanted, allow_unused=True)
+            ce = ce.detach()
 
     grads = None
     if bn_mode == "train" and mode in ("exact", "official-cifar"):
@@ -375,9 +405,11 @@ def guard_loss(model: nn.Module, x: Tensor, y: Tensor, *, h: float = 3.0,
         with torch.enable_grad():  # input gradients are needed even for the value
             pen, gn, ce = _exact_train_bn(net, x, y, h, lam, mode == "official-cifar", n, need,
                                           check)
-        if need and fused:
-            grads = torch.autograd.grad(pen, params, retain_graph=True, allow_unused=True)
-            pen = pen.detach()
+        if inject:
+            xa = torch.autograd.grad(ce, x, retain_graph=True) if x_grad_wanted else ()
+            grads = torch.autograd.grad(ce + pen, params, allow_unused=True)
+            ce_grads = (None,) * len(params) + tuple(xa)
+            ce, pen = ce.detach(), pen.detach()
     else:
         with _penalty_mode(net, bn_mode), torch.enable_grad():
             grads, pen, gn = _penalty(net, x, y, mode, h, lam, beta, n, chunk, need, fused,
@@ -385,9 +417,11 @@ def guard_loss(model: nn.Module, x: Tensor, y: Tensor, *, h: float = 3.0,
     gn = gn / n
     if not need:
         pen, ce = pen.detach(), ce.detach()
-    if grads is not None:
-        pen = _InjectGrads.apply(pen, list(grads), *params)
-    loss = ce + pen
+    if ce_grads is not None:  # fused: one node hands back every precomputed gradient
+        allg = _owned(_add(_owned(ce_grads[:len(params)]), grads) + list(ce_grads[len(params):]))
+        loss = _InjectGrads.apply(ce + pen, allg, *params, *[x] * x_grad_wanted)
+    else:
+        loss = ce + pen
     if check and not bool(torch.isfinite(pen.detach())):
         _raise_nonfinite(ce.detach(), pen.detach(), gn, x, mode)
     if return_parts:
@@ -414,7 +448,7 @@ def _penalty(net, x, y, mode, h, lam, beta, n, chunk, need, fused, params, fd_ep
                 gs = torch.autograd.grad(pc, params, allow_unused=True)
                 pc = pc.detach()
         if gs is not None:
-            grads = gs if grads is None else _add(grads, gs)
+            grads = _owned(gs) if grads is None else _add(grads, gs)
         pen, gn = pen + pc, gn + gc
     return grads, pen, gn
 
@@ -433,8 +467,10 @@ def _frozen_running_stats(net: nn.Module):
             m.track_running_stats = True
 
 
-def _add(a: Sequence[Tensor | None], b: Sequence[Tensor | None]):
-    return tuple(u if v is None else (v if u is None else u + v) for u, v in zip(a, b))
+def _add(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """a + b elementwise over gradient lists, accumulating in place into a's tensors, which
+    must be owned (_owned): no third copy of the parameter gradients."""
+    return [v if u is None else (u if v is None else u.add_(v)) for u, v in zip(a, b)]
 
 
 def _exact_train_bn(net, x, y, h, lam, official_cifar, n, create_graph, check):

@@ -345,3 +345,27 @@ def test_stable_cross_entropy_value_and_confident_gradients():
     small = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     yy = torch.tensor([0, 3, 1])
     assert torch.autograd.gradgradcheck(lambda t: guard_fast.stable_cross_entropy(t, yy), (small,))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(bn_mode="train"), dict(mode="fd"),
+                                dict(mode="official-imagenet")])
+def test_x_receives_the_ce_gradient_only(kw):
+    m = make()
+    x, y = _data()
+    xr = x.clone().requires_grad_(True)
+    F.cross_entropy(copy.deepcopy(m)(xr), y).backward()
+    xg = x.clone().requires_grad_(True)
+    guard_loss(m, xg, y, **kw).backward()
+    torch.testing.assert_close(xg.grad, xr.grad)
+
+
+def test_fused_loss_backward_twice_says_what_to_do():
+    m = make()
+    x, y = _data()
+    loss = guard_loss(m, x, y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="fused=False"):
+        loss.backward()
+    loss2 = guard_loss(m, x, y, fused=False)  # the unfused graph supports retain_graph
+    loss2.backward(retain_graph=True)
+    loss2.backward()
