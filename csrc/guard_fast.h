@@ -1,0 +1,91 @@
+// guard_fast C++/CUDA ops: shared declarations.
+//
+// Three ops make up the per-sample arithmetic of the GUARD penalty (a
+// finite-difference estimate of the curvature of the loss around each sample):
+//
+//   perturb(x, g, h, tiny) -> (xp, norm)
+//       x, g: (N, ...) same shape/dtype/device.  Per sample i:
+//         norm_i = sqrt(sum_j g_ij^2)                       (accumulated in acc_t)
+//         xp_i   = x_i + h * g_i / max(norm_i, tiny)          (stored in x.dtype)
+//       xp is x moved a step of length h along the unit gradient direction;
+//       a zero gradient (norm_i == 0) leaves the sample unchanged.
+//   sqdiff_norm(a, b) -> s
+//       s_i = sum_j (a_ij - b_ij)^2                         (N,) in acc_t
+//   sqdiff_norm_backward(grad_out, a, b) -> (grad_a, grad_b)
+//       grad_a_i = 2 * (a_i - b_i) * grad_out_i, grad_b = -grad_a (a.dtype)
+//
+// acc_t is float for float16/bfloat16/float32 inputs and double for float64
+// (at::opmath_type). Kernels see each sample as one dense block of M elements
+// (see dense_pair below), so sample i is elements [i*M, (i+1)*M) of the raw
+// buffer whatever the logical layout (contiguous or channels_last).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+#include <utility>
+
+namespace guard_fast {
+
+// ---- input validation (common.cpp) -----------------------------------------
+
+// Checks that a and b are floating-point tensors of the same shape, dtype and
+// device with at least one (batch) dimension. `op`, `an`, `bn` name the op and
+// the arguments in the error messages.
+void check_pair(const char* op, const char* an, const at::Tensor& a,
+                const char* bn, const at::Tensor& b);
+
+// Checks grad_out for sqdiff_norm_backward: floating, shape (N,) with N =
+// a.size(0), on a's device.
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& a);
+
+// ---- layout (common.cpp) ---------------------------------------------------
+
+// True when t is non-overlapping and dense and the batch dimension is outermost
+// in memory (stride(0) == numel / N, or N == 1): then sample i occupies the
+// elements [i*M, (i+1)*M) counted from t.data_ptr(), in some order that only
+// depends on the strides. Holds for contiguous and channels_last tensors.
+bool batch_dense(const at::Tensor& t);
+
+// Returns (a, b) unchanged when both can be read as raw per-sample blocks in
+// the same element order (identical strides and batch_dense), else contiguous
+// copies of both. Works on symbolic shapes too (used by the Meta kernels), so
+// the real kernels and the fake ones agree on output strides.
+std::pair<at::Tensor, at::Tensor> dense_pair(const at::Tensor& a, const at::Tensor& b);
+
+// Uninitialised tensor with t's sizes, strides, dtype and device (t must come
+// out of dense_pair, so the result is dense in the same per-sample order).
+at::Tensor empty_same_layout(const at::Tensor& t);
+
+// float for fp16/bf16/fp32, double for fp64.
+at::ScalarType acc_dtype(at::ScalarType t);
+
+// ---- kernels ---------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x, const at::Tensor& g,
+                                               double h, double tiny);
+at::Tensor sqdiff_norm_cpu(const at::Tensor& a, const at::Tensor& b);
+std::tuple<at::Tensor, at::Tensor> sqdiff_norm_backward_cpu(const at::Tensor& grad_out,
+                                                            const at::Tensor& a,
+                                                            const at::Tensor& b);
+
+std::tuple<at::Tensor, at::Tensor> perturb_meta(const at::Tensor& x, const at::Tensor& g,
+                                                double h, double tiny);
+at::Tensor sqdiff_norm_meta(const at::Tensor& a, const at::Tensor& b);
+std::tuple<at::Tensor, at::Tensor> sqdiff_norm_backward_meta(const at::Tensor& grad_out,
+                                                             const at::Tensor& a,
+                                                             const at::Tensor& b);
+
+#ifdef GUARD_FAST_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> perturb_cuda(const at::Tensor& x, const at::Tensor& g,
+                                                double h, double tiny);
+at::Tensor sqdiff_norm_cuda(const at::Tensor& a, const at::Tensor& b);
+std::tuple<at::Tensor, at::Tensor> sqdiff_norm_backward_cuda(const at::Tensor& grad_out,
+                                                             const at::Tensor& a,
+                                                             const at::Tensor& b);
+#endif
+
+// Whether this library was built with the CUDA kernels (register.cpp).
+bool cuda_compiled();
+
+}  // namespace guard_fast

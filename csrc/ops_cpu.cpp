@@ -1,0 +1,310 @@
+// CPU kernels for perturb, sqdiff_norm and sqdiff_norm_backward.
+//
+// Inputs arrive as raw per-sample blocks (see dense_pair in common.cpp):
+// sample i is elements [i*M, (i+1)*M) of each buffer, the same order in every
+// argument and output. Work is split with at::parallel_for:
+//   * reductions (sum of squares per sample): over samples when there are at
+//     least as many samples as threads, otherwise each sample is cut into
+//     chunks (>= kMinChunk elements) whose partial sums are added afterwards,
+//     so a batch of one 3x224x224 image still uses every thread;
+//   * elementwise passes: over the flat range [0, N*M), each thread walking
+//     the row segments its range covers.
+// Vector code uses at::vec::Vectorized on blocks of 2 * Vectorized<acc_t>::size()
+// elements (fp16/bf16 are widened to float), with a scalar tail.
+#include "guard_fast.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace guard_fast {
+namespace {
+
+using at::vec::Vectorized;
+
+// Elements per parallel task in elementwise passes (ATen's own default).
+constexpr int64_t kGrain = 32768;
+// Smallest chunk of one sample given to a thread in a split reduction.
+constexpr int64_t kMinChunk = 8192;
+// Reductions restart their vector accumulators every kCascade elements and add
+// the block sum into an outer accumulator: a two-level (cascade) sum whose
+// rounding error grows with kCascade + M / kCascade instead of M.
+constexpr int64_t kCascade = 4096;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Loads / stores kBlock consecutive scalar_t as two Vectorized<acc_t>.
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = at::opmath_type<scalar_t>;
+  using AVec = Vectorized<acc_t>;
+  static constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
+  static constexpr int64_t kBlock = 2 * AVec::size();
+  static_assert(kSame || Vectorized<scalar_t>::size() == kBlock,
+                "reduced-precision vectors must widen into two float vectors");
+
+  static inline void load(const scalar_t* p, AVec& lo, AVec& hi) {
+    if constexpr (kSame) {
+      lo = AVec::loadu(p);
+      hi = AVec::loadu(p + AVec::size());
+    } else {
+      auto both = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+      lo = std::get<0>(both);
+      hi = std::get<1>(both);
+    }
+  }
+  static inline void store(scalar_t* p, const AVec& lo, const AVec& hi) {
+    if constexpr (kSame) {
+      lo.store(p);
+      hi.store(p + AVec::size());
+    } else {
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(p);
+    }
+  }
+};
+
+// sum_j d_j^2 over n elements, d = a - b (kDiff) or d = a, accumulated in acc_t.
+template <typename scalar_t, bool kDiff>
+at::opmath_type<scalar_t> sum_sq(const scalar_t* a, const scalar_t* b, int64_t n) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using AVec = typename IO::AVec;
+  constexpr int64_t B = IO::kBlock;
+  AVec outer(acc_t(0));
+  int64_t j = 0;
+  const int64_t n_vec = n - n % B;
+  while (j < n_vec) {
+    const int64_t stop = std::min(n_vec, j + kCascade);
+    AVec s0(acc_t(0)), s1(acc_t(0));
+    for (; j < stop; j += B) {
+      AVec a0, a1;
+      IO::load(a + j, a0, a1);
+      if constexpr (kDiff) {
+        AVec b0, b1;
+        IO::load(b + j, b0, b1);
+        a0 = a0 - b0;
+        a1 = a1 - b1;
+      }
+      s0 = at::vec::fmadd(a0, a0, s0);
+      s1 = at::vec::fmadd(a1, a1, s1);
+    }
+    outer = outer + (s0 + s1);
+  }
+  acc_t lanes[AVec::size()];
+  outer.store(lanes);
+  acc_t s = 0;
+  for (int64_t l = 0; l < AVec::size(); ++l) {
+    s += lanes[l];
+  }
+  for (; j < n; ++j) {
+    acc_t d = static_cast<acc_t>(a[j]);
+    if constexpr (kDiff) {
+      d -= static_cast<acc_t>(b[j]);
+    }
+    s += d * d;
+  }
+  return s;
+}
+
+// out[i] = sum_j d_ij^2 for N samples of M elements (b unused unless kDiff).
+template <typename scalar_t, bool kDiff>
+void rowwise_sum_sq(const scalar_t* a, const scalar_t* b, int64_t N, int64_t M,
+                    at::opmath_type<scalar_t>* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t threads = at::get_num_threads();
+  int64_t chunks = 1;
+  if (N < threads) {
+    chunks = std::max<int64_t>(1, std::min(ceil_div(threads, N), M / kMinChunk));
+  }
+  if (chunks == 1) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        out[i] = sum_sq<scalar_t, kDiff>(a + i * M, kDiff ? b + i * M : nullptr, M);
+      }
+    });
+    return;
+  }
+  // Two-level reduction: task t = i * chunks + c sums chunk c of sample i.
+  const int64_t chunk = ceil_div(M, chunks);
+  chunks = ceil_div(M, chunk);  // drop chunks that would be empty
+  std::vector<acc_t> partial(N * chunks);
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / chunks;
+      const int64_t start = i * M + (t % chunks) * chunk;
+      const int64_t len = std::min(chunk, (i + 1) * M - start);
+      partial[t] = sum_sq<scalar_t, kDiff>(a + start, kDiff ? b + start : nullptr, len);
+    }
+  });
+  for (int64_t i = 0; i < N; ++i) {
+    acc_t s = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      s += partial[i * chunks + c];
+    }
+    out[i] = s;
+  }
+}
+
+// Calls f(i, offset, len) for every maximal run of elements of one sample i in
+// the flat range [0, N*M), in parallel. Requires M > 0.
+template <typename F>
+void for_each_row_segment(int64_t N, int64_t M, const F& f) {
+  at::parallel_for(0, N * M, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin / M;
+    int64_t pos = begin;
+    while (pos < end) {
+      const int64_t stop = std::min(end, (i + 1) * M);
+      f(i, pos, stop - pos);
+      pos = stop;
+      ++i;
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x, const at::Tensor& g,
+                                               double h, double tiny) {
+  check_pair("perturb", "x", x, "g", g);
+  auto [xd, gd] = dense_pair(x, g);
+  const int64_t N = x.size(0);
+  const int64_t M = N > 0 ? xd.numel() / N : 0;
+  at::Tensor xp = empty_same_layout(xd);
+  at::Tensor norm = at::empty({N}, x.options().dtype(acc_dtype(x.scalar_type())));
+  if (N == 0) {
+    return {xp, norm};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "perturb_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using IO = VecIO<scalar_t>;
+    using AVec = typename IO::AVec;
+    constexpr int64_t B = IO::kBlock;
+    const scalar_t* xs = xd.const_data_ptr<scalar_t>();
+    const scalar_t* gs = gd.const_data_ptr<scalar_t>();
+    scalar_t* out = xp.mutable_data_ptr<scalar_t>();
+    acc_t* nrm = norm.mutable_data_ptr<acc_t>();
+
+    rowwise_sum_sq<scalar_t, false>(gs, nullptr, N, M, nrm);
+    // norm_i = sqrt(sum g^2); step_i = h / max(norm_i, tiny), or 0 when g_i == 0
+    // so that a zero gradient leaves x_i bit-identical (and h / tiny can never
+    // turn 0 * inf into NaN, even for tiny == 0).
+    std::vector<acc_t> step(N);
+    const acc_t h_acc = static_cast<acc_t>(h);
+    const acc_t tiny_acc = static_cast<acc_t>(tiny);
+    for (int64_t i = 0; i < N; ++i) {
+      const acc_t n = std::sqrt(nrm[i]);
+      nrm[i] = n;
+      step[i] = n > acc_t(0) ? h_acc / std::max(n, tiny_acc) : acc_t(0);
+    }
+    if (M == 0) {
+      return;
+    }
+    // xp = x + step_i * g, in acc_t, rounded once to scalar_t.
+    for_each_row_segment(N, M, [&](int64_t i, int64_t off, int64_t len) {
+      const acc_t s = step[i];
+      const scalar_t* xr = xs + off;
+      const scalar_t* gr = gs + off;
+      scalar_t* o = out + off;
+      if (s == acc_t(0)) {
+        std::copy(xr, xr + len, o);
+        return;
+      }
+      const AVec sv(s);
+      int64_t j = 0;
+      for (; j + B <= len; j += B) {
+        AVec x0, x1, g0, g1;
+        IO::load(xr + j, x0, x1);
+        IO::load(gr + j, g0, g1);
+        IO::store(o + j, at::vec::fmadd(g0, sv, x0), at::vec::fmadd(g1, sv, x1));
+      }
+      for (; j < len; ++j) {
+        o[j] = static_cast<scalar_t>(
+            std::fma(static_cast<acc_t>(gr[j]), s, static_cast<acc_t>(xr[j])));
+      }
+    });
+  });
+  return {xp, norm};
+}
+
+at::Tensor sqdiff_norm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_pair("sqdiff_norm", "a", a, "b", b);
+  auto [ad, bd] = dense_pair(a, b);
+  const int64_t N = a.size(0);
+  const int64_t M = N > 0 ? ad.numel() / N : 0;
+  at::Tensor out = at::empty({N}, a.options().dtype(acc_dtype(a.scalar_type())));
+  if (N == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "sqdiff_norm_cpu",
+                                  [&] {
+                                    using acc_t = at::opmath_type<scalar_t>;
+                                    rowwise_sum_sq<scalar_t, true>(
+                                        ad.const_data_ptr<scalar_t>(),
+                                        bd.const_data_ptr<scalar_t>(), N, M,
+                                        out.mutable_data_ptr<acc_t>());
+                                  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> sqdiff_norm_backward_cpu(const at::Tensor& grad_out,
+                                                            const at::Tensor& a,
+                                                            const at::Tensor& b) {
+  check_pair("sqdiff_norm_backward", "a", a, "b", b);
+  check_grad_out(grad_out, a);
+  auto [ad, bd] = dense_pair(a, b);
+  const int64_t N = a.size(0);
+  const int64_t M = N > 0 ? ad.numel() / N : 0;
+  at::Tensor grad_a = empty_same_layout(ad);
+  at::Tensor grad_b = empty_same_layout(ad);
+  if (N == 0 || M == 0) {
+    return {grad_a, grad_b};
+  }
+  // grad_out may be any float dtype and strided (e.g. expanded from a scalar);
+  // it is only N numbers, so convert it up front.
+  at::Tensor go = grad_out.to(acc_dtype(a.scalar_type())).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, a.scalar_type(), "sqdiff_norm_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        using IO = VecIO<scalar_t>;
+        using AVec = typename IO::AVec;
+        constexpr int64_t B = IO::kBlock;
+        const scalar_t* as = ad.const_data_ptr<scalar_t>();
+        const scalar_t* bs = bd.const_data_ptr<scalar_t>();
+        scalar_t* ga = grad_a.mutable_data_ptr<scalar_t>();
+        scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
+        const acc_t* gos = go.const_data_ptr<acc_t>();
+        // d/da sum_j (a_j - b_j)^2 * go_i = 2 * go_i * (a - b); d/db is its negative.
+        for_each_row_segment(N, M, [&](int64_t i, int64_t off, int64_t len) {
+          const acc_t c = acc_t(2) * gos[i];
+          const AVec cv(c);
+          int64_t j = 0;
+          for (; j + B <= len; j += B) {
+            AVec a0, a1, b0, b1;
+            IO::load(as + off + j, a0, a1);
+            IO::load(bs + off + j, b0, b1);
+            const AVec r0 = (a0 - b0) * cv;
+            const AVec r1 = (a1 - b1) * cv;
+            IO::store(ga + off + j, r0, r1);
+            IO::store(gb + off + j, r0.neg(), r1.neg());
+          }
+          for (; j < len; ++j) {
+            const acc_t r =
+                (static_cast<acc_t>(as[off + j]) - static_cast<acc_t>(bs[off + j])) * c;
+            ga[off + j] = static_cast<scalar_t>(r);
+            gb[off + j] = static_cast<scalar_t>(-r);
+          }
+        });
+      });
+  return {grad_a, grad_b};
+}
+
+}  // namespace guard_fast

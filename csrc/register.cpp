@@ -1,0 +1,68 @@
+// Operator registration for the guard_fast_C namespace, plus the Python
+// module guard_fast._C when built as a torch extension (setup.py defines
+// TORCH_EXTENSION_NAME; the CMake build does not and yields a plain shared
+// library for torch.ops.load_library).
+//
+// Importing guard_fast._C loads this library, whose static initialisers below
+// register the schemas and kernels; the ops are then torch.ops.guard_fast_C.*.
+#include "guard_fast.h"
+
+#include <torch/library.h>
+
+#ifdef TORCH_EXTENSION_NAME
+#include <pybind11/pybind11.h>
+#endif
+
+namespace guard_fast {
+
+bool cuda_compiled() {
+#ifdef GUARD_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace guard_fast
+
+TORCH_LIBRARY(guard_fast_C, m) {
+  // pt2_compliant_tag: the ops are functional (fresh outputs, no aliasing) and
+  // have Meta kernels, so torch.compile may trace them without graph breaks.
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  m.def("perturb(Tensor x, Tensor g, float h, float tiny) -> (Tensor, Tensor)", tags);
+  m.def("sqdiff_norm(Tensor a, Tensor b) -> Tensor", tags);
+  m.def("sqdiff_norm_backward(Tensor grad_out, Tensor a, Tensor b) -> (Tensor, Tensor)", tags);
+}
+
+TORCH_LIBRARY_IMPL(guard_fast_C, CPU, m) {
+  m.impl("perturb", &guard_fast::perturb_cpu);
+  m.impl("sqdiff_norm", &guard_fast::sqdiff_norm_cpu);
+  m.impl("sqdiff_norm_backward", &guard_fast::sqdiff_norm_backward_cpu);
+}
+
+// Meta kernels double as the fake (abstract) impls used by FakeTensor,
+// torch.compile and torch.library.opcheck. Because of them, a Python-side
+// torch.library.register_fake for these ops would raise: do not add one.
+TORCH_LIBRARY_IMPL(guard_fast_C, Meta, m) {
+  m.impl("perturb", &guard_fast::perturb_meta);
+  m.impl("sqdiff_norm", &guard_fast::sqdiff_norm_meta);
+  m.impl("sqdiff_norm_backward", &guard_fast::sqdiff_norm_backward_meta);
+}
+
+#ifdef GUARD_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(guard_fast_C, CUDA, m) {
+  m.impl("perturb", &guard_fast::perturb_cuda);
+  m.impl("sqdiff_norm", &guard_fast::sqdiff_norm_cuda);
+  m.impl("sqdiff_norm_backward", &guard_fast::sqdiff_norm_backward_cuda);
+}
+#endif
+
+#ifdef TORCH_EXTENSION_NAME
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() =
+      "guard_fast C++/CUDA kernels; the ops live in torch.ops.guard_fast_C "
+      "(perturb, sqdiff_norm, sqdiff_norm_backward).";
+  m.def("cuda_compiled", &guard_fast::cuda_compiled,
+        "True when the CUDA kernels were compiled into this build.");
+}
+#endif
