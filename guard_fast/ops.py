@@ -176,6 +176,21 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return _gp.acc_dtype(dtype)
 
 
+def _common_layout(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Every backend gets both inputs contiguous or both channels_last, so outputs (which
+    follow the first input's layout) have the same strides whichever backend runs."""
+    if _gp._same_block_layout(a, b) is None:
+        return a.contiguous(), b.contiguous()
+    return a, b
+
+
+def _like(a: Tensor, b: Tensor) -> Tensor:
+    """An empty tensor shaped like `a` with the strides the op's output will have."""
+    if _gp._same_block_layout(a, b) is None:
+        return torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    return torch.empty_like(a)
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 
@@ -183,12 +198,13 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def perturb(x: Tensor, g: Tensor, h: float, tiny: float = 1e-12) -> tuple[Tensor, Tensor]:
     """(x + h * g / max(||g||, tiny), ||g||) per sample, one pass over g after its norm."""
     _check_pair("x", x, "g", g)
+    x, g = _common_layout(x, g)
     return _call("perturb", x.device, x, g, float(h), float(tiny))
 
 
 @perturb.register_fake
 def _perturb_fake(x, g, h, tiny=1e-12):
-    return torch.empty_like(x), x.new_empty((x.shape[0],), dtype=_acc(x.dtype))
+    return _like(x, g), x.new_empty((x.shape[0],), dtype=_acc(x.dtype))
 
 
 def _perturb_setup(ctx, inputs, output):
@@ -230,12 +246,13 @@ def sqdiff_norm_backward(go: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tens
     _check_pair("a", a, "b", b)
     if go.shape != (a.shape[0],):
         raise ValueError(f"go must have shape ({a.shape[0]},), got {tuple(go.shape)}")
+    a, b = _common_layout(a, b)
     return _call("sqdiff_norm_backward", a.device, go, a, b)
 
 
 @sqdiff_norm_backward.register_fake
 def _sqdiff_norm_backward_fake(go, a, b):
-    return torch.empty_like(a), torch.empty_like(a)
+    return _like(a, b), _like(a, b)
 
 
 def _sqb_setup(ctx, inputs, output):
@@ -266,6 +283,7 @@ sqdiff_norm_backward.register_autograd(_sqb_backward, setup_context=_sqb_setup)
 def sqdiff_norm(a: Tensor, b: Tensor) -> Tensor:
     """||a_i - b_i||_2^2 per sample, accumulated in fp32 (fp64 for fp64); shape (N,)."""
     _check_pair("a", a, "b", b)
+    a, b = _common_layout(a, b)
     return _call("sqdiff_norm", a.device, a, b)
 
 

@@ -159,10 +159,14 @@ def _opcheck_args():
         (ops.sqdiff_norm, (x, g)),
         (ops.sqdiff_norm, (x.requires_grad_(), g)),
         (ops.sqdiff_norm_backward, (torch.randn(3), x.detach(), g)),
+        # mixed layouts: outputs must have the strides the fake promises, on every backend
+        (ops.perturb, (x.detach().to(memory_format=torch.channels_last), g, 1.0, 1e-12)),
+        (ops.sqdiff_norm_backward, (torch.randn(3), x.detach(),
+                                    g.to(memory_format=torch.channels_last))),
     ]
 
 
-@pytest.mark.parametrize("i", range(5))
+@pytest.mark.parametrize("i", range(7))
 def test_opcheck(i):
     op, args = _opcheck_args()[i]
     torch.library.opcheck(op, args)
