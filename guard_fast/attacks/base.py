@@ -1,0 +1,307 @@
+"""The base class every attack in guard_fast.attacks derives from, and the attack registry.
+
+`Attack` owns what torchattacks' base class owns, plus the checks it leaves out:
+
+* model mode: the model runs in eval mode during the attack (BatchNorm uses its running
+  statistics, Dropout is off); every module's previous `training` flag is put back
+  afterwards, also when the attack raises. Parameters are frozen (requires_grad=False)
+  for the duration, so autograd keeps no activations that only weight gradients need;
+  their flags are restored too.
+* input normalization: attacks work on pixels in [0, 1]; an optional per-channel
+  mean/std is applied just before the model (what torchattacks' `set_normalization_used`
+  and GUARD's NormalizeByChannelMeanStd do).
+* device and dtype: inputs are moved to the attack's device (default: the model's) and
+  cast to its dtype (default: the model's floating dtype); the adversarial images come
+  back on the caller's device and dtype.
+* the torchattacks call: ``adv = atk(images, labels)``, images (N, ...) in [0, 1], labels
+  (N,) integer class indices.
+* chunking: `batch_size` splits a large call into independent chunks, each run exactly
+  as a separate call would run (attacks that reseed per call, as torchattacks' and
+  fra31's do, reseed per chunk).
+* validation with errors that name the offending value: eps < 0, steps < 1, images
+  outside [0, 1] (ValueError), non-integer or out-of-range labels, a model whose output
+  is not (N, n_classes).
+
+Subclasses implement `_attack(x, y) -> x_adv` on a validated chunk that already lives on
+the attack's device and dtype, with the model in eval mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Dict, Iterable, Optional, Sequence, Type, Union
+
+import torch
+from torch import nn
+
+__all__ = ["Attack", "register_attack", "get_attack", "list_attacks", "attack_registry",
+           "check_eps", "check_steps", "check_positive"]
+
+
+# ----------------------------------------------------------------------------- checks
+def check_eps(eps, name: str = "eps") -> float:
+    if eps is None:
+        raise ValueError(f"{name} must be given (got None)")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
+    return eps
+
+
+def check_steps(steps, name: str = "steps") -> int:
+    if isinstance(steps, bool) or int(steps) != steps:
+        raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
+    steps = int(steps)
+    if steps < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
+    return steps
+
+
+def check_positive(value, name: str, allow_zero: bool = False) -> float:
+    value = float(value)
+    bad = (value < 0) if allow_zero else (value <= 0)
+    if not math.isfinite(value) or bad:
+        rel = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {rel}, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- model mode
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, freeze_params: bool = True):
+    """Run `model` in eval mode (and with frozen parameters); restore every module's
+    previous training flag and every parameter's requires_grad afterwards, even on error."""
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()] if freeze_params else []
+    try:
+        model.eval()
+        for p, _ in grads:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for m, flag in modes:
+            m.training = flag
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def _model_device_dtype(model: nn.Module):
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device, torch.get_default_dtype()
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+# ----------------------------------------------------------------------------- base class
+class Attack:
+    """Base class: model mode, normalization, device/dtype, validation and the call.
+
+    Args:
+        model: a classifier mapping (N, C, H, W) inputs to (N, n_classes) logits.
+        eps: the perturbation budget of eps-bounded attacks, in [0, 1] pixel units.
+        mean, std: optional per-channel normalization applied before the model
+            (the attack itself works on [0, 1] pixels).
+        device: where the attack runs (default: the model's device).
+        dtype: the floating dtype of the attack's arithmetic (default: the model's).
+        batch_size: chunk size for large calls (None: one chunk).
+        seed: seed of the attack's own random generator (stochastic attacks reseed it at
+            every chunk, as torchattacks and fra31's code do at every call).
+        active_set: let points that are already misclassified stop costing forward and
+            backward passes, where the attack's semantics allow it (the result does not
+            depend on this flag; see each attack's docstring).
+    """
+
+    #: registry name of the attack
+    name: str = "Attack"
+    #: the threat model's norm ("Linf", "L2")
+    norm: str = "Linf"
+    #: False for attacks whose perturbation is not bounded by eps (CW L2)
+    eps_bounded: bool = True
+
+    def __init__(self, model: nn.Module, eps: Optional[float] = None, *,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                 device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
+                 batch_size: Optional[int] = None, seed: Optional[int] = 0,
+                 active_set: bool = True):
+        if not isinstance(model, nn.Module) and not callable(model):
+            raise TypeError(f"model must be a torch.nn.Module or callable, got {type(model).__name__}")
+        self.model = model
+        self.eps = None if eps is None else check_eps(eps)
+        m_dev, m_dtype = _model_device_dtype(model) if isinstance(model, nn.Module) else (
+            torch.device("cpu"), torch.get_default_dtype())
+        self.device = torch.device(device) if device is not None else m_dev
+        self.dtype = dtype if dtype is not None else m_dtype
+        if not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {self.dtype}")
+        if batch_size is not None:
+            batch_size = check_steps(batch_size, "batch_size")
+        self.batch_size = batch_size
+        if seed is not None and (isinstance(seed, bool) or int(seed) != seed):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        self.seed = None if seed is None else int(seed)
+        self.active_set = bool(active_set)
+        self.set_normalization(mean, std)
+        self._labels_to_check: Optional[torch.Tensor] = None
+        self.n_classes: Optional[int] = None
+
+    # ------------------------------------------------------------------ normalization
+    def set_normalization(self, mean, std) -> None:
+        """Per-channel (x - mean) / std applied before the model; None disables it."""
+        if (mean is None) != (std is None):
+            raise ValueError(f"mean and std must be given together (got mean={mean!r}, std={std!r})")
+        if mean is None:
+            self._mean = self._std = None
+            return
+        mean_t = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float64).flatten()
+        if mean_t.numel() != std_t.numel():
+            raise ValueError(f"mean and std must have the same length, got {mean_t.numel()} and "
+                             f"{std_t.numel()}")
+        if not bool((std_t > 0).all()):
+            raise ValueError(f"std must be > 0 everywhere, got {std_t.tolist()}")
+        shape = (1, -1, 1, 1)
+        self._mean = mean_t.view(shape).to(self.device, self.dtype)
+        self._std = std_t.view(shape).to(self.device, self.dtype)
+
+    # ------------------------------------------------------------------ model access
+    def get_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the model on [0, 1] inputs `x` (normalization applied here)."""
+        if self._mean is not None:
+            if x.dim() != 4 or x.shape[1] != self._mean.shape[1]:
+                raise ValueError(f"normalization has {self._mean.shape[1]} channels but the "
+                                 f"images have shape {tuple(x.shape)}")
+            x = (x - self._mean) / self._std
+        out = self.model(x)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0] \
+                or out.shape[1] < 2:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the model must return logits of shape (N, n_classes) with "
+                             f"N={x.shape[0]} and n_classes >= 2; it returned {shape}")
+        if self._labels_to_check is not None:
+            self._check_label_range(self._labels_to_check, out.shape[1])
+            self._labels_to_check = None
+        self.n_classes = out.shape[1]
+        return out
+
+    @staticmethod
+    def _check_label_range(labels: torch.Tensor, n_classes: int) -> None:
+        if labels.numel() == 0:
+            return
+        lo, hi = torch.aminmax(labels)
+        lo, hi = int(lo), int(hi)  # one host sync per call, outside any step loop
+        if lo < 0 or hi >= n_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"labels must lie in [0, {n_classes - 1}] for a model with "
+                             f"{n_classes} classes; got label {bad}")
+
+    def cpu_generator(self) -> torch.Generator:
+        """A CPU generator seeded with `seed`. Random starts are drawn on the CPU and moved
+        to the device, exactly as torchattacks and fra31's code draw them after
+        torch.manual_seed(seed), so the same seed gives the same draws."""
+        g = torch.Generator(device="cpu")
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+    # ------------------------------------------------------------------ the call
+    def _validate(self, images, labels):
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point pixels in [0, 1], got dtype "
+                             f"{images.dtype}")
+        if images.dim() < 2:
+            raise ValueError(f"images must have shape (N, ...), got {tuple(images.shape)}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class indices (torch.long), got dtype "
+                             f"{labels.dtype}")
+        if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must have shape ({images.shape[0]},) to match images "
+                             f"{tuple(images.shape)}, got {tuple(labels.shape)}")
+        if images.numel():
+            lo, hi = torch.aminmax(images.detach())
+            lo, hi = float(lo), float(hi)
+            if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
+                raise ValueError(f"images must lie in [0, 1] (attacks work on pixels; pass "
+                                 f"mean/std for normalized models); got min {lo:.6g}, max {hi:.6g}")
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._validate(images, labels)
+        out_device, out_dtype = images.device, images.dtype
+        x_all = images.detach().to(self.device, self.dtype)
+        y_all = labels.detach().to(self.device, torch.long)
+        n = x_all.shape[0]
+        if n == 0:
+            return images.detach().clone()
+        bs = self.batch_size or n
+        chunks = []
+        model = self.model if isinstance(self.model, nn.Module) else None
+        ctx = eval_mode(model) if model is not None else contextlib.nullcontext()
+        with ctx, torch.enable_grad():
+            for start in range(0, n, bs):
+                x, y = x_all[start:start + bs], y_all[start:start + bs]
+                self._labels_to_check = y
+                try:
+                    adv = self._attack(x, y)
+                finally:
+                    self._labels_to_check = None
+                chunks.append(adv.detach())
+        adv = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return adv.to(out_device, out_dtype)
+
+    forward = __call__  # torchattacks spells the call `forward` too
+
+    def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.get_logits(x).argmax(1)
+
+    def __repr__(self) -> str:
+        keys = [k for k in self.__dict__ if not k.startswith("_") and k not in ("model",)]
+        body = ", ".join(f"{k}={getattr(self, k)!r}" for k in keys)
+        return f"{type(self).__name__}({body})"
+
+
+# ----------------------------------------------------------------------------- registry
+attack_registry: Dict[str, Type[Attack]] = {}
+_ALIASES: Dict[str, str] = {}
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("_", "-").replace(" ", "")
+
+
+def register_attack(name: str, *aliases: str) -> Callable[[Type[Attack]], Type[Attack]]:
+    """Class decorator: make an Attack subclass available to `get_attack(name, ...)`."""
+    def deco(cls):
+        key = _key(name)
+        attack_registry[key] = cls
+        for a in (name,) + aliases:
+            _ALIASES[_key(a)] = key
+        return cls
+    return deco
+
+
+def list_attacks() -> Iterable[str]:
+    return sorted(attack_registry)
+
+
+def get_attack(name: str, model: nn.Module, **kwargs) -> Attack:
+    """Build a registered attack by name (case-insensitive; e.g. "pgd", "mim", "cw",
+    "cwlinf", "square", "apgd-ce", "apgd-t", "fab-t", "autoattack")."""
+    if not isinstance(name, str):
+        raise TypeError(f"attack name must be a string, got {type(name).__name__}")
+    key = _ALIASES.get(_key(name))
+    if key is None:
+        known = ", ".join(sorted(_ALIASES))
+        raise ValueError(f"unknown attack {name!r}; known names: {known}")
+    return attack_registry[key](model, **kwargs)

@@ -1,0 +1,196 @@
+"""Square attack (Andriushchenko, Croce, Flammarion & Hein, "Square Attack: a query-efficient
+black-box adversarial attack via random search", ECCV 2020). Norm: L-inf. Score-based: it
+only queries logits, never gradients.
+
+Algorithm (L-inf, as in fra31's SquareAttack and torchattacks 3.5.1's Square, which agree):
+start from x + eps * s with one random sign per (channel, column) ("vertical stripes");
+then for each query i pick a square side s_i = round(sqrt(p_i * H * W)) (p_i from the
+piecewise-constant schedule of the paper, starting at p_init, halved at iterations 10, 50,
+200, 500, 1000, 2000, 4000, 6000, 8000 of a 10000-query budget), a random position, and
+one random sign per channel; set that window to x_best + 2 * eps * sign, project onto the
+eps-ball and [0, 1], and keep the candidate if it lowers the margin loss
+Z_y - max_{i!=y} Z_i (or fools the model). With ``rescale_schedule=True`` (the class
+default in both codes) the iteration index is rescaled to a 10000-query budget;
+fra31's AutoAttack passes ``rescale_schedule=False``.
+
+Only still-robust points are queried: a point leaves the batch once its margin is <= 0.
+The window position, size and signs are shared by the whole batch at each iteration (as
+in both reference codes), so the random stream does not depend on which points remain and
+the active set does not change any result. Random numbers are drawn on the CPU from a
+generator seeded with `seed` in the order both reference codes draw them after
+torch.manual_seed(seed).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .base import Attack, check_eps, check_positive, check_steps, register_attack
+
+__all__ = ["Square", "square_p_selection"]
+
+# iteration thresholds of the p schedule (for a 10000-query budget) and the divisor of p_init
+_P_SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
+               (6000, 128), (8000, 256))
+
+
+def square_p_selection(it: int, p_init: float, n_queries: int, rescale: bool) -> float:
+    """Fraction of pixels the square covers at iteration `it` (paper's schedule)."""
+    if rescale:
+        it = int(it / n_queries * 10000)
+    for bound, div in _P_SCHEDULE:
+        if it <= bound:
+            return p_init / div
+    return p_init / 512
+
+
+@register_attack("square", "square-linf")
+class Square(Attack):
+    """Square attack (Andriushchenko et al. 2020), L-inf, margin (or CE) loss.
+
+    Args:
+        eps: L-inf radius.
+        n_queries: query budget per restart.
+        p_init: initial fraction of pixels changed.
+        n_restarts: restarts (only on points still robust).
+        loss: "margin" (default) or "ce".
+        rescale_schedule: rescale the p schedule to `n_queries` (True in torchattacks'
+            Square and fra31's SquareAttack by default; False inside fra31's AutoAttack).
+    """
+
+    name = "Square"
+    norm = "Linf"
+
+    def __init__(self, model, eps: float = 8 / 255, n_queries: int = 5000, p_init: float = 0.8,
+                 n_restarts: int = 1, loss: str = "margin", rescale_schedule: bool = True,
+                 **kwargs):
+        super().__init__(model, eps=check_eps(eps), **kwargs)
+        self.n_queries = check_steps(n_queries, "n_queries")
+        self.p_init = check_positive(p_init, "p_init")
+        if self.p_init > 1:
+            raise ValueError(f"p_init must lie in (0, 1], got {p_init!r}")
+        self.n_restarts = check_steps(n_restarts, "n_restarts")
+        if loss not in ("margin", "ce"):
+            raise ValueError(f"loss must be 'margin' or 'ce', got {loss!r}")
+        self.loss = loss
+        self.rescale_schedule = bool(rescale_schedule)
+
+    # ------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def _margin_and_loss(self, x, y):
+        logits = self.get_logits(x)
+        y_corr = logits.gather(1, y[:, None]).squeeze(1)
+        others = logits.scatter(1, y[:, None], float("-inf")).max(dim=1)[0]
+        margin = y_corr - others
+        if self.loss == "margin":
+            return margin, margin
+        return margin, -F.cross_entropy(logits, y, reduction="none")
+
+    @staticmethod
+    def _rand_sign(shape, g):
+        return torch.sign(2 * torch.rand(shape, generator=g) - 1)
+
+    @staticmethod
+    def _rand_int(high: int, g) -> int:
+        # torch.rand -> scale -> truncate, as both reference codes do (high itself excluded)
+        return int((high * torch.rand([1], generator=g)).long())
+
+    # ------------------------------------------------------------------ one run
+    @torch.no_grad()
+    def _single_run(self, x, y, g):
+        """Square attack on points x (all initially robust). Returns x_best."""
+        n, c, h, w = x.shape
+        eps = self.eps
+        n_features = c * h * w
+        lo = (x - eps).clamp_(min=0.0)   # == clamp(min(max(., x-eps), x+eps), 0, 1) bounds
+        hi = (x + eps).clamp_(max=1.0)
+        x_best = torch.clamp(x + eps * self._rand_sign([n, c, 1, w], g).to(x.device, x.dtype),
+                             0.0, 1.0)
+        margin_min, loss_min = self._margin_and_loss(x_best, y)
+        if not self.active_set:
+            return self._loop_all(x_best, margin_min, loss_min, y, lo, hi, g)
+        # Active set: the state holds only points whose margin is still > 0; a point that
+        # leaves is written to `out` and never queried again.
+        out = x_best.clone()
+        idx = torch.arange(n, device=x.device)
+        state = (idx, x_best, margin_min, loss_min, y, lo, hi)
+        state = self._compact(state, out)
+        for i_iter in range(self.n_queries):
+            if state is None:
+                break
+            idx, xb, mm, lm, yy, lo_a, hi_a = state
+            x_new = self._candidate(xb, lo_a, hi_a, i_iter, g, n_features, c, h, w)
+            margin, loss = self._margin_and_loss(x_new, yy)
+            improved = loss < lm
+            lm = torch.where(improved, loss, lm)
+            improved |= margin <= 0
+            mm = torch.where(improved, margin, mm)
+            xb = torch.where(improved.view(-1, 1, 1, 1), x_new, xb)
+            state = self._compact((idx, xb, mm, lm, yy, lo_a, hi_a), out)
+        if state is not None:
+            out.index_copy_(0, state[0], state[1])
+        return out
+
+    @staticmethod
+    def _compact(state, out):
+        """Drop points whose margin is <= 0 (one host sync); None when none is left."""
+        idx, xb, mm = state[0], state[1], state[2]
+        keep = mm > 0
+        n_keep = int(keep.sum())
+        if n_keep == keep.shape[0]:
+            return state
+        done = (~keep).nonzero().squeeze(1)
+        out.index_copy_(0, idx[done], xb[done])
+        if n_keep == 0:
+            return None
+        k = keep.nonzero().squeeze(1)
+        return tuple(t[k] for t in state)
+
+    def _candidate(self, xb, lo, hi, i_iter, g, n_features, c, h, w):
+        """x_best with one random square window moved to the other side of the eps-box."""
+        p = square_p_selection(i_iter, self.p_init, self.n_queries, self.rescale_schedule)
+        s = max(int(round(math.sqrt(p * n_features / c))), 1)
+        s = min(s, h, w)
+        vh = self._rand_int(h - s, g)
+        vw = self._rand_int(w - s, g)
+        signs = self._rand_sign([c, 1, 1], g).to(xb.device, xb.dtype)
+        # Only the window changes: outside it x_best already lies inside [lo, hi].
+        x_new = xb.clone()
+        win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
+        x_new[win] = torch.clamp(x_new[win] + (2.0 * self.eps) * signs, lo[win], hi[win])
+        return x_new
+
+    def _loop_all(self, x_best, margin_min, loss_min, y, lo, hi, g):
+        """Reference loop without the active set: every point is queried every iteration,
+        finished points are frozen (no host syncs)."""
+        n, c, h, w = x_best.shape
+        for i_iter in range(self.n_queries):
+            x_new = self._candidate(x_best, lo, hi, i_iter, g, c * h * w, c, h, w)
+            margin, loss = self._margin_and_loss(x_new, y)
+            live = margin_min > 0
+            improved = (loss < loss_min) & live
+            loss_min = torch.where(improved, loss, loss_min)
+            improved |= (margin <= 0) & live
+            margin_min = torch.where(improved, margin, margin_min)
+            x_best = torch.where(improved.view(-1, 1, 1, 1), x_new, x_best)
+        return x_best
+
+    def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"Square needs images of shape (N, C, H, W), got {tuple(x.shape)}")
+        adv = x.clone()
+        with torch.no_grad():
+            robust = self.get_logits(x).argmax(1) == y
+        g = self.cpu_generator()
+        for _ in range(self.n_restarts):
+            idx = robust.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            adv_curr = self._single_run(x[idx], y[idx], g)
+            with torch.no_grad():
+                fooled = self.get_logits(adv_curr).argmax(1) != y[idx]
+            robust[idx[fooled]] = False
+            adv[idx[fooled]] = adv_curr[fooled]
+        return adv
