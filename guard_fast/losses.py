@@ -172,12 +172,17 @@ class _InjectGrads(torch.autograd.Function):
             raise RuntimeError("a fused GUARD loss can be backpropagated once; for "
                                "retain_graph=True or higher-order gradients use fused=False")
         ctx.grads = None
+        if torch.compiler.is_compiling():  # traced graphs: stay functional
+            return (None, None) + tuple(None if g is None else g * go.to(g.dtype) for g in grads)
         return (None, None) + tuple(None if g is None else g.mul_(go.to(g.dtype)) for g in grads)
 
 
 def _owned(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
     """autograd.grad may return one tensor for several inputs (e.g. both sides of an add):
-    clone repeats so that each gradient can be updated in place."""
+    clone repeats so that each gradient can be updated in place. (Under torch.compile the
+    updates are out of place, so there is nothing to do.)"""
+    if torch.compiler.is_compiling():
+        return list(grads)
     seen: set[int] = set()
     out = []
     for g in grads:
@@ -470,6 +475,8 @@ def _frozen_running_stats(net: nn.Module):
 def _add(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> list[Tensor | None]:
     """a + b elementwise over gradient lists, accumulating in place into a's tensors, which
     must be owned (_owned): no third copy of the parameter gradients."""
+    if torch.compiler.is_compiling():
+        return [v if u is None else (u if v is None else u + v) for u, v in zip(a, b)]
     return [v if u is None else (u if v is None else u.add_(v)) for u, v in zip(a, b)]
 
 

@@ -1,0 +1,21 @@
+"""bench/gpu_suite.sh runs end to end (CPU smoke form) and leaves result rows and a log."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_smoke_on_cpu(tmp_path):
+    env = dict(os.environ, SUITE_DEVICE="cpu")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), str(tmp_path / "out")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (tmp_path / "out" / "gpu_suite.log").read_text()
+    assert "=== done" in log, log[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "out" / "loss.jsonl").read_text().splitlines()]
+    assert {r["variant"] for r in rows} == {"ce", "exact"}
+    assert all("error" not in r and r["median_ms"] > 0 for r in rows), rows
+    assert (tmp_path / "out" / "attacks.jsonl").exists(), log[-3000:]
