@@ -216,6 +216,23 @@ def _official_ce(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="sum")
 
 
+def _step_point(x: Tensor, g0: Tensor, h: float, official_cifar: bool, total_n: int):
+    """(x + h z, ||g0||) per sample, z per the mode. x and g0 detached."""
+    if official_cifar:
+        # Public CIFAR code: g is the gradient of the batch-MEAN CE (g0 / B), and
+        # z = h (g + 1e-7) / (||g|| + 1e-7) with the 1e-7s exactly where the code has them.
+        gb = g0 / total_n
+        nb = gb.flatten(1).norm(dim=1).view((-1,) + (1,) * (gb.dim() - 1))
+        return x + h * (gb + _OFFICIAL_EPS) / (nb + _OFFICIAL_EPS), _flat_norm(g0)
+    return ops.perturb(x, g0, h, _TINY)
+
+
+def _per_sample(sq: Tensor, official_cifar: bool, total_n: int) -> Tensor:
+    """Per-sample penalty from ||g1 - g0||^2: squared (Eq. 11), or the public CIFAR code's
+    ||grad_x(meanCE(x+z) - meanCE(x))_i|| = ||g1_i - g0_i|| / B (clamp: finite d sqrt at 0)."""
+    return sq.clamp_min(_TINY * _TINY).sqrt() / total_n if official_cifar else sq
+
+
 def _exact_chunk(net, xc, yc, h, lam, official_cifar, total_n, create_graph):
     """Penalty of one chunk via the two passes at x and x + h z. Returns (pen_sum, gn_sum)
     where pen_sum is this chunk's share of the batch-mean penalty (already / total_n)."""
@@ -223,24 +240,11 @@ def _exact_chunk(net, xc, yc, h, lam, official_cifar, total_n, create_graph):
     xa = xc.detach().requires_grad_(True)
     l0 = ce(_logits(net, xa, xc.shape[0], yc, False), yc)
     (g0,) = torch.autograd.grad(l0, xa, create_graph=create_graph)
-    if official_cifar:
-        # Public CIFAR code: g is the gradient of the batch-MEAN CE (g0 / B), and
-        # z = h (g + 1e-7) / (||g|| + 1e-7) with the 1e-7s exactly where the code has them.
-        gb = g0.detach() / total_n
-        nb = gb.flatten(1).norm(dim=1).view((-1,) + (1,) * (gb.dim() - 1))
-        xp = xa.detach() + h * (gb + _OFFICIAL_EPS) / (nb + _OFFICIAL_EPS)
-        n0 = _flat_norm(g0.detach())
-    else:
-        xp, n0 = ops.perturb(xa.detach(), g0.detach(), h, _TINY)
+    xp, n0 = _step_point(xa.detach(), g0.detach(), h, official_cifar, total_n)
     xp.requires_grad_(True)
     l1 = ce(_logits(net, xp, xc.shape[0], yc, False), yc)
     (g1,) = torch.autograd.grad(l1, xp, create_graph=create_graph)
-    sq = ops.sqdiff_norm(g1, g0)
-    if official_cifar:
-        # ||grad_x(meanCE(x+z) - meanCE(x))_i|| = ||g1_i - g0_i|| / B. clamp keeps d sqrt at 0 finite.
-        per = sq.clamp_min(_TINY * _TINY).sqrt() / total_n
-    else:
-        per = sq
+    per = _per_sample(ops.sqdiff_norm(g1, g0), official_cifar, total_n)
     return lam * per.sum() / total_n, n0.sum()
 
 
@@ -487,19 +491,12 @@ def _exact_train_bn(net, x, y, h, lam, official_cifar, n, create_graph, check):
     ce = _official_ce if official_cifar else _penalty_ce
     l0 = ce(_logits(net, xa, n, y, check), y)
     (g0,) = torch.autograd.grad(l0, xa, create_graph=create_graph, retain_graph=True)
-    if official_cifar:
-        gb = g0.detach() / n
-        nb = gb.flatten(1).norm(dim=1).view((-1,) + (1,) * (gb.dim() - 1))
-        xp = x.detach() + h * (gb + _OFFICIAL_EPS) / (nb + _OFFICIAL_EPS)
-        n0 = _flat_norm(g0.detach())
-    else:
-        xp, n0 = ops.perturb(x.detach(), g0.detach(), h, _TINY)
+    xp, n0 = _step_point(x.detach(), g0.detach(), h, official_cifar, n)
     xp.requires_grad_(True)
     with _frozen_running_stats(net):
         l1 = ce(net(xp), y)
     (g1,) = torch.autograd.grad(l1, xp, create_graph=create_graph)
-    sq = ops.sqdiff_norm(g1, g0)
-    per = sq.clamp_min(_TINY * _TINY).sqrt() / n if official_cifar else sq
+    per = _per_sample(ops.sqdiff_norm(g1, g0), official_cifar, n)
     return lam * per.sum() / n, n0.sum(), l0 / n
 
 
