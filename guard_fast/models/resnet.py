@@ -1,6 +1,6 @@
 """ResNets with the ImageNet stem (as torchvision builds them) or the small-image stem the
 public SRe2L/GUARD code uses for CIFAR and Tiny-ImageNet (3x3 stride-1 conv1, no max-pool),
-and the name registry."""
+and (for older imports) thin forwards to the name registry in registry.py."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -23,8 +23,12 @@ class Normalized(nn.Module):
         if any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {tuple(std)}")
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        # float64, cast to the input's dtype in forward: a float64 model then normalizes with
+        # the exact constants (float32 buffers would carry ~1e-8 relative error into it)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1),
+                             persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
@@ -57,26 +61,15 @@ def resnet50(num_classes: int = 1000, stem: str = "imagenet", in_channels: int =
     return _build(tv_resnet.resnet50, num_classes, stem, in_channels)
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": lambda **kw: resnet18(stem="imagenet", **kw),
-    "resnet18_small": lambda **kw: resnet18(stem="small", **kw),
-    "resnet50": lambda **kw: resnet50(stem="imagenet", **kw),
-    "resnet50_small": lambda **kw: resnet50(stem="small", **kw),
-}
-
-
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    """Kept here for older imports; the registry lives in guard_fast.models.registry."""
+    from guard_fast.models.registry import list_models as _list
+    return _list()
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
-    """A registered classifier; with mean/std it takes [0, 1] pixels (normalizes inside)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
-    m = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels)
-    if mean is not None or std is not None:
-        if mean is None or std is None:
-            raise ValueError("give both mean and std, or neither")
-        m = Normalized(m, mean, std)
-    return m
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                **kwargs) -> nn.Module:
+    """Kept here for older imports: see guard_fast.models.registry.build_model."""
+    from guard_fast.models.registry import build_model as _build_model
+    return _build_model(name, num_classes, in_channels, mean, std, **kwargs)
