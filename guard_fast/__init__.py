@@ -10,6 +10,7 @@ The drop-in loss::
 from guard_fast import attacks, ops
 from guard_fast.attacks import (APGD, APGDT, CW, FAB, MIM, PGD, PROTOCOLS, Attack, AutoAttack,
                                 CWLinf, Square, get_attack, get_protocol)
+from guard_fast.adv_training import AdvOutput, FBFLoss, PGDATLoss, TRADESLoss
 from guard_fast.evaluate import format_table, robust_eval
 from guard_fast.losses import (MODES, GradNormLoss, GuardLoss, GuardOutput, compile_guard_step,
                                grad_norm_loss, guard_loss, guard_penalty_reference,
@@ -19,5 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = ["attacks", "Attack", "PGD", "MIM", "CW", "CWLinf", "Square", "APGD", "APGDT", "FAB",
            "AutoAttack", "get_attack", "get_protocol", "PROTOCOLS", "robust_eval", "format_table",
+           "PGDATLoss", "TRADESLoss", "FBFLoss", "AdvOutput",
            "GuardLoss", "guard_loss", "GradNormLoss", "grad_norm_loss", "GuardOutput",
            "guard_penalty_reference", "compile_guard_step", "stable_cross_entropy", "MODES", "ops", "__version__"]

@@ -1,0 +1,180 @@
+"""Squeeze: regularizers, run folders, kill-and-resume, DDP, and the CLI's errors."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from guard_fast.config import REGULARIZERS, SqueezeConfig, resolve_squeeze
+from guard_fast.distill.squeeze import build_criterion, load_teacher, squeeze
+from guard_fast.runio import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(max_train=128, max_val=64, batch_size=32, epochs=2, progress=False)
+
+
+def _cli(*args, env=None, timeout=600):
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "guard_fast.train", *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from guard_fast.data import get_data
+
+    d = get_data("mnist", image_size=32)
+    xs = torch.stack([d.train[i][0] for i in range(32)])
+    ys = torch.tensor([int(d.train[i][1]) for i in range(32)])
+    return xs, ys, d
+
+
+@pytest.mark.parametrize("reg", REGULARIZERS)
+def test_each_regularizer_decreases_its_own_objective(reg, digits):
+    from guard_fast.models import build_model
+
+    xs, ys, d = digits
+    torch.manual_seed(0)
+    model = build_model("convnet", num_classes=10, in_channels=3, mean=d.mean, std=d.std, width=16)
+    cfg = resolve_squeeze(dict(regularizer=reg, adv_steps=3))
+    crit = build_criterion(cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    model.train()
+
+    def objective():
+        torch.manual_seed(1)  # same attack draws before and after
+        return float(crit(model, xs, ys).loss)
+
+    before = objective()
+    for _ in range(6):
+        opt.zero_grad()
+        crit(model, xs, ys).loss.backward()
+        opt.step()
+    after = objective()
+    assert after < before, (reg, before, after)
+
+
+def test_guard_teacher_has_smaller_penalty_than_plain(tmp_path):
+    """Reported numbers: the val GUARD penalty of both teachers after the same training."""
+    res = {}
+    for reg in ("guard", "none"):
+        cfg = resolve_squeeze(dict(regularizer=reg, out=str(tmp_path / reg), max_train=256,
+                                   max_val=64, epochs=2, batch_size=64, progress=False))
+        res[reg] = squeeze(cfg)
+    print("val penalty guard %.4g vs plain %.4g; val acc %.3f vs %.3f" % (
+        res["guard"]["val_penalty"], res["none"]["val_penalty"],
+        res["guard"]["val_acc"], res["none"]["val_acc"]))
+    assert res["guard"]["val_penalty"] < 0.5 * res["none"]["val_penalty"]
+    assert (tmp_path / "guard" / "teacher.pt").exists()
+    rows = [json.loads(l) for l in (tmp_path / "guard" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert json.loads((tmp_path / "guard" / "run.json").read_text())["status"] == "complete"
+    model, arch = load_teacher(tmp_path / "guard" / "teacher.pt")
+    assert arch["model"] == "resnet18" and arch["num_classes"] == 10
+
+
+def test_kill_at_any_moment_then_resume_gives_the_same_weights(tmp_path):
+    common = ["squeeze", "--max-train", "64", "--max-val", "16", "--batch-size", "32",
+              "--epochs", "3", "--no-progress", "--seed", "3"]
+    r = _cli(*common, "--out", str(tmp_path / "full"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    # start again, SIGKILL it as soon as the first epoch's checkpoint exists (mid epoch 2)
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-m", "guard_fast.train", *common, "--out", str(out)],
+                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "teacher.pt").exists(), "killed run must not look complete"
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    r = _cli(*common, "--out", str(out))  # without --resume: refuses, overwrites nothing
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = _cli(*common, "--out", str(out), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = load_checkpoint(tmp_path / "full" / "teacher.pt")["model"]
+    b = load_checkpoint(out / "teacher.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
+    """Same global batch: 2 processes x 16 images == 1 process x 32 (ConvNet: no BatchNorm,
+    so per-process statistics cannot differ). GUARD's injected gradients go through DDP."""
+    common = ["squeeze", "--model", "convnet", "--max-train", "128", "--max-val", "32",
+              "--batch-size", "32", "--epochs", "1", "--no-progress", "--device", "cpu"]
+    r = _cli(*common, "--out", str(tmp_path / "single"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(_free_port()), "-m", "guard_fast.train", *common,
+                        "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "single" / "teacher.pt")["model"]
+    b = load_checkpoint(tmp_path / "ddp" / "teacher.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["squeeze", "--preset", "nope"], "unknown preset"),
+    (["squeeze", "--preset", "imagenette"], "--data PATH"),
+    (["squeeze", "--model", "resnet1000", "--max-train", "64"], "unknown model"),
+    (["squeeze", "--regularizer", "magic"], "unknown regularizer"),
+    (["squeeze", "--device", "cuda"], "no CUDA GPU"),
+    (["squeeze", "--dataset", "imagefolder", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["squeeze", "--resume", "--out", "/tmp/guard_fast_no_such_run"], "holds no run"),
+])
+def test_cli_errors_name_the_problem(args, needle, tmp_path, capsys):
+    from guard_fast.train import main
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    rc = main([*args, "--no-progress"] + ([] if "--out" in args else ["--out", str(tmp_path / "o")]))
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err, err
+    assert not (tmp_path / "o" / "teacher.pt").exists()
+
+
+def test_cli_mismatched_resume_and_not_yet_stages(tmp_path, capsys):
+    from guard_fast.train import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(dict(SqueezeConfig().to_dict(), lr=123.0)))
+    assert main(["squeeze", "--out", str(out), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "lr" in err
+    for stage in ("recover", "relabel", "all", "report"):
+        assert main([stage]) == 2
+        assert "not implemented yet" in capsys.readouterr().err
+    assert main([]) == 2
+    assert "squeeze" in capsys.readouterr().out
+
+
+def test_help_documents_every_option_with_default(capsys):
+    from guard_fast.train import main
+
+    with pytest.raises(SystemExit):
+        main(["squeeze", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in SqueezeConfig.__dataclass_fields__:
+        flag = {"data": "--dataset", "data_root": "--data"}.get(f, "--" + f.replace("_", "-"))
+        assert flag in text, flag
+    assert text.count("(default:") >= len(SqueezeConfig.__dataclass_fields__)
