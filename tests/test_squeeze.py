@@ -77,6 +77,14 @@ def test_guard_teacher_has_smaller_penalty_than_plain(tmp_path):
     assert json.loads((tmp_path / "guard" / "run.json").read_text())["status"] == "complete"
     model, arch = load_teacher(tmp_path / "guard" / "teacher.pt")
     assert arch["model"] == "resnet18" and arch["num_classes"] == 10
+    # a checkpoint from a different architecture: a clear error naming it
+    with pytest.raises(ValueError, match="different architecture"):
+        load_teacher(tmp_path / "guard" / "teacher.pt", arch_expected={"model": "resnet50"})
+    ck = load_checkpoint(tmp_path / "guard" / "teacher.pt")
+    ck["arch"]["model"] = "convnet"
+    torch.save(ck, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="do not fit architecture convnet"):
+        load_teacher(tmp_path / "foreign.pt")
 
 
 def test_kill_at_any_moment_then_resume_gives_the_same_weights(tmp_path):
@@ -178,3 +186,14 @@ def test_help_documents_every_option_with_default(capsys):
         flag = {"data": "--dataset", "data_root": "--data"}.get(f, "--" + f.replace("_", "-"))
         assert flag in text, flag
     assert text.count("(default:") >= len(SqueezeConfig.__dataclass_fields__)
+
+
+def test_speed_flags_run(tmp_path):
+    """bf16 autocast + channels_last, and torch.compile with a first-order regularizer."""
+    cfg = resolve_squeeze(dict(out=str(tmp_path / "amp"), amp="bf16", channels_last=True,
+                               max_train=64, max_val=16, epochs=1, batch_size=32, progress=False))
+    m = squeeze(cfg)
+    assert m["train_loss"] == m["train_loss"] and m["train_penalty"] > 0  # finite, GUARD active
+    with pytest.raises(ValueError, match="first-order"):
+        squeeze(resolve_squeeze(dict(out=str(tmp_path / "c"), compile=True, max_train=64,
+                                     epochs=1, batch_size=32, progress=False)))

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# gpu_suite step: squeeze throughput per regularizer vs plain CE, and DALI vs torchvision.
+set -uo pipefail
+if [ "${DEV:-cuda}" = cuda ]; then
+  $PY bench/bench_squeeze.py --device cuda --results-dir "$OUT"
+else
+  $PY bench/bench_squeeze.py --quick --loader-images 100 --results-dir "$OUT"
+fi
