@@ -14,8 +14,10 @@ REGULARIZERS = ("guard", "none", "gr", "pgd-at", "trades", "fbf")
 # 0.9, weight decay 5e-4, batch 128, cosine over 200 epochs). "mnist" is this package's own
 # CPU-sized default on the bundled digits (not a paper setting).
 SQUEEZE_PRESETS: dict[str, dict[str, Any]] = {
+    # lr 0.05 diverged here (GUARD penalty -> inf in the first epoch, caught by the finite
+    # check); 0.01 reached 58% validation accuracy after 16 steps.
     "mnist": dict(data="mnist", model="resnet18", image_size=32, epochs=2, batch_size=64,
-                  lr=0.05, weight_decay=1e-4),
+                  lr=0.01, weight_decay=1e-4),
     "imagenette": dict(data="imagenette", model="resnet18", image_size=224, epochs=50,
                        batch_size=32, lr=0.025, weight_decay=1e-4),
     "tiny-imagenet": dict(data="tiny-imagenet", model="resnet18_small", image_size=64,
@@ -42,7 +44,7 @@ class SqueezeConfig:
     model: str = "resnet18"
     epochs: int = 2
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: int = 0
