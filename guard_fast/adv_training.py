@@ -71,22 +71,10 @@ class AdvOutput(NamedTuple):
 
 
 def _check_inputs(model, x, y) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module classifier, got {type(model).__name__}")
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got "
-                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-    if x.dim() < 2 or x.shape[0] < 1:
-        raise ValueError(f"x must have shape (N, ...) with N >= 1, got {tuple(x.shape)}")
-    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16,
-                                                    torch.int8, torch.uint8):
-        raise TypeError(f"y must be an integer tensor of class indices, got "
-                        f"{y.dtype if isinstance(y, Tensor) else type(y).__name__}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"y must have shape ({x.shape[0]},) to match x of shape "
-                         f"{tuple(x.shape)}, got {tuple(y.shape)}")
-    if y.device != x.device:
-        raise ValueError(f"x is on {x.device} but y is on {y.device}")
+    """The same checks, and messages, as the GUARD losses."""
+    from guard_fast.losses import _check
+
+    _check(model, x, y)
 
 
 def _check_logits(out, n: int) -> Tensor:

@@ -258,7 +258,9 @@ class Attack:
     forward = __call__  # torchattacks spells the call `forward` too
 
     def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+        """Each attack's own computation on one chunk; the base class has none."""
+        raise TypeError(f"{type(self).__name__} does not define _attack: subclasses of Attack "
+                        "implement the attack itself")
 
     # ------------------------------------------------------------------ helpers
     @torch.no_grad()
