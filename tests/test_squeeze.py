@@ -77,6 +77,13 @@ def test_guard_teacher_has_smaller_penalty_than_plain(tmp_path):
     assert json.loads((tmp_path / "guard" / "run.json").read_text())["status"] == "complete"
     model, arch = load_teacher(tmp_path / "guard" / "teacher.pt")
     assert arch["model"] == "resnet18" and arch["num_classes"] == 10
+    # the evaluate stage reads the teacher and writes its results next to it
+    from guard_fast.train import main
+
+    assert main(["evaluate", "--model", str(tmp_path / "guard" / "teacher.pt"), "--n-examples", "8",
+                 "--attacks", "PGD100", "--eps", "0.1", "--device", "cpu"]) == 0
+    res = json.loads(next((tmp_path / "guard" / "eval").glob("*.json")).read_text())
+    assert "PGD100" in json.dumps(res)
     # a checkpoint from a different architecture: a clear error naming it
     with pytest.raises(ValueError, match="different architecture"):
         load_teacher(tmp_path / "guard" / "teacher.pt", arch_expected={"model": "resnet50"})
