@@ -15,7 +15,7 @@ Environment read here (flags are on only when exactly "1"):
   TORCH_CUDA_ARCH_LIST        GPU targets; default "8.0;9.0+PTX" (A100, H100/H200, and PTX
                               that newer GPUs can JIT-compile).
   MAX_JOBS                    parallel compile jobs; default min(4, CPUs): there are only
-                              four translation units, and nvcc needs ~1-2 GB each.
+                              six translation units, and nvcc needs ~1-2 GB each.
 """
 from __future__ import annotations
 
@@ -142,7 +142,8 @@ def _extensions():
         ce.CUDA_HOME = cuda_home  # torch.utils.cpp_extension was imported before us
 
     os.environ.setdefault("MAX_JOBS", str(min(4, os.cpu_count() or 1)))
-    sources = [os.path.join(CSRC, f) for f in ("common.cpp", "ops_cpu.cpp", "register.cpp")]
+    sources = [os.path.join(CSRC, f)
+               for f in ("common.cpp", "ops_cpu.cpp", "attack_steps_cpu.cpp", "register.cpp")]
     # Python's own CFLAGS carry -g, which doubles the C++ compile time here (45 s -> 22 s
     # for ops_cpu.cpp): drop it unless GUARD_FAST_DEBUG_BUILD=1.
     cxx = ["-O3"] + ([] if _flag("GUARD_FAST_DEBUG_BUILD") else ["-g0"])
@@ -166,7 +167,8 @@ def _extensions():
     nvcc = ["-O3", "-lineinfo"] + wheel_inc  # no --use_fast_math: keep IEEE sqrt and division
     print(f"guard_fast: building C++ CPU and CUDA kernels ({why}; "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})", flush=True)
-    return [ce.CUDAExtension("guard_fast._C", sources + [os.path.join(CSRC, "ops_cuda.cu")],
+    cuda_sources = [os.path.join(CSRC, f) for f in ("ops_cuda.cu", "attack_steps_cuda.cu")]
+    return [ce.CUDAExtension("guard_fast._C", sources + cuda_sources,
                              define_macros=[("GUARD_FAST_WITH_CUDA", None)],
                              extra_compile_args={"cxx": cxx + wheel_inc, "nvcc": nvcc},
                              extra_link_args=ldflags)]

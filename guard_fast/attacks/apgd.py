@@ -31,7 +31,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import ops as _ops
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
+from .pgd import fused_steps
 
 __all__ = ["APGD", "APGDT", "apgd_update", "dlr_loss", "dlr_loss_targeted"]
 
@@ -47,7 +49,9 @@ def apgd_update(x_adv: torch.Tensor, x_adv_old: torch.Tensor, grad: torch.Tensor
     P(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_adv_old)), P = clamp to [lo, hi],
     lo = max(x - eps, 0), hi = min(x + eps, 1) (the same values as fra31's clamp to the
     eps-ball then to [0, 1]). step_size: (N, 1, ...) per point; a: 1.0 at the first step,
-    0.75 after. Operation order is fra31's, so results agree bit for bit.
+    0.75 after. Operation order is fra31's, so results agree bit for bit. This is the
+    eager step; APGD runs guard_fast.ops.apgd_step (the same arithmetic in one pass, with
+    lo and hi computed from x and eps on the fly) instead unless the backend is "torch".
     """
     z = torch.sign(grad).mul_(step_size).add_(x_adv)
     z = torch.clamp(z, lo, hi)
@@ -146,6 +150,7 @@ class APGD(Attack):
         n = x.shape[0]
         view = (-1,) + (1,) * (x.dim() - 1)
         eps = self.eps
+        fused = fused_steps(x.device)   # the fused step derives lo, hi from x and eps itself
         lo = (x - eps).clamp_(min=0.0)
         hi = (x + eps).clamp_(max=1.0)
 
@@ -171,7 +176,10 @@ class APGD(Attack):
 
         for i in range(n_iter):
             a = 0.75 if i > 0 else 1.0
-            x_new = apgd_update(x_adv, x_adv_old, grad, step_size, lo, hi, a)
+            if fused:
+                x_new = _ops.apgd_step(x_adv, x_adv_old, grad, step_size, x, eps, a)
+            else:
+                x_new = apgd_update(x_adv, x_adv_old, grad, step_size, lo, hi, a)
             x_adv_old, x_adv = x_adv, x_new
 
             grad, logits, loss_indiv = self._grad(x_adv, y, y_target)

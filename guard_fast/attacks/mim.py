@@ -21,14 +21,19 @@ factors, since the batch norm then weights each sample's history differently. Wi
 
 A zero gradient (a fully saturated softmax) is divided by the smallest normal float
 instead of by 0, so it adds nothing to the momentum; torchattacks and the GUARD code
-produce NaN images there. Everywhere else the arithmetic is theirs, bit for bit.
+produce NaN images there. Everywhere else the arithmetic is theirs, bit for bit, with one
+caveat for the fused step (guard_fast::mim_step, used unless the backend is "torch"): it
+sums |g| in another order than torch, so the momentum may differ in its last bits, and a
+step can differ only where the momentum is within that rounding of 0.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .. import ops as _ops
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
+from .pgd import fused_steps
 
 __all__ = ["MIM", "mim_update", "GRAD_NORMS"]
 
@@ -42,6 +47,8 @@ def mim_update(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
 
     x_adv, x, grad, momentum: (N, ...) tensors of one shape; `grad` is the gradient of the
     batch-mean cross-entropy and is overwritten (its storage becomes the new momentum).
+    This is the eager step; MIM runs guard_fast.ops.mim_step (the same arithmetic in two
+    passes, its |g| sums in another order) instead unless the backend is "torch".
     """
     tiny = torch.finfo(grad.dtype).tiny
     if grad_norm == "per_sample":
@@ -90,10 +97,16 @@ class MIM(Attack):
     def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         momentum = torch.zeros_like(x)
         x_adv = x.clone()
+        fused = fused_steps(x.device)
+        per_sample = self.grad_norm == "per_sample"
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
             loss = F.cross_entropy(self.get_logits(x_adv), y)   # batch mean in both codes
             grad, = torch.autograd.grad(loss, x_adv)
-            x_adv, momentum = mim_update(x_adv.detach(), x, grad, momentum, self.alpha,
-                                         self.eps, self.decay, self.grad_norm)
+            if fused:
+                x_adv, momentum = _ops.mim_step(x_adv.detach(), x, grad, momentum, self.alpha,
+                                                self.eps, self.decay, per_sample)
+            else:
+                x_adv, momentum = mim_update(x_adv.detach(), x, grad, momentum, self.alpha,
+                                             self.eps, self.decay, self.grad_norm)
         return x_adv

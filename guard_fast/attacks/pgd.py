@@ -6,7 +6,9 @@ Semantics are torchattacks 3.5.1's `PGD` (the attack GUARD's public evaluation r
 steps on the batch-mean cross-entropy, each followed by projection onto the eps-ball and
 the [0, 1] box; the last iterate is returned. Every point runs every step (that is the
 semantics), so the active set does not apply; the step itself is made cheap instead: one
-fused-able update that reuses the gradient's storage and no host syncs in the loop.
+fused kernel per step (guard_fast::pgd_step, through the backend registry; the "torch"
+backend runs `pgd_update` below, which reuses the gradient's storage) and no host syncs in
+the loop.
 """
 from __future__ import annotations
 
@@ -14,9 +16,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import ops as _ops
 from .base import Attack, check_eps, check_steps, register_attack
 
-__all__ = ["PGD", "pgd_update"]
+__all__ = ["PGD", "pgd_update", "fused_steps"]
+
+
+def fused_steps(device: torch.device) -> bool:
+    """Whether the attacks' per-step tensor work goes to the fused guard_fast ops on this
+    device: yes unless the registry chose (or was told) the plain-PyTorch backend, in which
+    case the eager *_update functions run. Decided once per attack call, not per step."""
+    return _ops.backend_for(torch.device(device).type) != "torch"
 
 
 def pgd_update(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, alpha: float,
@@ -25,8 +35,9 @@ def pgd_update(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, alpha: 
 
     x_adv, x, grad: (N, ...) tensors of one shape; returns the new iterate. The arithmetic
     is the order torchattacks 3.5.1 uses, so results agree bit for bit. The update is
-    written into `grad`'s storage (the caller no longer needs the gradient); a fused
-    kernel may replace this function.
+    written into `grad`'s storage (the caller no longer needs the gradient). This is the
+    eager step; PGD runs guard_fast.ops.pgd_step (the same arithmetic, one pass) instead
+    unless the backend is "torch".
     """
     out = grad.sign_().mul_(alpha).add_(x_adv)     # x_adv + alpha * sign(g)
     return out.sub_(x).clamp_(-eps, eps).add_(x).clamp_(0.0, 1.0)
@@ -72,9 +83,10 @@ class PGD(Attack):
     def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         eps, alpha = self.eps, self.alpha
         x_adv = random_start_linf(x, eps, self._generator()) if self.random_start else x.clone()
+        step = _ops.pgd_step if fused_steps(x.device) else pgd_update
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
             loss = F.cross_entropy(self.get_logits(x_adv), y)   # batch mean, as torchattacks
             grad, = torch.autograd.grad(loss, x_adv)
-            x_adv = pgd_update(x_adv.detach(), x, grad, alpha, eps)
+            x_adv = step(x_adv.detach(), x, grad, alpha, eps)
         return x_adv

@@ -1,0 +1,314 @@
+// CPU kernels for the attack steps pgd_step, mim_step and apgd_step (math in
+// guard_fast.h and kernels/attack_steps.py).
+//
+// Each step is one elementwise pass over the flat range [0, N*M) of per-sample
+// blocks (dense_all in common.cpp), split with at::parallel_for; mim_step first
+// sums |g| per sample (over samples, or over chunks of samples when there are
+// fewer samples than threads, as rowwise_sum_sq in ops_cpu.cpp does).
+//
+// Bit-exactness with eager PyTorch (fp32/fp64): every operation is a separate
+// IEEE operation in acc_t, in eager's order. A compiler that fuses a*b + c into
+// an FMA would break that (GCC does so by default where the target has FMA), so
+// contraction is switched off for this whole file, headers included, before any
+// include (a per-function setting would stop ATen's inline helpers from being
+// inlined). The loops are plain scalar code that GCC vectorizes at -O3 (the row
+// kernels below).
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#include "guard_fast.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace guard_fast {
+namespace {
+
+constexpr int64_t kGrain = 32768;     // elements per parallel task (ATen's default)
+constexpr int64_t kMinChunk = 8192;   // smallest piece of one sample in a split reduction
+constexpr int64_t kCascade = 4096;    // inner block of the two-level |g| sum
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// torch.sign: 1, -1, or 0 (for +-0 and NaN).
+template <typename T>
+inline T sign_of(T v) {
+  return static_cast<T>(static_cast<int>(T(0) < v) - static_cast<int>(v < T(0)));
+}
+
+// torch.clamp(v, lo, hi) = min(max(v, lo), hi), NaN passing through.
+template <typename T>
+inline T clamp_to(T v, T lo, T hi) {
+  v = v < lo ? lo : v;
+  return hi < v ? hi : v;
+}
+
+// f(i, offset, len) for every maximal run of one sample i in [0, N*M), in parallel.
+template <typename F>
+void for_each_row_segment(int64_t N, int64_t M, const F& f) {
+  at::parallel_for(0, N * M, kGrain, [&](int64_t begin, int64_t end) {
+    int64_t i = begin / M;
+    int64_t pos = begin;
+    while (pos < end) {
+      const int64_t stop = std::min(end, (i + 1) * M);
+      f(i, pos, stop - pos);
+      pos = stop;
+      ++i;
+    }
+  });
+}
+
+// sum_j |g_j| over n elements in acc_t: 16 independent lanes (vectorizable), restarted
+// every kCascade elements into an outer sum, so the rounding error grows with
+// kCascade / 16 + n / kCascade instead of n.
+template <typename scalar_t>
+at::opmath_type<scalar_t> sum_abs(const scalar_t* g, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t L = 16;
+  acc_t outer = 0;
+  int64_t j = 0;
+  const int64_t n_vec = n - n % L;
+  while (j < n_vec) {
+    const int64_t stop = std::min(n_vec, j + kCascade);
+    acc_t s[L] = {};
+    for (; j < stop; j += L) {
+      for (int64_t l = 0; l < L; ++l) {
+        s[l] += std::abs(static_cast<acc_t>(g[j + l]));
+      }
+    }
+    acc_t t = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      t += s[l];
+    }
+    outer += t;
+  }
+  for (; j < n; ++j) {
+    outer += std::abs(static_cast<acc_t>(g[j]));
+  }
+  return outer;
+}
+
+// out[i] = sum_j |g_ij| for N samples of M elements.
+template <typename scalar_t>
+void rowwise_sum_abs(const scalar_t* g, int64_t N, int64_t M, at::opmath_type<scalar_t>* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t threads = at::get_num_threads();
+  int64_t chunks = 1;
+  if (N < threads) {
+    chunks = std::max<int64_t>(1, std::min(ceil_div(threads, N), M / kMinChunk));
+  }
+  if (chunks == 1) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1));
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        out[i] = sum_abs(g + i * M, M);
+      }
+    });
+    return;
+  }
+  const int64_t chunk = ceil_div(M, chunks);
+  chunks = ceil_div(M, chunk);
+  std::vector<acc_t> partial(N * chunks);
+  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i = t / chunks;
+      const int64_t start = i * M + (t % chunks) * chunk;
+      partial[t] = sum_abs(g + start, std::min(chunk, (i + 1) * M - start));
+    }
+  });
+  for (int64_t i = 0; i < N; ++i) {
+    acc_t s = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      s += partial[i * chunks + c];
+    }
+    out[i] = s;
+  }
+}
+
+// Row kernels: plain loops over `len` elements with __restrict__ pointers, so that GCC
+// vectorizes them without runtime alias checks (with six pointers it gives those up).
+template <typename scalar_t>
+void pgd_row(const scalar_t* __restrict__ xa, const scalar_t* __restrict__ xs,
+             const scalar_t* __restrict__ gs, scalar_t* __restrict__ o, int64_t len,
+             at::opmath_type<scalar_t> al, at::opmath_type<scalar_t> ep) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t xv = static_cast<acc_t>(xs[j]);
+    // torchattacks: x_adv + alpha*sign(g), then x + clamp(. - x, -eps, eps), then [0, 1]
+    acc_t v = sign_of(static_cast<acc_t>(gs[j])) * al + static_cast<acc_t>(xa[j]);
+    v = clamp_to(v - xv, -ep, ep) + xv;
+    o[j] = static_cast<scalar_t>(clamp_to(v, acc_t(0), acc_t(1)));
+  }
+}
+
+template <typename scalar_t, bool kPerSample>
+void mim_row(const scalar_t* __restrict__ xa, const scalar_t* __restrict__ xs,
+             const scalar_t* __restrict__ gs, const scalar_t* __restrict__ ms,
+             scalar_t* __restrict__ o, scalar_t* __restrict__ mo, int64_t len,
+             at::opmath_type<scalar_t> c, at::opmath_type<scalar_t> al,
+             at::opmath_type<scalar_t> ep, at::opmath_type<scalar_t> de) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t j = 0; j < len; ++j) {
+    const scalar_t m =
+        static_cast<scalar_t>(static_cast<acc_t>(gs[j]) / c + static_cast<acc_t>(ms[j]) * de);
+    mo[j] = m;
+    const acc_t xv = static_cast<acc_t>(xs[j]);
+    acc_t v = sign_of(static_cast<acc_t>(m)) * al + static_cast<acc_t>(xa[j]);
+    if constexpr (kPerSample) {  // torchattacks' projection
+      v = clamp_to(v - xv, -ep, ep) + xv;
+    } else {                     // GUARD code's projection
+      v = clamp_to(v, xv - ep, xv + ep);
+    }
+    o[j] = static_cast<scalar_t>(clamp_to(v, acc_t(0), acc_t(1)));
+  }
+}
+
+template <typename scalar_t>
+void apgd_row(const scalar_t* __restrict__ xa, const scalar_t* __restrict__ xo,
+              const scalar_t* __restrict__ gs, const scalar_t* __restrict__ xs,
+              scalar_t* __restrict__ o, int64_t len, at::opmath_type<scalar_t> step,
+              at::opmath_type<scalar_t> ep, at::opmath_type<scalar_t> aa,
+              at::opmath_type<scalar_t> bb) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < len; ++j) {
+    const acc_t xv = static_cast<acc_t>(xs[j]);
+    const acc_t xav = static_cast<acc_t>(xa[j]);
+    const acc_t lo = clamp_to(xv - ep, acc_t(0), inf);
+    const acc_t hi = clamp_to(xv + ep, -inf, acc_t(1));
+    // fra31: z = P(x + step*sign(g)); P(x + a (z - x) + (1 - a)(x - x_old)), this grouping
+    acc_t z = clamp_to(sign_of(static_cast<acc_t>(gs[j])) * step + xav, lo, hi);
+    z = (z - xav) * aa + xav;
+    z = z + (xav - static_cast<acc_t>(xo[j])) * bb;
+    o[j] = static_cast<scalar_t>(clamp_to(z, lo, hi));
+  }
+}
+
+}  // namespace
+
+at::Tensor pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
+                        double alpha, double eps) {
+  check_pair("pgd_step", "x_adv", x_adv, "x", x);
+  check_pair("pgd_step", "x_adv", x_adv, "grad", grad);
+  const std::vector<at::Tensor> d = dense_all({x_adv, x, grad});
+  at::Tensor out = empty_same_layout(d[0]);
+  const int64_t total = out.numel();
+  if (total == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "pgd_step_cpu",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xa = d[0].const_data_ptr<scalar_t>();
+    const scalar_t* xs = d[1].const_data_ptr<scalar_t>();
+    const scalar_t* gs = d[2].const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const acc_t al = static_cast<acc_t>(alpha);
+    const acc_t ep = static_cast<acc_t>(eps);
+    at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+      pgd_row(xa + begin, xs + begin, gs + begin, o + begin, end - begin, al, ep);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mim_step_cpu(const at::Tensor& x_adv, const at::Tensor& x,
+                                                const at::Tensor& grad, const at::Tensor& momentum,
+                                                double alpha, double eps, double decay,
+                                                bool per_sample) {
+  check_pair("mim_step", "x_adv", x_adv, "x", x);
+  check_pair("mim_step", "x_adv", x_adv, "grad", grad);
+  check_pair("mim_step", "x_adv", x_adv, "momentum", momentum);
+  const std::vector<at::Tensor> d = dense_all({x_adv, x, grad, momentum});
+  at::Tensor out = empty_same_layout(d[0]);
+  at::Tensor m_out = empty_same_layout(d[0]);
+  const int64_t N = x_adv.size(0);
+  const int64_t M = N > 0 ? out.numel() / N : 0;
+  if (N == 0 || M == 0) {
+    return {out, m_out};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "mim_step_cpu",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xa = d[0].const_data_ptr<scalar_t>();
+    const scalar_t* xs = d[1].const_data_ptr<scalar_t>();
+    const scalar_t* gs = d[2].const_data_ptr<scalar_t>();
+    const scalar_t* ms = d[3].const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    scalar_t* mo = m_out.mutable_data_ptr<scalar_t>();
+    // c_i = max(mean |g_i|, tiny) or c = max(sum |g|, tiny); tiny = finfo(dtype).tiny keeps a
+    // zero gradient from producing 0/0 (it then adds nothing to the momentum).
+    const acc_t tiny = static_cast<acc_t>(std::numeric_limits<scalar_t>::min());
+    std::vector<acc_t> c(N);
+    rowwise_sum_abs(gs, N, M, c.data());
+    if (per_sample) {
+      const acc_t m_acc = static_cast<acc_t>(M);
+      for (int64_t i = 0; i < N; ++i) {
+        c[i] = std::max(c[i] / m_acc, tiny);
+      }
+    } else {
+      acc_t total = 0;
+      for (int64_t i = 0; i < N; ++i) {
+        total += c[i];
+      }
+      std::fill(c.begin(), c.end(), std::max(total, tiny));
+    }
+    const acc_t al = static_cast<acc_t>(alpha);
+    const acc_t ep = static_cast<acc_t>(eps);
+    const acc_t de = static_cast<acc_t>(decay);
+    for_each_row_segment(N, M, [&](int64_t i, int64_t off, int64_t len) {
+      auto row = per_sample ? &mim_row<scalar_t, true> : &mim_row<scalar_t, false>;
+      row(xa + off, xs + off, gs + off, ms + off, o + off, mo + off, len, c[i], al, ep, de);
+    });
+  });
+  return {out, m_out};
+}
+
+at::Tensor apgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
+                         const at::Tensor& grad, const at::Tensor& step_size, const at::Tensor& x,
+                         double eps, double a) {
+  check_pair("apgd_step", "x_adv", x_adv, "x_adv_old", x_adv_old);
+  check_pair("apgd_step", "x_adv", x_adv, "grad", grad);
+  check_pair("apgd_step", "x_adv", x_adv, "x", x);
+  check_step_size(step_size, x_adv);
+  const std::vector<at::Tensor> d = dense_all({x_adv, x_adv_old, grad, x});
+  at::Tensor out = empty_same_layout(d[0]);
+  const int64_t N = x_adv.size(0);
+  const int64_t M = N > 0 ? out.numel() / N : 0;
+  if (N == 0 || M == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "apgd_step_cpu",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // N step sizes in any float dtype / stride; eager multiplies by them in x's dtype, and
+    // x's dtype converts exactly to acc_t, so round them to scalar_t first.
+    const at::Tensor st = step_size.to(x_adv.scalar_type()).to(acc_dtype(x_adv.scalar_type()))
+                              .contiguous();
+    const acc_t* steps = st.const_data_ptr<acc_t>();
+    const scalar_t* xa = d[0].const_data_ptr<scalar_t>();
+    const scalar_t* xo = d[1].const_data_ptr<scalar_t>();
+    const scalar_t* gs = d[2].const_data_ptr<scalar_t>();
+    const scalar_t* xs = d[3].const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const acc_t ep = static_cast<acc_t>(eps);
+    const acc_t aa = static_cast<acc_t>(a);
+    const acc_t bb = static_cast<acc_t>(1.0 - a);  // (1 - a) in double, as Python computes it
+    for_each_row_segment(N, M, [&](int64_t i, int64_t off, int64_t len) {
+      apgd_row(xa + off, xo + off, gs + off, xs + off, o + off, len, steps[i], ep, aa, bb);
+    });
+  });
+  return out;
+}
+
+}  // namespace guard_fast

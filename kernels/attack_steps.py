@@ -1,0 +1,313 @@
+"""Triton kernels for the per-step tensor work of the L-inf attacks (PGD, MI-FGSM, APGD).
+
+Each step reads a few (N, ...) tensors once and writes the new iterate (and, for MI-FGSM, the
+new momentum) once; eager PyTorch makes 5-10 passes for the same work. A plain-PyTorch
+``*_ref`` sits beside every kernel: it is the eager step of guard_fast.attacks (same
+operation order, so bit-identical with torchattacks / fra31 at every dtype) written without
+touching its inputs. Tests and benches compare the kernels against it.
+
+Math, per element j of sample i (s = sign, clamp(v, lo, hi) = min(max(v, lo), hi)):
+  pgd_step:   v = x_adv + alpha * s(g);  out = clamp(x + clamp(v - x, -eps, eps), 0, 1)
+  mim_step:   c_i = max(mean_j |g_ij|, tiny) per sample, or c = max(sum |g|, tiny) over the
+              batch; m = g / c + decay * momentum;  v = x_adv + alpha * s(m);
+              per-sample mode projects like PGD, batch mode as clamp(clamp(v, x - eps,
+              x + eps), 0, 1) (the two codes it reproduces differ there); returns (out, m).
+              tiny = finfo(dtype).tiny.
+  apgd_step:  lo = max(x - eps, 0), hi = min(x + eps, 1);
+              z = clamp(x_adv + step_i * s(g), lo, hi);
+              out = clamp((z - x_adv) * a + x_adv + (x_adv - x_adv_old) * (1 - a), lo, hi)
+              (with exactly that grouping: fra31's order).
+fp32/fp64 inputs compute in their own precision with one rounding per operation, in the
+eager order, so the elementwise results are bit-identical to the references (the MI-FGSM
+reduction is summed in another order than torch's, so its scale may differ in the last
+bits). bf16/fp16 inputs compute in fp32 and round once at the end; eager rounds after every
+operation, so those differ from the references by a rounding or two.
+
+No autograd: attack steps run on detached tensors (guard_fast.ops raises if an input
+requires grad). Inputs are viewed as (N, D) rows of per-sample blocks as in guard_penalty.
+"""
+from __future__ import annotations
+
+import torch
+
+from .guard_penalty import HAS_TRITON, _prepare, _split, acc_dtype, rows
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = [
+    "pgd_step_ref",
+    "mim_step_ref",
+    "apgd_step_ref",
+    "pgd_step_triton",
+    "mim_step_triton",
+    "apgd_step_triton",
+]
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def pgd_step_ref(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, alpha: float,
+                 eps: float) -> torch.Tensor:
+    """clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), 0, 1), in the order of
+    guard_fast.attacks.pgd.pgd_update (torchattacks 3.5.1)."""
+    out = torch.sign(grad).mul_(alpha).add_(x_adv)
+    return out.sub_(x).clamp_(-eps, eps).add_(x).clamp_(0.0, 1.0)
+
+
+def mim_step_ref(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
+                 momentum: torch.Tensor, alpha: float, eps: float, decay: float,
+                 per_sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new x_adv, new momentum), in the order of guard_fast.attacks.mim.mim_update:
+    per_sample=True is torchattacks 3.5.1's MIFGSM, False GUARD's public mim_attack."""
+    tiny = torch.finfo(grad.dtype).tiny
+    if per_sample:
+        dims = tuple(range(1, grad.dim()))
+        m = grad / grad.abs().mean(dim=dims, keepdim=True).clamp_min_(tiny)
+    else:
+        m = grad / torch.linalg.vector_norm(grad, ord=1).clamp_min(tiny)
+    m.add_(momentum if decay == 1.0 else momentum * decay)
+    x_new = torch.sign(m).mul_(alpha).add_(x_adv)
+    if per_sample:
+        x_new = x_new.sub_(x).clamp_(-eps, eps).add_(x).clamp_(0.0, 1.0)
+    else:
+        x_new = torch.clamp(x_new, x - eps, x + eps).clamp_(0.0, 1.0)
+    return x_new, m
+
+
+def apgd_step_ref(x_adv: torch.Tensor, x_adv_old: torch.Tensor, grad: torch.Tensor,
+                  step_size: torch.Tensor, x: torch.Tensor, eps: float, a: float) -> torch.Tensor:
+    """One APGD L-inf momentum step in fra31's order (guard_fast.attacks.apgd.apgd_update,
+    with lo = max(x - eps, 0), hi = min(x + eps, 1)); step_size has N elements."""
+    view = (-1,) + (1,) * (x.dim() - 1)
+    lo = (x - eps).clamp_(min=0.0)
+    hi = (x + eps).clamp_(max=1.0)
+    z = torch.sign(grad).mul_(step_size.reshape(view)).add_(x_adv)
+    z = torch.clamp(z, lo, hi)
+    z.sub_(x_adv).mul_(a).add_(x_adv)
+    z.add_((x_adv - x_adv_old).mul_(1.0 - a))
+    return torch.clamp(z, lo, hi)
+
+
+# ----------------------------------------------------------------------------- triton
+
+# Flat grids: program p owns elements [p*BLOCK, (p+1)*BLOCK) of the N*D memory order, and
+# finds its per-sample scalars (step size, MI-FGSM scale) by gather at row = offset // D.
+# The interpreter pays ~1 ms per program instance, so CPU runs use a few big blocks.
+_BLOCK_GPU = 1024
+_BLOCK_CPU = 1 << 16
+
+
+def _block(device: torch.device) -> int:
+    return _BLOCK_GPU if device.type == "cuda" else _BLOCK_CPU
+
+
+# Scalars are fp64 kernel arguments (a plain Python float would be passed as fp32) and are
+# rounded to the compute dtype inside, as ATen rounds a Python scalar to a tensor's opmath
+# type. The interpreter turns every Python float into fp32 whatever the annotation, so on
+# CPU the scalars travel in a small fp64 tensor instead (SCALARS_PTR); on CUDA that tensor
+# would cost a blocking host-to-device copy per step, hence the two ways. Launches pass
+# enable_fp_fusion=False: contracting (z - x_adv) * a + x_adv into an FMA would change the
+# rounding; fp32 divisions use div_rn (Triton's fp32 `/` is not IEEE-rounded).
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sign(v):
+        return (v > 0).to(v.dtype) - (v < 0).to(v.dtype)
+
+    @triton.jit
+    def _scalar(v, p_ptr, k: tl.constexpr, ct: tl.constexpr, SCALARS_PTR: tl.constexpr):
+        if SCALARS_PTR:
+            return tl.load(p_ptr + k).to(ct)
+        else:
+            return v.to(ct)
+
+    @triton.jit
+    def _clamp(v, lo, hi):
+        # min(max(v, lo), hi) with NaN passing through, as torch.clamp
+        v = tl.where(v < lo, lo, v)
+        return tl.where(v > hi, hi, v)
+
+    @triton.jit
+    def _pgd_step_kernel(xa_ptr, x_ptr, g_ptr, out_ptr, total, alpha: "fp64", eps: "fp64", p_ptr,
+                         SCALARS_PTR: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        msk = offs < total
+        if F64:
+            ct = tl.float64
+        else:
+            ct = tl.float32
+        al = _scalar(alpha, p_ptr, 0, ct, SCALARS_PTR)
+        ep = _scalar(eps, p_ptr, 1, ct, SCALARS_PTR)
+        xa = tl.load(xa_ptr + offs, mask=msk, other=0.0).to(ct)
+        x = tl.load(x_ptr + offs, mask=msk, other=0.0).to(ct)
+        g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(ct)
+        v = _sign(g) * al + xa
+        v = _clamp(v - x, -ep, ep) + x
+        v = _clamp(v, 0.0, 1.0)
+        tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=msk)
+
+    @triton.jit
+    def _row_abs_partial_kernel(g_ptr, out_ptr, D, chunk, S, F64: tl.constexpr,
+                                BLOCK: tl.constexpr):
+        # out[i, s] = sum of |g| over columns [s*chunk, (s+1)*chunk) of row i
+        i = tl.program_id(0)
+        s = tl.program_id(1)
+        row = i.to(tl.int64) * D
+        start = s * chunk
+        if F64:
+            acc = tl.zeros([BLOCK], dtype=tl.float64)
+        else:
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(0, chunk, BLOCK):
+            cols = start + off + tl.arange(0, BLOCK)
+            v = tl.load(g_ptr + row + cols, mask=cols < D, other=0.0).to(acc.dtype)
+            acc += tl.abs(v)
+        tl.store(out_ptr + i * S + s, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _mim_step_kernel(xa_ptr, x_ptr, g_ptr, mom_ptr, scale_ptr, out_ptr, m_ptr, total, D,
+                         alpha: "fp64", eps: "fp64", decay: "fp64", p_ptr,
+                         SCALARS_PTR: tl.constexpr, PER_SAMPLE: tl.constexpr, F64: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        msk = offs < total
+        if F64:
+            ct = tl.float64
+        else:
+            ct = tl.float32
+        al = _scalar(alpha, p_ptr, 0, ct, SCALARS_PTR)
+        ep = _scalar(eps, p_ptr, 1, ct, SCALARS_PTR)
+        de = _scalar(decay, p_ptr, 2, ct, SCALARS_PTR)
+        if PER_SAMPLE:
+            c = tl.load(scale_ptr + offs // D, mask=msk, other=1.0)
+        else:
+            c = tl.load(scale_ptr)
+        g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(ct)
+        mo = tl.load(mom_ptr + offs, mask=msk, other=0.0).to(ct)
+        if F64:
+            q = g / c                   # fp64 division is IEEE-rounded
+        else:
+            q = tl.math.div_rn(g, c)
+        m = q + mo * de
+        m_out = m.to(m_ptr.dtype.element_ty)
+        tl.store(m_ptr + offs, m_out, mask=msk)
+        xa = tl.load(xa_ptr + offs, mask=msk, other=0.0).to(ct)
+        x = tl.load(x_ptr + offs, mask=msk, other=0.0).to(ct)
+        v = _sign(m_out.to(ct)) * al + xa      # the sign of the stored momentum
+        if PER_SAMPLE:
+            v = _clamp(v - x, -ep, ep) + x
+        else:
+            v = _clamp(v, x - ep, x + ep)
+        v = _clamp(v, 0.0, 1.0)
+        tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=msk)
+
+    @triton.jit
+    def _apgd_step_kernel(xa_ptr, xo_ptr, g_ptr, step_ptr, x_ptr, out_ptr, total, D,
+                          eps: "fp64", a: "fp64", b: "fp64", p_ptr, SCALARS_PTR: tl.constexpr,
+                          F64: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        msk = offs < total
+        if F64:
+            ct = tl.float64
+        else:
+            ct = tl.float32
+        ep = _scalar(eps, p_ptr, 0, ct, SCALARS_PTR)
+        aa = _scalar(a, p_ptr, 1, ct, SCALARS_PTR)
+        bb = _scalar(b, p_ptr, 2, ct, SCALARS_PTR)
+        step = tl.load(step_ptr + offs // D, mask=msk, other=0.0).to(ct)
+        xa = tl.load(xa_ptr + offs, mask=msk, other=0.0).to(ct)
+        xo = tl.load(xo_ptr + offs, mask=msk, other=0.0).to(ct)
+        g = tl.load(g_ptr + offs, mask=msk, other=0.0).to(ct)
+        x = tl.load(x_ptr + offs, mask=msk, other=0.0).to(ct)
+        lo = x - ep
+        lo = tl.where(lo < 0.0, 0.0, lo)
+        hi = x + ep
+        hi = tl.where(hi > 1.0, 1.0, hi)
+        z = _clamp(_sign(g) * step + xa, lo, hi)
+        z = (z - xa) * aa + xa
+        z = z + (xa - xo) * bb
+        z = _clamp(z, lo, hi)
+        tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+def _grid(total: int, device: torch.device) -> tuple[tuple[int], int]:
+    block = _block(device)
+    return (max(1, triton.cdiv(total, block)),), block
+
+
+def _scalars(device: torch.device, *vals: float) -> dict:
+    """Launch arguments for the scalars: fp64 values, in a CPU tensor under the interpreter."""
+    vals = tuple(float(v) for v in vals)
+    on_cpu = device.type != "cuda"
+    p = torch.tensor(vals, dtype=torch.float64) if on_cpu else None
+    return {"vals": vals, "p_ptr": p, "SCALARS_PTR": on_cpu}
+
+
+def pgd_step_triton(x_adv, x, grad, alpha: float, eps: float) -> torch.Tensor:
+    (x_adv, x, grad), layout = _prepare(x_adv, x, grad)
+    out = torch.empty_like(x_adv)
+    total = x_adv.numel()
+    if total == 0:
+        return out
+    grid, block = _grid(total, x_adv.device)
+    sc = _scalars(x_adv.device, alpha, eps)
+    _pgd_step_kernel[grid](rows(x_adv, layout), rows(x, layout), rows(grad, layout),
+                           rows(out, layout), total, *sc["vals"], sc["p_ptr"],
+                           SCALARS_PTR=sc["SCALARS_PTR"], F64=x_adv.dtype == torch.float64,
+                           BLOCK=block, enable_fp_fusion=False)
+    return out
+
+
+def mim_step_triton(x_adv, x, grad, momentum, alpha: float, eps: float, decay: float,
+                    per_sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    (x_adv, x, grad, momentum), layout = _prepare(x_adv, x, grad, momentum)
+    acc = acc_dtype(x_adv.dtype)
+    out, m = torch.empty_like(x_adv), torch.empty_like(x_adv)
+    total = x_adv.numel()
+    if total == 0:
+        return out, m
+    g2 = rows(grad, layout)
+    n, d = g2.shape
+    s, chunk = _split(n, d, grad.device)
+    part = torch.empty((n, s), dtype=acc, device=grad.device)
+    f64 = acc == torch.float64
+    rblock = 1024 if grad.device.type == "cuda" else 1 << 14    # few interpreter iterations
+    if grad.device.type != "cuda":
+        chunk = triton.cdiv(chunk, rblock) * rblock
+        s = triton.cdiv(d, chunk)
+        part = torch.empty((n, s), dtype=acc, device=grad.device)
+    _row_abs_partial_kernel[(n, s)](g2, part, d, chunk, s, F64=f64, BLOCK=rblock)
+    tiny = torch.finfo(grad.dtype).tiny
+    # mean |g_i| = sum / D (torch's mean is a sum then a division), or one L1 norm
+    scale = (part.sum(1) / d) if per_sample else part.sum().reshape(1)
+    scale = scale.clamp_min_(tiny)
+    grid, block = _grid(total, x_adv.device)
+    sc = _scalars(x_adv.device, alpha, eps, decay)
+    _mim_step_kernel[grid](rows(x_adv, layout), rows(x, layout), g2, rows(momentum, layout),
+                           scale, rows(out, layout), rows(m, layout), total, d, *sc["vals"],
+                           sc["p_ptr"], SCALARS_PTR=sc["SCALARS_PTR"],
+                           PER_SAMPLE=bool(per_sample), F64=f64, BLOCK=block,
+                           enable_fp_fusion=False)
+    return out, m
+
+
+def apgd_step_triton(x_adv, x_adv_old, grad, step_size, x, eps: float, a: float) -> torch.Tensor:
+    (x_adv, x_adv_old, grad, x), layout = _prepare(x_adv, x_adv_old, grad, x)
+    out = torch.empty_like(x_adv)
+    total = x_adv.numel()
+    if total == 0:
+        return out
+    n = x_adv.shape[0]
+    step = step_size.reshape(n).contiguous()
+    grid, block = _grid(total, x_adv.device)
+    sc = _scalars(x_adv.device, eps, a, 1.0 - float(a))
+    _apgd_step_kernel[grid](rows(x_adv, layout), rows(x_adv_old, layout), rows(grad, layout),
+                            step, rows(x, layout), rows(out, layout), total, total // n,
+                            *sc["vals"], sc["p_ptr"], SCALARS_PTR=sc["SCALARS_PTR"],
+                            F64=x_adv.dtype == torch.float64, BLOCK=block,
+                            enable_fp_fusion=False)
+    return out
