@@ -112,3 +112,69 @@ def resolve_squeeze(overrides: dict[str, Any]) -> SqueezeConfig:
     if cfg.lr <= 0:
         raise ValueError(f"lr must be > 0, got {cfg.lr}")
     return cfg
+
+
+# Recover presets, keyed by the teacher's data set. Values from the public code:
+#   imagenette / imagenet-1k / imagefolder: GUARD's run.sh + recover/data_synthesis.py (as
+#     SRe2L's ImageNet recipe): Adam lr 0.25, r_bn 0.01, 2000 iterations (run.sh ITERATION),
+#     RandomResizedCrop(scale 0.08-1) + flip on the whole batch, roll by 0..32 pixels.
+#   tiny-imagenet: lr 0.1 and r_bn 1.0 (GUARD's run.sh); crop + flip and a roll by -4..4
+#     pixels (SRe2L's recover_tiny.py; GUARD's script keeps ImageNet's 0..32 roll at 64 px).
+#   cifar10 / cifar100: SRe2L's and GUARD's recover_cifar.py: lr 0.25, r_bn 0.01, 1000
+#     iterations, roll by 0..4 pixels, no crop or flip.
+#   mnist: this package's CPU-sized default on the bundled digits (not a paper setting): the
+#     CIFAR recipe with a 0..2 pixel roll and fewer iterations.
+# CDA (Yin and Shen 2023) keeps the recipe and adds the crop-scale curriculum; its README
+# runs --easy2hard-mode cosine --milestone 1.
+RECOVER_PRESETS: dict[str, dict[str, Any]] = {
+    "mnist": dict(lr=0.25, r_bn=0.01, iterations=300, crop=False, flip=False, jitter=2,
+                  jitter_mode="positive"),
+    "imagenette": dict(lr=0.25, r_bn=0.01, iterations=2000, crop=True, flip=True, jitter=32,
+                       jitter_mode="positive"),
+    "imagenet-1k": dict(lr=0.25, r_bn=0.01, iterations=2000, crop=True, flip=True, jitter=32,
+                        jitter_mode="positive"),
+    "imagefolder": dict(lr=0.25, r_bn=0.01, iterations=2000, crop=True, flip=True, jitter=32,
+                        jitter_mode="positive"),
+    "tiny-imagenet": dict(lr=0.1, r_bn=1.0, iterations=2000, crop=True, flip=True, jitter=4,
+                          jitter_mode="symmetric"),
+    "cifar10": dict(lr=0.25, r_bn=0.01, iterations=1000, crop=False, flip=False, jitter=4,
+                    jitter_mode="positive"),
+    "cifar100": dict(lr=0.25, r_bn=0.01, iterations=1000, crop=False, flip=False, jitter=4,
+                     jitter_mode="positive"),
+}
+RECOVER_METHODS = ("sre2l", "cda")
+CDA_MODES = ("step", "linear", "cosine")
+
+
+@dataclass
+class RecoverConfig:
+    """Recover (SRe2L / CDA synthesis). None fields take the preset of the teacher's data set
+    (RECOVER_PRESETS). Units: lr per Adam step; jitter in pixels; crop scales are fractions of
+    the image area."""
+
+    teacher: str = "runs/squeeze"  # teacher.pt, or the squeeze run folder holding it
+    method: str = "sre2l"  # sre2l | cda
+    ipc: int = 10
+    iterations: int | None = None
+    lr: float | None = None
+    r_bn: float | None = None
+    first_bn_multiplier: float = 10.0  # the public code's --first-bn-multiplier
+    crop: bool | None = None  # RandomResizedCrop (+ its curriculum under cda)
+    flip: bool | None = None
+    jitter: int | None = None
+    jitter_mode: str | None = None  # positive: roll by 0..jitter; symmetric: -jitter..jitter
+    min_crop: float = 0.08
+    max_crop: float = 1.0
+    cda_mode: str = "cosine"  # step | linear | cosine
+    milestone: float = 1.0  # fraction of the iterations over which the CDA curriculum runs
+    class_batch: int = 100  # classes per synthesis batch (the public code's --batch-size)
+    group_size: int = 1  # ipc ids synthesized together in one batch (per-group BN statistics)
+    amp: str = "none"  # none | bf16 | fp16 (autocast on the forward)
+    channels_last: bool = False
+    compile: bool = False
+    save_every: int = 100  # iterations between resumable checkpoints
+    device: str = "auto"
+    seed: int = 0
+    out: str = "runs/recover"
+    resume: bool = False
+    progress: bool = True

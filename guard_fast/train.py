@@ -16,7 +16,6 @@ from typing import Any
 from guard_fast.config import REGULARIZERS, SQUEEZE_PRESETS, SqueezeConfig
 
 _NOT_YET = {
-    "recover": "the recover stage (SRe2L/CDA synthesis) is not implemented yet",
     "relabel": "the relabel stage (FKD soft labels) is not implemented yet",
     "all": "the whole pipeline needs recover and relabel, which are not implemented yet",
     "report": "re-rendering a whole pipeline run is not implemented yet (no such run exists)",
@@ -70,6 +69,51 @@ def _fmt_default(v: Any) -> str:
     return repr(v)
 
 
+_RECOVER_HELP: dict[str, str] = {
+    "teacher": "teacher.pt, or the squeeze run folder that holds it",
+    "method": "sre2l | cda (curriculum on the crop scale) | dc (gradient matching on real data; "
+              "takes the dc options)",
+    "ipc": "images per class",
+    "iterations": "synthesis iterations per batch (preset: 2000 ImageNet-style, 1000 CIFAR)",
+    "lr": "Adam learning rate (cosine schedule; preset per data set)",
+    "r_bn": "weight of the BatchNorm-statistics loss (preset per data set)",
+    "first_bn_multiplier": "extra weight of the first BatchNorm layer's statistics",
+    "crop": "RandomResizedCrop of the batch each iteration (preset per data set)",
+    "flip": "random horizontal flip of the batch each iteration (preset per data set)",
+    "jitter": "random roll of the pixels, at most this many pixels (preset per data set)",
+    "jitter_mode": "positive (roll by 0..jitter) | symmetric (-jitter..jitter)",
+    "min_crop": "smallest crop area fraction (CDA: the curriculum's end value)",
+    "max_crop": "largest crop area fraction",
+    "cda_mode": "CDA curriculum: step | linear | cosine",
+    "milestone": "CDA: fraction of the iterations over which the crop scale decreases",
+    "class_batch": "classes per synthesis batch (one image per class)",
+    "group_size": "ipc ids synthesized together in one batch (same result, bigger batch)",
+    "amp": "autocast precision of the forward: none | bf16 | fp16",
+    "channels_last": "channels_last teacher and inputs",
+    "compile": "torch.compile the synthesis step",
+    "save_every": "iterations between resumable checkpoints",
+    "device": "auto | cpu | cuda | cuda:N",
+    "seed": "random seed (initial noise and every augmentation draw)",
+    "out": "run folder for the distilled set",
+    "resume": "continue the run in --out from its last checkpoint",
+    "progress": "progress bars (--no-progress to silence)",
+}
+
+
+def _add_options(p: argparse.ArgumentParser, cls, helps: dict, flags: dict | None = None,
+                 note: str = "presets may change it") -> None:
+    for f in dataclasses.fields(cls):
+        flag = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        help_ = f"{helps[f.name]} (default: {_fmt_default(f.default)}; {note})"
+        if f.type in ("bool", bool, "bool | None"):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=help_)
+            continue
+        kind = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float,
+                "str | None": str}.get(str(f.type), str)
+        p.add_argument(flag, dest=f.name, type=kind, default=None, help=help_)
+
+
 def _add_squeeze_options(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(SqueezeConfig):
         flag = _FLAG.get(f.name, "--" + f.name.replace("_", "-"))
@@ -104,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     ev.add_argument("--seed", type=int, default=0, help="attack seed (default: 0)")
     ev.add_argument("--out", default=None, help="folder for results.json, table.md, plot (default: next to --model)")
+    rc = sub.add_parser("recover", help="synthesize the distilled images from a teacher",
+                        description="Synthesize the distilled set from a squeezed teacher "
+                                    "(SRe2L; --method cda adds CDA's crop curriculum). Options "
+                                    "left unset take the preset of the teacher's data set.")
+    from guard_fast.config import RecoverConfig
+
+    _add_options(rc, RecoverConfig, _RECOVER_HELP,
+                 note="unset: the preset of the teacher's data set" )
     for name, why in _NOT_YET.items():
         sub.add_parser(name, help=f"not implemented yet: {why}")
     return p
@@ -142,6 +194,20 @@ def _run_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _run_recover(ns: argparse.Namespace) -> int:
+    from guard_fast.config import RecoverConfig
+    from guard_fast.distill.recover import recover
+
+    vals = {f.name: getattr(ns, f.name) for f in dataclasses.fields(RecoverConfig)}
+    defaults = RecoverConfig()
+    # None = unset: the dataclass default, or (for the preset fields) the teacher's preset
+    cfg = RecoverConfig(**{k: (v if v is not None else getattr(defaults, k)) for k, v in vals.items()})
+    summary = recover(cfg)
+    print(f"distilled set written to {cfg.out} (images.pt, images/, grid.png)")
+    print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in summary.items()}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -157,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if ns.stage == "squeeze":
             return _run_squeeze(ns)
+        if ns.stage == "recover":
+            return _run_recover(ns)
         return _run_evaluate(ns)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
         print(f"guard_fast.train {ns.stage}: error: {e}", file=sys.stderr)

@@ -33,12 +33,17 @@ def safe_class_dir(name: str, index: int) -> str:
 
 def to_png_bytes(img: torch.Tensor) -> bytes:
     """(C, H, W) float in [0, 1] -> PNG bytes (8-bit, round to nearest, lossless encoding)."""
-    from torchvision.io import encode_png
+    import io
+
+    from PIL import Image
 
     if img.dim() != 3 or img.shape[0] not in (1, 3):
         raise ValueError(f"expected a (1 or 3, H, W) image, got shape {tuple(img.shape)}")
     u8 = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    return encode_png(u8).numpy().tobytes()
+    arr = u8[0].numpy() if u8.shape[0] == 1 else u8.permute(1, 2, 0).contiguous().numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def write_grid(path: str | Path, images: torch.Tensor, labels: torch.Tensor,
