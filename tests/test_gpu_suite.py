@@ -21,3 +21,11 @@ def test_gpu_suite_smoke_on_cpu(tmp_path):
     assert (tmp_path / "out" / "attacks.jsonl").exists(), log[-3000:]
     sq = [json.loads(l) for l in (tmp_path / "out" / "squeeze.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in sq} == {"compute", "loader"} and all(r["images_per_s"] > 0 for r in sq)
+    rc = [json.loads(l) for l in (tmp_path / "out" / "recover.jsonl").read_text().splitlines()]
+    assert rc[0]["variant"].startswith("straightforward") and all(r["images_per_s"] > 0 for r in rc)
+    e2e = [json.loads(l) for l in (tmp_path / "out" / "e2e.jsonl").read_text().splitlines()]
+    stages = {(r.get("method"), r["stage"]) for r in e2e}
+    for m in ("sre2l", "guard"):
+        for s in ("squeeze", "recover", "relabel", "student", "eval"):
+            assert (m, s) in stages, (m, s)
+    assert any(r["stage"] == "total" for r in e2e)
