@@ -18,8 +18,15 @@ from guard_fast.losses import (MODES, GradNormLoss, GuardLoss, GuardOutput, comp
 
 __version__ = "0.1.0"
 
+
+def run_pipeline(*args, **kwargs):
+    """The whole pipeline (guard_fast.pipeline.run_pipeline); imported on first use."""
+    from guard_fast.pipeline import run_pipeline as _run
+
+    return _run(*args, **kwargs)
+
 __all__ = ["attacks", "Attack", "PGD", "MIM", "CW", "CWLinf", "Square", "APGD", "APGDT", "FAB",
            "AutoAttack", "get_attack", "get_protocol", "PROTOCOLS", "robust_eval", "format_table",
            "PGDATLoss", "TRADESLoss", "FBFLoss", "AdvOutput",
            "GuardLoss", "guard_loss", "GradNormLoss", "grad_norm_loss", "GuardOutput",
-           "guard_penalty_reference", "compile_guard_step", "stable_cross_entropy", "MODES", "ops", "__version__"]
+           "guard_penalty_reference", "compile_guard_step", "stable_cross_entropy", "MODES", "ops", "run_pipeline", "__version__"]

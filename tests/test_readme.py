@@ -41,3 +41,34 @@ def test_readme_loss_example_runs():
     exec(compile(textwrap.dedent(example), "README.md", "exec"), ns)
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert ns["out"].penalty >= 0 and torch.isfinite(ns["out"].loss)
+
+
+# shrinking flags per stage: the README's commands run as written plus these (CPU seconds)
+_SMALL = {
+    "squeeze": ["--regularizer", "none", "--max-train", "128", "--max-val", "32", "--epochs", "1",
+                "--no-progress"],
+    "recover": ["--ipc", "1", "--iterations", "2", "--no-progress"],
+    "relabel": ["--epochs", "1", "--batch-size", "5"],
+    "evaluate": ["--student-epochs", "1", "--n-examples", "4", "--attacks", "PGD100",
+                 "--protocol", "paper-code"],
+}
+
+
+def test_readme_stage_commands_run(tmp_path):
+    """The README's stage-by-stage block, executed in order in a scratch folder."""
+    import shlex
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("### The stages one by one", 1)[1].split("```", 2)[1]
+    cmds = [ln.split("#", 1)[0].strip() for ln in block.splitlines()
+            if ln.strip().startswith("python -m guard_fast.train")]
+    assert [c.split()[3] for c in cmds] == ["squeeze", "recover", "relabel", "evaluate"], cmds
+    for c in cmds:
+        args = shlex.split(c)[3:]
+        r = subprocess.run([sys.executable, "-m", "guard_fast.train", *args, *_SMALL[args[0]]],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, f"{c}\n{r.stderr[-3000:]}"
+    assert (tmp_path / "runs" / "student" / "student.pt").exists()
+    assert (tmp_path / "runs" / "student" / "eval" / "results.json").exists()

@@ -1,2 +1,9 @@
-"""Distillation stages: squeeze (teacher training). Recover, relabel and DC arrive with their
-issue; until then the CLI says so rather than pretending they exist."""
+"""Distillation stages, each reading the previous stage's run folder and writing its own:
+
+  squeeze.py   train the teacher (GUARD, plain SRe2L, gradient-norm or adversarial baselines)
+  recover.py   SRe2L synthesis from the teacher's BatchNorm statistics (+ CDA's curriculum)
+  relabel.py   FKD soft labels on stored, replayable views
+  student.py   the student trained on the distilled set with those soft labels
+  dc.py        dataset condensation by gradient matching (+ GUARD on the real gradient)
+  common.py    the distilled-set folder shared by recover and DC
+"""

@@ -1,0 +1,109 @@
+"""End to end: the no-argument pipeline in its smoke form produces every artifact and
+resumes; the stage CLI chain (squeeze -> recover -> relabel -> evaluate) works from run
+folders; the paper's experiments run in their smoke form; bad input names the problem."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guard_fast.pipeline import PipelineConfig, render_report, run_experiment, run_pipeline
+from guard_fast.train import main
+
+
+def _cli(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "guard_fast.train", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Squeeze runs shared by the pipeline and experiment tests (trained once)."""
+    return tmp_path_factory.mktemp("teachers")
+
+
+def test_no_argument_pipeline_smoke_writes_every_artifact_and_resumes(tmp_path):
+    out = tmp_path / "pipe"
+    r = _cli("all", "--smoke", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ("config.json", "results.md", "results.json", "eps_sweep.png", "grid_sre2l.png",
+              "grid_guard.png", "run.json"):
+        assert (out / f).stat().st_size > 0, f
+    for m in ("sre2l", "guard"):
+        for f in ("squeeze/teacher.pt", "recover/images.pt", "recover/grid.png",
+                  "relabel/summary.json", "student/student.pt", "eval/results.json",
+                  "eval/table.md", "eps_sweep.json"):
+            assert (out / m / f).exists(), f"{m}/{f}"
+    s = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in s["rows"]] == ["SRe2L", "GUARD"]
+    table = (out / "results.md").read_text()
+    assert "| SRe2L |" in table and "| GUARD |" in table and "PGD100" in table and "MIM" in table
+    for row in s["rows"]:
+        res = row["result"]
+        assert 0 <= res["clean"]["acc"] <= 100
+        for a in res["attacks"].values():
+            assert a["acc"] <= res["clean"]["acc"] + 1e-9 or res["protocol"] == "paper-code"
+    # rerunning continues (every stage is complete: nothing retrained) and the table stays
+    before = (out / "guard" / "student" / "student.pt").stat().st_mtime_ns
+    r = _cli("all", "--smoke", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "guard" / "student" / "student.pt").stat().st_mtime_ns == before
+    # report re-renders from results.json
+    (out / "results.md").unlink()
+    (out / "eps_sweep.png").unlink()
+    r = _cli("report", str(out))
+    assert r.returncode == 0 and (out / "results.md").exists() and (out / "eps_sweep.png").exists()
+    # a different pipeline in the same folder is refused, naming the setting
+    r = _cli("all", "--smoke", "--out", str(out), "--ipc", "3", "--no-progress")
+    assert r.returncode == 2 and "ipc" in r.stderr
+
+
+def test_dc_through_the_recover_stage(tmp_path):
+    out = tmp_path / "dc"
+    r = _cli("recover", "--method", "dc", "--ipc", "1", "--iterations", "1", "--out", str(out),
+             "--no-progress", timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "images.pt").exists() and (out / "grid.png").exists()
+
+
+@pytest.mark.parametrize("name", ["table1", "table2", "table3", "table4", "table5"])
+def test_experiments_smoke(name, tmp_path, teachers):
+    """Each named experiment end to end in its smoke form (teachers shared between them)."""
+    cfg = PipelineConfig(smoke=True, progress=False, teachers=str(teachers))
+    text = run_experiment(name, cfg, out=str(tmp_path / name), log=lambda *a: None)
+    assert (tmp_path / name / "results.md").read_text() == text
+    rows = json.loads((tmp_path / name / "results.json").read_text())["rows"]
+    expect = {"table1": 3, "table2": 2, "table3": 2, "table4": 5, "table5": 6}[name]
+    assert len(rows) == expect, [r.get("name") for r in rows]
+    if name == "table4":
+        t = {r["regularizer"]: r["s_per_iteration"] for r in rows}
+        assert t["guard"] > t["none"] and t["pgd-at"] > t["none"]
+    if name == "table5":
+        assert "DC + GUARD" in text and "CDA" in text
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_names_the_problem(tmp_path, capsys):
+    assert main(["relabel", "--distilled", str(tmp_path / "nothing"), "--out",
+                 str(tmp_path / "rl")]) == 2
+    assert "run the recover" in capsys.readouterr().err
+    assert main(["recover", "--teacher", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "squeeze" in capsys.readouterr().err
+    assert main(["all", "--preset", "imagenette", "--out", str(tmp_path / "p")]) == 2
+    assert "--data" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["all", "--device", "cuda", "--out", str(tmp_path / "p2")]) == 2
+        assert "no CUDA" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    assert main(["all", "--experiment", "table9", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown experiment" in capsys.readouterr().err
+    assert main(["evaluate", "--out", str(tmp_path / "e")]) == 2
+    assert "--model" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown method"):
+        run_pipeline(PipelineConfig(methods=("sre2l", "magic"), out=str(tmp_path / "m")))
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        render_report(tmp_path)
