@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     size = 224 if cuda else 32
-    per_class = args.per_class or (100 if cuda else 6)
+    per_class = args.per_class or (100 if cuda else 4)
     sizes = dict(
         squeeze=dict(epochs=1, image_size=size, batch_size=32 if cuda else 16, max_val=64),
         recover=dict(iterations=50 if cuda else 3, group_size=1),
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         cfg = PipelineConfig(preset="imagenette", data_root=str(root), out=str(Path(tmp) / "run"),
                              ipc=sizes["ipc"], eval_examples=sizes["eval_examples"],
                              square_queries=sizes["square_queries"], squeeze=sizes["squeeze"],
+                             sweep=None if cuda else (),
                              recover=sizes["recover"], student=sizes["student"],
                              device=str(device), progress=False)
         t0 = time.perf_counter()

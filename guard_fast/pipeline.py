@@ -84,9 +84,9 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
                      eps=1 / 255, sweep=(0.5 / 255, 2 / 255, 4 / 255), square_queries=None),
 }
 # The smoke setting (CI): every stage and artifact, minutes less work.
-_SMOKE = dict(squeeze=dict(epochs=1, max_train=128, max_val=64, batch_size=64),
-              recover=dict(iterations=2), ipc=2, student=dict(epochs=1), eval_examples=8,
-              sweep=(2 / 255,), square_queries=20)
+_SMOKE = dict(squeeze=dict(epochs=1, max_train=64, max_val=32, batch_size=64),
+              recover=dict(iterations=2), ipc=2, student=dict(epochs=1), eval_examples=4,
+              sweep=(2 / 255,), square_queries=10)
 _RESUMABLE = {"progress", "device"}
 
 
@@ -102,6 +102,7 @@ class PipelineConfig:
     protocol: str = "paper-code"
     eval_examples: int | None = None  # None: the preset's (None there: the whole val set)
     square_queries: int | None = None  # None: the preset's (None there: the protocol's 5000)
+    sweep: tuple | None = None  # PGD eps sweep besides eps; None: the preset's
     smoke: bool = False
     squeeze: dict = field(default_factory=dict)  # extra squeeze overrides (all methods)
     recover: dict = field(default_factory=dict)
@@ -140,6 +141,8 @@ def _resolved(cfg: PipelineConfig) -> dict:
     p["sweep"] = sorted(set(p["sweep"]) - {p["eps"]})
     if cfg.square_queries is not None:
         p["square_queries"] = cfg.square_queries
+    if cfg.sweep is not None:
+        p["sweep"] = sorted(set(cfg.sweep) - {p["eps"]})
     if p["ipc"] < 1:
         raise ValueError(f"ipc must be >= 1, got {p['ipc']}")
     if p["eps"] < 0:

@@ -22,12 +22,7 @@ SMALL = dict(data="mnist", image_size=16, channels=1, ipc=1, width=32, batch_rea
              progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

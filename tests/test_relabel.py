@@ -15,13 +15,7 @@ from guard_fast.distill.relabel import (MIXES, OnlineSoftLabels, SoftLabelStore,
 from guard_fast.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the CI box is small and shared: several intra-op threads per process oversubscribe it
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STUDENT = dict(model="convnet", model_options={"width": 16}, lr=0.01, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
