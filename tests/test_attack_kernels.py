@@ -390,3 +390,73 @@ def test_opcheck_cuda():
     for op, args in _opcheck_cases():
         torch.library.opcheck(op, tuple(a.cuda() if isinstance(a, torch.Tensor) else a
                                         for a in args))
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+def test_cuda_graph_option_checks_and_cpu_loop():
+    """cuda_graph: True off CUDA is a clear error; bad values are named; "auto" and False
+    give the same points on the CPU (no capture there), and run_steps runs every step."""
+    import guard_fast.attacks as A
+    from guard_fast.attacks import graphs
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4)).eval()
+    x = torch.rand(5, 3, 2, 2)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        A.PGD(model, eps=EPS, steps=10, cuda_graph=True)(x, y)
+    with pytest.raises(ValueError, match="cuda_graph must be True, False or 'auto', got 'yes'"):
+        A.MIM(model, eps=EPS, cuda_graph="yes")
+    for cls in (A.PGD, A.MIM):
+        a = cls(model, eps=EPS, alpha=EPS / 4, steps=12, cuda_graph="auto")(x, y)
+        b = cls(model, eps=EPS, alpha=EPS / 4, steps=12, cuda_graph=False)(x, y)
+        assert torch.equal(a, b)
+    calls = []
+    assert graphs.run_steps(lambda: calls.append(1), 7, graph=False) == 0
+    assert len(calls) == 7
+    assert not graphs.want_cuda_graph("auto", torch.device("cpu"), 100)
+    assert not graphs.want_cuda_graph("auto", torch.device("cuda"), graphs.MIN_STEPS_AUTO - 1)
+    assert graphs.want_cuda_graph("auto", torch.device("cuda"), graphs.MIN_STEPS_AUTO)
+
+
+class _HostSync(torch.nn.Module):
+    """A model that reads a value on the host inside forward: cannot be captured."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        if float(x.detach().amax()) > 2.0:   # never true for pixels; a host sync
+            raise AssertionError
+        return self.net(x)
+
+
+@gpu
+@pytest.mark.parametrize("attack", ["pgd", "pgd-rs", "mim", "mim-batch"])
+def test_cuda_graph_same_points_as_eager(attack):
+    """A captured and replayed step loop gives exactly the eager loop's points (same
+    kernels, same order) for PGD (with and without random start) and both MIM forms; a
+    model that syncs with the host cannot be captured: a warning, and still the same
+    points."""
+    import guard_fast.attacks as A
+    from guard_fast.attacks import graphs
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                              torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 8 * 8, 10)).cuda().eval()
+    x = torch.rand(33, 3, 8, 8, device="cuda")
+    y = torch.randint(0, 10, (33,), device="cuda")
+    kw = dict(eps=4 / 255, alpha=1 / 255, steps=20)
+    make = {"pgd": lambda m, g: A.PGD(m, random_start=False, cuda_graph=g, **kw),
+            "pgd-rs": lambda m, g: A.PGD(m, random_start=True, seed=3, cuda_graph=g, **kw),
+            "mim": lambda m, g: A.MIM(m, grad_norm="per_sample", cuda_graph=g, **kw),
+            "mim-batch": lambda m, g: A.MIM(m, grad_norm="batch", cuda_graph=g, **kw)}[attack]
+    eager = make(net, False)(x, y)
+    graphed = make(net, True)(x, y)
+    assert torch.equal(graphed, eager), _report(attack, graphed, eager)
+    graphs._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture of the step failed"):
+        fallback = make(_HostSync(net), True)(x, y)
+    assert torch.equal(fallback, eager), _report(attack + " fallback", fallback, eager)

