@@ -8,6 +8,8 @@
 #
 #   bash bench/gpu_suite.sh OUTDIR
 #
+# SUITE_STEPS="tests e2e" runs only the named steps (tests, loss, attacks, recover, squeeze,
+# e2e, loss-compiled; the build always runs): a second, shorter lease for what the first cut.
 # SUITE_DEVICE=cpu runs the same steps in a small form on a CPU-only machine (a smoke test of
 # this script; tests/test_gpu_suite.py does that).
 set -uo pipefail
@@ -25,6 +27,8 @@ step() { echo; echo "=== $* (t=$(( $(date +%s) - T0 ))s)"; }
 cap() { local left=$(( BUDGET - ($(date +%s) - T0) )); local c=$1
         [ "$left" -lt "$c" ] && c=$left; [ "$c" -lt 1 ] && c=1; echo "$c"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+STEPS=" ${SUITE_STEPS:-tests loss attacks recover squeeze e2e loss-compiled} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 step environment
 if [ "$DEV" = cuda ]; then
@@ -47,7 +51,8 @@ export MAX_JOBS=${MAX_JOBS:-16}
 b0=$(date +%s)
 # in place, not pip -e: one compile whatever pip thinks of the environment; the symlink is
 # what setup.py's package_dir mapping (kernels/ -> guard_fast.kernels) provides
-timeout "$(cap 300)" $PY setup.py -q build_ext --inplace 2>&1 | grep -v "^  *^$" | tail -15
+timeout "$(cap 300)" $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
+echo "build exit status $? (full output in build.log)"; tail -4 "$OUT/build.log" | cut -c1-300
 [ -e guard_fast/kernels ] || ln -sfn ../kernels guard_fast/kernels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 echo "build wall: $(( $(date +%s) - b0 )) s"
@@ -55,10 +60,15 @@ fi
 $PY -c "import guard_fast as g; print(g.ops.backend_info()); print('cuda tensors use:', g.ops.backend_for('cuda'))"
 
 if [ "$DEV" = cuda ]; then
-  step "GPU tests (cap $(cap 120) s)"
-  timeout "$(cap 120)" $PY -m pytest -q -p no:cacheprovider -rfE tests/test_attack_kernels.py \
-    tests/test_kernels.py tests/test_losses.py tests/test_csrc.py -k "cuda or graph" 2>&1 | tail -30
-else
+  if want tests; then
+    step "GPU tests (cap $(cap 120) s; full output in gpu_tests.log)"
+    timeout "$(cap 120)" $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_attack_kernels.py \
+      tests/test_kernels.py tests/test_losses.py tests/test_csrc.py -k "cuda or graph" \
+      > "$OUT/gpu_tests.log" 2>&1
+    grep -E "^(FAILED|ERROR|E  )" "$OUT/gpu_tests.log" | cut -c1-300 | head -40
+    tail -3 "$OUT/gpu_tests.log"
+  fi
+elif want loss; then
   step "bench_loss (smoke, CPU)"
   timeout 300 $PY bench/bench_loss.py --device cpu --quick --variants ce,exact --reps 1 \
     --results-dir "$OUT"
@@ -68,6 +78,7 @@ fi
 # seconds it may take, and is cut by timeout at that
 for extra in bench/gpu_suite.d/*.sh; do
   [ -f "$extra" ] || continue
+  name=$(basename "$extra" .sh); want "${name#zz_}" || continue
   c=$(grep -m1 -o '^# cap: [0-9]*' "$extra" | grep -o '[0-9]*$'); c=$(cap "${c:-120}")
   if [ "$DEV" = cuda ] && [ "$(left)" -lt 15 ]; then
     step "$extra: skipped, the budget is spent"; continue
@@ -77,7 +88,7 @@ for extra in bench/gpu_suite.d/*.sh; do
   OUT="$OUT" PY="$PY" DEV="$DEV" CAP="$c" timeout "$c" bash "$extra"
 done
 
-if [ "$DEV" = cuda ] && [ "$(left)" -gt 60 ]; then
+if [ "$DEV" = cuda ] && want loss-compiled && [ "$(left)" -gt 60 ]; then
   step "bench_loss: compiled variants (one config; what the budget leaves)"
   timeout "$(cap 200)" $PY bench/bench_loss.py --device cuda --configs r18-small-32-b128 --dtype fp32 \
     --variants ce,straightforward,exact,exact-compiled,fd-compiled --results-dir "$OUT"

@@ -460,3 +460,8 @@ def test_cuda_graph_same_points_as_eager(attack):
     with pytest.warns(RuntimeWarning, match="CUDA-graph capture of the step failed"):
         fallback = make(_HostSync(net), True)(x, y)
     assert torch.equal(fallback, eager), _report(attack + " fallback", fallback, eager)
+    # the failed capture left the device's random generator usable and unchanged
+    state = torch.cuda.get_rng_state()
+    a = torch.rand(4, device="cuda")
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(torch.rand(4, device="cuda"), a)

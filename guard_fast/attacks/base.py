@@ -87,6 +87,15 @@ def eval_mode(model: nn.Module, freeze_params: bool = True):
             p.requires_grad_(flag)
 
 
+def _canonical_device(device) -> torch.device:
+    """torch.device with the index filled in ("cuda" -> "cuda:<current>"), so that it
+    compares equal to the device of tensors that live there."""
+    d = torch.device(device)
+    if d.index is None and d.type == "cuda" and torch.cuda.is_available():
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
 def _model_device_dtype(model: nn.Module):
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point():
@@ -136,7 +145,7 @@ class Attack:
         self.eps = None if eps is None else check_eps(eps)
         m_dev, m_dtype = _model_device_dtype(model) if isinstance(model, nn.Module) else (
             torch.device("cpu"), torch.get_default_dtype())
-        self.device = torch.device(device) if device is not None else m_dev
+        self.device = _canonical_device(device) if device is not None else m_dev
         self.dtype = dtype if dtype is not None else m_dtype
         if not self.dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating dtype, got {self.dtype}")

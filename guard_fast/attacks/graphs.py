@@ -52,6 +52,19 @@ def want_cuda_graph(mode: CudaGraphMode, device: torch.device, steps: int) -> bo
     return False
 
 
+def _reset_rng_capture_state() -> None:
+    """A capture that fails part-way never reaches the CUDA generators' capture epilogue,
+    and the default generator stays marked as capturing: every later random draw on the
+    device then raises ("Offset increment outside graph capture encountered unexpectedly").
+    An empty capture runs the prologue and epilogue and puts the generator back into
+    eager mode (its seed and offset are untouched)."""
+    g = torch.cuda.CUDAGraph()
+    scratch = torch.zeros(1, device="cuda")
+    with torch.cuda.graph(g):
+        scratch.add_(1)   # one node: an empty graph draws a warning
+    del g
+
+
 def run_steps(step: Callable[[], None], steps: int, graph: bool, warmup: int = 2,
               name: str = "attack") -> int:
     """Run `step()` `steps` times. `step` must update its state tensors in place (no
@@ -80,6 +93,8 @@ def run_steps(step: Callable[[], None], steps: int, graph: bool, warmup: int = 2
             warnings.warn(f"{name}: CUDA-graph capture of the step failed ({type(e).__name__}: "
                           f"{str(e)[:160]}); running the loop eagerly", RuntimeWarning,
                           stacklevel=3)
+        del g
+        _reset_rng_capture_state()
         torch.cuda.synchronize()
         for _ in range(steps - warmup):
             step()
