@@ -26,7 +26,6 @@ operation, so those differ from the references by a rounding or two.
 No autograd: attack steps run on detached tensors (guard_fast.ops raises if an input
 requires grad). Inputs are viewed as (N, D) rows of per-sample blocks as in guard_penalty.
 """
-from __future__ import annotations
 
 import torch
 

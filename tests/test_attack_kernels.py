@@ -465,3 +465,26 @@ def test_cuda_graph_same_points_as_eager(attack):
     a = torch.rand(4, device="cuda")
     torch.cuda.set_rng_state(state)
     assert torch.equal(torch.rand(4, device="cuda"), a)
+
+
+@pytest.mark.skipif(not gp.HAS_TRITON, reason="triton is not installed")
+def test_triton_scalar_arguments_are_fp64():
+    """The step kernels' float scalars are declared fp64, and Triton must see that
+    declaration: a module-level `from __future__ import annotations` turns the annotation
+    "fp64" into the string "'fp64'", which Triton does not recognize and then passes every
+    Python float as fp32 (eps = 0.1 became 0.10000000149 on a GPU: fp64 steps off by 1.5e-9).
+    The interpreter passes scalars in a tensor instead, so only this check sees it on a CPU."""
+    checked = 0
+    for name in dir(ks):
+        kern = getattr(ks, name)
+        if not name.endswith("_kernel"):
+            continue
+        if not hasattr(kern, "params"):   # the interpreter's wrapper: what @jit would see
+            from triton.runtime.jit import JITFunction
+            kern = JITFunction(kern.fn)
+        params = kern.params
+        floats = [p for p in params if p.name in ("alpha", "eps", "decay", "a")]
+        for p in floats:
+            assert p.annotation_type == "fp64", (name, p.name, p.annotation)
+        checked += bool(floats)
+    assert checked == 3   # pgd, mim, apgd step kernels

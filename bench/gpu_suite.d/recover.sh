@@ -4,7 +4,8 @@
 # cap: 100
 set -uo pipefail
 if [ "${DEV:-cuda}" = cuda ]; then
-  $PY bench/bench_recover.py --device cuda --groups 4 --reps 5 --variants eager,channels_last,bf16 \
+  $PY bench/bench_recover.py --device cuda --groups 4 --reps 5 \
+    --variants "${RECOVER_VARIANTS:-eager,channels_last,bf16}" \
     --results-dir "$OUT"
 else
   $PY bench/bench_recover.py --quick --reps 1 --groups 2 --variants eager --image-size 32 \
