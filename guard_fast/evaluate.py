@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from guard_fast.attacks.base import Attack, eval_mode
+from guard_fast.attacks.base import Attack, eval_mode, parse_bytes
 from guard_fast.attacks.protocols import TABLE_COLUMNS, Protocol, get_protocol
 
 __all__ = ["robust_eval", "format_table", "plot_eps_sweep"]
@@ -92,7 +92,8 @@ def robust_eval(model: nn.Module, data: DataLike, protocol: Union[str, Protocol]
                 out_dir: Optional[str] = None, mean: Optional[Sequence[float]] = None,
                 std: Optional[Sequence[float]] = None,
                 device: Union[str, torch.device, None] = None, progress: bool = True,
-                active_set: bool = True) -> Dict[str, Any]:
+                active_set: bool = True,
+                memory_budget: Union[int, str, None] = None) -> Dict[str, Any]:
     """Clean accuracy and accuracy under each attack, in one pass over `data`.
 
     Args:
@@ -114,6 +115,8 @@ def robust_eval(model: nn.Module, data: DataLike, protocol: Union[str, Protocol]
         device: where to run (default: the model's device).
         progress: tqdm progress bar.
         active_set: passed to every attack (results do not depend on it).
+        memory_budget: bytes an attack's chunk may use ("4GiB", ...): each attack splits a
+            batch into the largest chunks that fit (Attack's memory_budget).
 
     Returns a dict: "clean" {"acc" (%), "correct", "total"}, "attacks" {name: {"acc",
     "correct", "total", "time_s"}} at `eps`, "sweep" [{"eps", "attacks"}] over
@@ -146,6 +149,8 @@ def robust_eval(model: nn.Module, data: DataLike, protocol: Union[str, Protocol]
         break
     common = dict(mean=mean, std=std, device=dev, batch_size=batch_size, seed=seed,
                   active_set=active_set)
+    if memory_budget is not None:
+        common["memory_budget"] = parse_bytes(memory_budget, "memory_budget")
 
     # attacks per eps
     if attacks is None or isinstance(attacks, (list, tuple)):

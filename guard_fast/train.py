@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--attacks", default=None, help="comma list of table columns (default: all)")
     ev.add_argument("--n-examples", type=int, default=500, help="validation images evaluated (default: 500)")
     ev.add_argument("--batch-size", type=int, default=250, help="images per attack batch (default: 250)")
+    ev.add_argument("--memory-budget", default=None,
+                    help="memory one attack chunk may use, e.g. 4GiB: each batch is split into the "
+                         "largest chunks that fit (default: no limit)")
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     ev.add_argument("--seed", type=int, default=0, help="attack seed (default: 0)")
     ev.add_argument("--out", default=None, help="folder for results.json, table.md, plot (default: next to --model)")
@@ -300,7 +303,8 @@ def _run_evaluate(ns: argparse.Namespace) -> int:
     attacks = ns.attacks.split(",") if ns.attacks else None
     res = robust_eval(model.to(device), data.val, protocol=ns.protocol, attacks=attacks,
                       eps=ns.eps if ns.eps is not None else 1 / 255, batch_size=ns.batch_size,
-                      n_examples=ns.n_examples, seed=ns.seed, out_dir=str(out), device=device)
+                      n_examples=ns.n_examples, seed=ns.seed, out_dir=str(out), device=device,
+                      memory_budget=ns.memory_budget)
     print(format_table([res]))
     print(f"results written to {out}")
     del torch

@@ -307,11 +307,11 @@ def test_stale_extension_falls_back(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["registry", "triton"])
 def test_attacks_fused_equal_eager(monkeypatch, backend):
-    """PGD, both MI-FGSM normalizations and APGD give the same points with the fused steps
+    """PGD, both MI-FGSM normalizations, APGD and CW-Linf give the same points with the fused steps
     (the registry's CPU backend, or Triton put in its place) as with the eager ones (fp32,
     a small random model)."""
     import guard_fast.attacks as A
-    from guard_fast.attacks import apgd as apgd_mod, mim as mim_mod, pgd as pgd_mod
+    from guard_fast.attacks import apgd as apgd_mod, cw as cw_mod, mim as mim_mod, pgd as pgd_mod
 
     if backend == "triton":
         if "triton" not in BACKENDS:
@@ -331,9 +331,10 @@ def test_attacks_fused_equal_eager(monkeypatch, backend):
     attacks = [lambda: A.PGD(model, eps=EPS, alpha=EPS / 4, steps=5, random_start=True, seed=1),
                lambda: A.MIM(model, eps=EPS, alpha=EPS / 4, steps=5, grad_norm="per_sample"),
                lambda: A.MIM(model, eps=EPS, alpha=EPS / 4, steps=5, grad_norm="batch"),
-               lambda: A.APGD(model, eps=EPS, steps=8, seed=0)]
+               lambda: A.APGD(model, eps=EPS, steps=8, seed=0),
+               lambda: A.CWLinf(model, eps=EPS, steps=6, compact_every=2, seed=2)]
     fused = [make()(x, y) for make in attacks]
-    for mod in (pgd_mod, mim_mod, apgd_mod):
+    for mod in (pgd_mod, mim_mod, apgd_mod, cw_mod):
         monkeypatch.setattr(mod, "fused_steps", lambda device: False)
     eager = [make()(x, y) for make in attacks]
     for k, (f, e) in enumerate(zip(fused, eager)):

@@ -511,3 +511,63 @@ def test_bad_inputs_raise_clear_errors(mnist):
         A.get_protocol("paper")
     with pytest.raises(TypeError, match=r"not bounded by eps"):
         A.get_attack("cw", model, eps=EPS)
+
+
+# ----------------------------------------------------------------------------- memory budget
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+def test_memory_budget_picks_the_chunk_and_changes_no_point():
+    """memory_budget: the per-sample estimate scales with the activations (4x the pixels
+    -> ~4x the bytes, parameters cancel out); a budget of k samples gives chunks of k; a
+    deterministic attack gives exactly the unchunked points; batch_size and the budget
+    together take the smaller chunk; a budget below one sample, or a malformed one, is an
+    error naming memory_budget."""
+    model = _conv_net()
+    x = torch.rand(23, 3, 8, 8)
+    y = torch.randint(0, 10, (23,))
+    atk = A.PGD(model, eps=EPS, alpha=EPS / 4, steps=4, random_start=False)
+    per8 = atk.per_sample_bytes(x, y)
+    per16 = atk.per_sample_bytes(torch.rand(5, 3, 16, 16), y[:5])
+    assert 3.5 < per16 / per8 < 4.5, (per8, per16)
+    seen = []
+
+    class Counting(A.PGD):
+        def _attack(self, xc, yc):
+            seen.append(xc.shape[0])
+            return super()._attack(xc, yc)
+
+    chunked = Counting(model, eps=EPS, alpha=EPS / 4, steps=4, random_start=False,
+                       memory_budget=5 * per8 + 7)
+    assert chunked.chunk_for_budget(x, y) == 5
+    assert torch.equal(chunked(x, y), atk(x, y))
+    assert seen == [5, 5, 5, 5, 3]
+    seen.clear()
+    Counting(model, eps=EPS, steps=2, batch_size=4, memory_budget=f"{10 * per8}B")(x, y)
+    assert seen == [4] * 5 + [3]
+    with pytest.raises(ValueError, match="memory_budget=100 bytes is less than one sample"):
+        A.PGD(model, eps=EPS, steps=2, memory_budget=100)(x, y)
+    for bad in ("lots", "-3MB", 0, True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            A.MIM(model, eps=EPS, memory_budget=bad)
+
+
+def test_robust_eval_memory_budget():
+    """robust_eval passes memory_budget to every attack (PGD without random start gives
+    the same accuracy chunked); a bad value is refused before any attack runs."""
+    from guard_fast.evaluate import robust_eval
+
+    model = _conv_net()
+    x = torch.rand(12, 3, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    det = {"PGD100": lambda m, eps, **c: A.PGD(m, eps=eps, alpha=eps / 4, steps=3,
+                                               random_start=False, **c)}
+    a = robust_eval(model, (x, y), attacks=det, eps=EPS, progress=False)
+    b = robust_eval(model, (x, y), attacks=det, eps=EPS, progress=False, memory_budget="64KiB")
+    assert a["attacks"]["PGD100"]["correct"] == b["attacks"]["PGD100"]["correct"]
+    with pytest.raises(ValueError, match="memory_budget"):
+        robust_eval(model, (x, y), attacks=det, eps=EPS, progress=False, memory_budget="big")

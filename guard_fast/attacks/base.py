@@ -37,7 +37,7 @@ from torch import nn
 from .graphs import CudaGraphMode, check_cuda_graph
 
 __all__ = ["Attack", "register_attack", "get_attack", "list_attacks", "attack_registry",
-           "check_eps", "check_steps", "check_positive"]
+           "check_eps", "check_steps", "check_positive", "parse_bytes"]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -57,6 +57,32 @@ def check_steps(steps, name: str = "steps") -> int:
     if steps < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {steps!r}")
     return steps
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value, name: str = "memory_budget") -> int:
+    """An integer number of bytes, or a string with a unit ("512MiB", "2 GB", "1e9")."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number of bytes or a string like '2GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        num, unit = float(value), ""
+    elif isinstance(value, str):
+        import re
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{name} must be a number of bytes or a string like '512MiB' or "
+                             f"'2GB', got {value!r}")
+        num, unit = float(m.group(1)), m.group(2).lower()
+    else:
+        raise ValueError(f"{name} must be a number of bytes or a string like '2GiB', got "
+                         f"{type(value).__name__}")
+    out = int(num * _UNITS[unit])
+    if not math.isfinite(num) or out < 1:
+        raise ValueError(f"{name} must be at least 1 byte, got {value!r}")
+    return out
 
 
 def check_positive(value, name: str, allow_zero: bool = False) -> float:
@@ -122,6 +148,10 @@ class Attack:
         active_set: let points that are already misclassified stop costing forward and
             backward passes, where the attack's semantics allow it (the result does not
             depend on this flag; see each attack's docstring).
+        memory_budget: bytes one chunk may use (an int, or a string such as "512MiB",
+            "2GB"): the chunk size becomes the largest that fits, from a probe of the
+            activations autograd saves per sample plus the attack's own per-sample state
+            (see `per_sample_bytes`); with `batch_size` too, the smaller of the two wins.
         cuda_graph: capture the step loop of fixed-step attacks (PGD, MIM) in a CUDA graph
             and replay it: "auto" (default) on CUDA for loops of >= 8 steps, True (an
             error off CUDA), False. Same points either way (attacks/graphs.py).
@@ -138,7 +168,8 @@ class Attack:
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                  device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
                  batch_size: Optional[int] = None, seed: Optional[int] = 0,
-                 active_set: bool = True, cuda_graph: CudaGraphMode = "auto"):
+                 active_set: bool = True, cuda_graph: CudaGraphMode = "auto",
+                 memory_budget: Union[int, str, None] = None):
         if not isinstance(model, nn.Module) and not callable(model):
             raise TypeError(f"model must be a torch.nn.Module or callable, got {type(model).__name__}")
         self.model = model
@@ -157,6 +188,8 @@ class Attack:
         self.seed = None if seed is None else int(seed)
         self.active_set = bool(active_set)
         self.cuda_graph = check_cuda_graph(cuda_graph)
+        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget,
+                                                                              "memory_budget")
         self.set_normalization(mean, std)
         self._labels_to_check: Optional[torch.Tensor] = None
         self.n_classes: Optional[int] = None
@@ -259,6 +292,8 @@ class Attack:
         model = self.model if isinstance(self.model, nn.Module) else None
         ctx = eval_mode(model) if model is not None else contextlib.nullcontext()
         with ctx, torch.enable_grad():
+            if self.memory_budget is not None:
+                bs = min(bs, self.chunk_for_budget(x_all, y_all))
             for start in range(0, n, bs):
                 x, y = x_all[start:start + bs], y_all[start:start + bs]
                 self._labels_to_check = y
@@ -271,6 +306,48 @@ class Attack:
         return adv.to(out_device, out_dtype)
 
     forward = __call__  # torchattacks spells the call `forward` too
+
+    #: per-sample copies of the image the attack keeps besides the network's activations
+    #: (x, x_adv, gradient, momentum or best point, bounds, candidate): an upper bound
+    #: for every attack here
+    state_copies: int = 6
+
+    def per_sample_bytes(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """Bytes one more sample costs a chunk: the activations autograd saves for one
+        forward + loss + input-gradient pass (measured on probes of 1 and 3 samples, so the
+        parameters and other fixed tensors cancel out) plus `state_copies` images. An
+        estimate: allocator rounding and workspaces come on top, so leave headroom."""
+        def saved_bytes(k: int) -> int:
+            seen, total = set(), [0]
+
+            def pack(t):
+                st = t.untyped_storage()
+                key = (st.data_ptr(), st.nbytes())
+                if key not in seen:
+                    seen.add(key)
+                    total[0] += st.nbytes()
+                return t
+
+            xa = x[:k].detach().clone().requires_grad_(True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = torch.nn.functional.cross_entropy(self.get_logits(xa), y[:k],
+                                                         reduction="sum")
+            torch.autograd.grad(loss, xa)
+            return total[0]
+
+        k = min(3, x.shape[0])
+        act = saved_bytes(1) if k < 2 else max(saved_bytes(k) - saved_bytes(1), 0) // (k - 1)
+        return int(act + self.state_copies * x[0].numel() * x.element_size())
+
+    def chunk_for_budget(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """The largest chunk whose estimated memory (per_sample_bytes) fits memory_budget."""
+        per = self.per_sample_bytes(x, y)
+        chunk = self.memory_budget // max(per, 1)
+        if chunk < 1:
+            raise ValueError(f"memory_budget={self.memory_budget} bytes is less than one sample "
+                             f"needs (about {per} bytes for images of shape "
+                             f"{tuple(x.shape[1:])}); raise it or leave it unset")
+        return int(chunk)
 
     def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """Each attack's own computation on one chunk; the base class has none."""

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
-from .pgd import pgd_update, random_start_linf
+from .. import ops as _ops
+from .pgd import fused_steps, pgd_update, random_start_linf
 
 __all__ = ["CW", "CWLinf", "cw_margin", "MARGINS"]
 
@@ -152,6 +153,7 @@ class CWLinf(Attack):
         best = x_adv.clone()                              # first fooling iterate (active rows)
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         view = (-1,) + (1,) * (x.dim() - 1)
+        update = _ops.pgd_step if fused_steps(x.device) else pgd_update
         for step in range(self.steps + 1):
             last = step == self.steps
             x_adv.requires_grad_(not last)
@@ -166,7 +168,7 @@ class CWLinf(Attack):
                 # min(max_{i!=y} Z_i - Z_y, kappa), summed: per-point gradients
                 loss = torch.clamp(-cw_margin(logits, y, float("inf"), "exact"), max=self.kappa)
                 grad, = torch.autograd.grad(loss.sum(), x_adv)
-            x_adv = pgd_update(x_adv.detach(), x, grad, alpha, eps)
+            x_adv = update(x_adv.detach(), x, grad, alpha, eps)   # the PGD step, fused
             if self.active_set and (step + 1) % self.compact_every == 0:
                 keep = ~found
                 n_keep = int(keep.sum())
