@@ -311,4 +311,43 @@ at::Tensor apgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
   return out;
 }
 
+at::Tensor square_window_cpu(const at::Tensor& x_best, const at::Tensor& lo, const at::Tensor& hi,
+                             const at::Tensor& signs, int64_t vh, int64_t vw, int64_t s,
+                             double step) {
+  check_square_window(x_best, lo, hi, signs, vh, vw, s);
+  const at::Tensor xb = x_best.contiguous(), l = lo.contiguous(), h = hi.contiguous();
+  const at::Tensor sg = signs.contiguous();
+  at::Tensor out = xb.clone();   // everything outside the window is x_best
+  const int64_t N = xb.size(0), C = xb.size(1), H = xb.size(2), W = xb.size(3);
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xb.scalar_type(), "square_window_cpu",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ls = l.const_data_ptr<scalar_t>();
+    const scalar_t* hs = h.const_data_ptr<scalar_t>();
+    const scalar_t* ss = sg.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const acc_t st = static_cast<acc_t>(step);
+    // one task per (sample, channel) plane; only the window's s x s pixels are touched
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(s * s, 1));
+    at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const acc_t d = static_cast<acc_t>(ss[p % C]) * st;
+        for (int64_t r = vh; r < vh + s; ++r) {
+          const int64_t row = (p * H + r) * W;
+          for (int64_t q = vw; q < vw + s; ++q) {
+            const int64_t j = row + q;
+            const acc_t v = clamp_to(static_cast<acc_t>(o[j]) + d, static_cast<acc_t>(ls[j]),
+                                     static_cast<acc_t>(hs[j]));
+            o[j] = static_cast<scalar_t>(v);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace guard_fast

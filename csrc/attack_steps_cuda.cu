@@ -449,4 +449,66 @@ at::Tensor apgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
   return out;
 }
 
+namespace {
+
+// One thread per element of the contiguous (N, C, H, W) output: window pixels get
+// clamp(x + step * sign_c, lo, hi) (lo/hi/signs read only there), the rest copy x_best.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    square_window_kernel(const scalar_t* __restrict__ xb, const scalar_t* __restrict__ lo,
+                         const scalar_t* __restrict__ hi, const scalar_t* __restrict__ sg,
+                         scalar_t* __restrict__ out, int64_t total, int64_t C, int64_t H,
+                         int64_t W, int64_t vh, int64_t vw, int64_t s,
+                         at::opmath_type<scalar_t> step) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < total;
+       j += stride) {
+    const int64_t w = j % W;
+    const int64_t t = j / W;
+    const int64_t h = t % H;
+    const scalar_t x = xb[j];
+    if (h >= vh && h < vh + s && w >= vw && w < vw + s) {
+      const int64_t c = (t / H) % C;
+      const acc_t d = mul_rn(static_cast<acc_t>(sg[c]), step);
+      out[j] = static_cast<scalar_t>(clamp_to(add_rn(static_cast<acc_t>(x), d),
+                                              static_cast<acc_t>(lo[j]),
+                                              static_cast<acc_t>(hi[j])));
+    } else {
+      out[j] = x;
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor square_window_cuda(const at::Tensor& x_best, const at::Tensor& lo,
+                              const at::Tensor& hi, const at::Tensor& signs, int64_t vh,
+                              int64_t vw, int64_t s, double step) {
+  check_square_window(x_best, lo, hi, signs, vh, vw, s);
+  TORCH_CHECK(x_best.is_cuda(), "square_window: x_best must be a CUDA tensor here, got ",
+              x_best.device());
+  const c10::cuda::CUDAGuard guard(x_best.device());
+  const at::Tensor xb = x_best.contiguous(), l = lo.contiguous(), h = hi.contiguous();
+  const at::Tensor sg = signs.contiguous();
+  at::Tensor out = at::empty_like(xb);
+  const int64_t total = out.numel();
+  if (total == 0) {
+    return out;
+  }
+  const int device = x_best.get_device();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xb.scalar_type(), "square_window_cuda",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int blocks = elementwise_blocks(total, 1, device);
+    square_window_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        xb.const_data_ptr<scalar_t>(), l.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
+        sg.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), total, xb.size(1),
+        xb.size(2), xb.size(3), vh, vw, s, static_cast<acc_t>(step));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace guard_fast

@@ -183,4 +183,27 @@ at::Tensor apgd_step_meta(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
   return empty_same_layout(dense_all({x_adv, x_adv_old, grad, x})[0]);
 }
 
+void check_square_window(const at::Tensor& x_best, const at::Tensor& lo, const at::Tensor& hi,
+                         const at::Tensor& signs, int64_t vh, int64_t vw, int64_t s) {
+  check_pair("square_window", "x_best", x_best, "lo", lo);
+  check_pair("square_window", "x_best", x_best, "hi", hi);
+  TORCH_CHECK(x_best.dim() == 4, "square_window: x_best must be (N, C, H, W), got ",
+              x_best.sizes());
+  const int64_t C = x_best.size(1), H = x_best.size(2), W = x_best.size(3);
+  TORCH_CHECK(signs.numel() == C && signs.scalar_type() == x_best.scalar_type() &&
+                  signs.device() == x_best.device(),
+              "square_window: signs must hold ", C, " values of x_best's dtype and device, got ",
+              signs.numel(), " ", signs.scalar_type(), " values on ", signs.device());
+  TORCH_CHECK(s >= 1 && vh >= 0 && vw >= 0 && vh + s <= H && vw + s <= W,
+              "square_window: the window at (", vh, ", ", vw, ") of side ", s,
+              " does not fit images of ", H, " x ", W);
+}
+
+at::Tensor square_window_meta(const at::Tensor& x_best, const at::Tensor& lo,
+                              const at::Tensor& hi, const at::Tensor& signs, int64_t vh,
+                              int64_t vw, int64_t s, double /*step*/) {
+  check_square_window(x_best, lo, hi, signs, vh, vw, s);
+  return at::empty(x_best.sizes(), x_best.options());
+}
+
 }  // namespace guard_fast

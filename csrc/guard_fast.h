@@ -82,6 +82,11 @@ std::vector<at::Tensor> dense_all(at::TensorList ts);
 // Checks step_size for apgd_step: floating, shape (N,) with N = x.size(0), on x's device.
 void check_step_size(const at::Tensor& step_size, const at::Tensor& x);
 
+// Checks square_window's arguments: x_best, lo, hi (N, C, H, W) alike; signs C
+// values of x_best's dtype and device; the s x s window at (vh, vw) inside H x W.
+void check_square_window(const at::Tensor& x_best, const at::Tensor& lo, const at::Tensor& hi,
+                         const at::Tensor& signs, int64_t vh, int64_t vw, int64_t s);
+
 // float for fp16/bf16/fp32, double for fp64.
 at::ScalarType acc_dtype(at::ScalarType t);
 
@@ -112,6 +117,16 @@ at::Tensor apgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
                          const at::Tensor& grad, const at::Tensor& step_size, const at::Tensor& x,
                          double eps, double a);
 
+// square_window(x_best, lo, hi, signs, vh, vw, s, step) -> out: a contiguous copy of
+// x_best whose window [vh, vh+s) x [vw, vw+s) is clamp(x_best + step * signs[c], lo, hi)
+// (Square attack's candidate).
+at::Tensor square_window_cpu(const at::Tensor& x_best, const at::Tensor& lo, const at::Tensor& hi,
+                             const at::Tensor& signs, int64_t vh, int64_t vw, int64_t s,
+                             double step);
+at::Tensor square_window_meta(const at::Tensor& x_best, const at::Tensor& lo,
+                              const at::Tensor& hi, const at::Tensor& signs, int64_t vh,
+                              int64_t vw, int64_t s, double step);
+
 at::Tensor pgd_step_meta(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
                          double alpha, double eps);
 std::tuple<at::Tensor, at::Tensor> mim_step_meta(const at::Tensor& x_adv, const at::Tensor& x,
@@ -123,6 +138,9 @@ at::Tensor apgd_step_meta(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
                           double eps, double a);
 
 #ifdef GUARD_FAST_WITH_CUDA
+at::Tensor square_window_cuda(const at::Tensor& x_best, const at::Tensor& lo,
+                              const at::Tensor& hi, const at::Tensor& signs, int64_t vh,
+                              int64_t vw, int64_t s, double step);
 at::Tensor pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
                          double alpha, double eps);
 std::tuple<at::Tensor, at::Tensor> mim_step_cuda(const at::Tensor& x_adv, const at::Tensor& x,

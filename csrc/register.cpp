@@ -40,6 +40,9 @@ TORCH_LIBRARY(guard_fast_C, m) {
   m.def("apgd_step(Tensor x_adv, Tensor x_adv_old, Tensor grad, Tensor step_size, Tensor x, "
         "float eps, float a) -> Tensor",
         tags);
+  m.def("square_window(Tensor x_best, Tensor lo, Tensor hi, Tensor signs, int vh, int vw, int s, "
+        "float step) -> Tensor",
+        tags);
 }
 
 TORCH_LIBRARY_IMPL(guard_fast_C, CPU, m) {
@@ -49,6 +52,7 @@ TORCH_LIBRARY_IMPL(guard_fast_C, CPU, m) {
   m.impl("pgd_step", &guard_fast::pgd_step_cpu);
   m.impl("mim_step", &guard_fast::mim_step_cpu);
   m.impl("apgd_step", &guard_fast::apgd_step_cpu);
+  m.impl("square_window", &guard_fast::square_window_cpu);
 }
 
 // Meta kernels double as the fake (abstract) impls used by FakeTensor,
@@ -61,6 +65,7 @@ TORCH_LIBRARY_IMPL(guard_fast_C, Meta, m) {
   m.impl("pgd_step", &guard_fast::pgd_step_meta);
   m.impl("mim_step", &guard_fast::mim_step_meta);
   m.impl("apgd_step", &guard_fast::apgd_step_meta);
+  m.impl("square_window", &guard_fast::square_window_meta);
 }
 
 #ifdef GUARD_FAST_WITH_CUDA
@@ -71,6 +76,7 @@ TORCH_LIBRARY_IMPL(guard_fast_C, CUDA, m) {
   m.impl("pgd_step", &guard_fast::pgd_step_cuda);
   m.impl("mim_step", &guard_fast::mim_step_cuda);
   m.impl("apgd_step", &guard_fast::apgd_step_cuda);
+  m.impl("square_window", &guard_fast::square_window_cuda);
 }
 #endif
 
@@ -78,7 +84,8 @@ TORCH_LIBRARY_IMPL(guard_fast_C, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "guard_fast C++/CUDA kernels; the ops live in torch.ops.guard_fast_C "
-      "(perturb, sqdiff_norm, sqdiff_norm_backward, pgd_step, mim_step, apgd_step).";
+      "(perturb, sqdiff_norm, sqdiff_norm_backward, pgd_step, mim_step, apgd_step, "
+      "square_window).";
   m.def("cuda_compiled", &guard_fast::cuda_compiled,
         "True when the CUDA kernels were compiled into this build.");
 }

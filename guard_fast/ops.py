@@ -25,6 +25,8 @@ mode on) raises.
   guard_fast::mim_step(x_adv, x, grad, momentum, alpha, eps, decay, per_sample)
       -> (new x_adv, new momentum)             (MI-FGSM: torchattacks, or GUARD's batch-L1 code)
   guard_fast::apgd_step(x_adv, x_adv_old, grad, step_size (N,), x, eps, a) -> new x_adv  (fra31)
+  guard_fast::square_window(x_best, lo, hi, signs (C,), vh, vw, s, step) -> candidate
+      (Square: x_best with one s x s window set to clamp(x_best + step * sign_c, lo, hi))
 """
 from __future__ import annotations
 
@@ -48,11 +50,13 @@ __all__ = [
     "pgd_step",
     "mim_step",
     "apgd_step",
+    "square_window",
     "extension",
 ]
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
-_OPS = ("perturb", "sqdiff_norm", "sqdiff_norm_backward", "pgd_step", "mim_step", "apgd_step")
+_OPS = ("perturb", "sqdiff_norm", "sqdiff_norm_backward", "pgd_step", "mim_step", "apgd_step",
+        "square_window")
 
 # ----------------------------------------------------------------------------- extension
 
@@ -87,12 +91,12 @@ def _impls(backend: str) -> dict[str, Callable]:
         return {"perturb": _gp.perturb_ref, "sqdiff_norm": _gp.sqdiff_norm_ref,
                 "sqdiff_norm_backward": _gp.sqdiff_norm_backward_ref,
                 "pgd_step": _as.pgd_step_ref, "mim_step": _as.mim_step_ref,
-                "apgd_step": _as.apgd_step_ref}
+                "apgd_step": _as.apgd_step_ref, "square_window": _as.square_window_ref}
     if backend == "triton":
         return {"perturb": _gp.perturb_triton, "sqdiff_norm": _gp.sqdiff_norm_triton,
                 "sqdiff_norm_backward": _gp.sqdiff_norm_backward_triton,
                 "pgd_step": _as.pgd_step_triton, "mim_step": _as.mim_step_triton,
-                "apgd_step": _as.apgd_step_triton}
+                "apgd_step": _as.apgd_step_triton, "square_window": _as.square_window_triton}
     ops = torch.ops.guard_fast_C
     # a stale build may lack the newer ops: they then fail at call time (an auto-chosen
     # backend warns and falls back; an explicit one raises) instead of breaking the others
@@ -414,3 +418,37 @@ def _apgd_step_fake(x_adv, x_adv_old, grad, step_size, x, eps, a):
 
 
 apgd_step.register_autograd(_no_backward, setup_context=_not_differentiable("apgd_step"))
+
+
+@torch.library.custom_op("guard_fast::square_window", mutates_args=())
+def square_window(x_best: Tensor, lo: Tensor, hi: Tensor, signs: Tensor, vh: int, vw: int,
+                  s: int, step: float) -> Tensor:
+    """Square attack's candidate in one pass: a contiguous copy of x_best (N, C, H, W) with
+    the window [vh, vh + s) x [vw, vw + s) set to clamp(x_best + step * signs[c], lo, hi)
+    (lo, hi: the per-pixel box; signs: C values). Bit for bit the eager candidate in
+    fp32/fp64."""
+    _check_pair("x_best", x_best, "lo", lo)
+    _check_pair("x_best", x_best, "hi", hi)
+    _check_square_window(x_best, signs, vh, vw, s)
+    return _call("square_window", x_best.device, x_best, lo, hi, signs, int(vh), int(vw), int(s),
+                 float(step))
+
+
+def _check_square_window(x_best: Tensor, signs: Tensor, vh: int, vw: int, s: int) -> None:
+    if x_best.dim() != 4:
+        raise ValueError(f"square_window needs (N, C, H, W) images, got shape {tuple(x_best.shape)}")
+    _, c, h, w = x_best.shape
+    if signs.numel() != c or signs.dtype != x_best.dtype or signs.device != x_best.device:
+        raise ValueError(f"signs must hold {c} values of x_best's dtype and device, got "
+                         f"{signs.numel()} {signs.dtype} values on {signs.device}")
+    if not (s >= 1 and 0 <= vh and vh + s <= h and 0 <= vw and vw + s <= w):
+        raise ValueError(f"the window [{vh}, {vh + s}) x [{vw}, {vw + s}) does not fit images of "
+                         f"{h} x {w} (need s >= 1 and the window inside)")
+
+
+@square_window.register_fake
+def _square_window_fake(x_best, lo, hi, signs, vh, vw, s, step):
+    return torch.empty(x_best.shape, dtype=x_best.dtype, device=x_best.device)
+
+
+square_window.register_autograd(_no_backward, setup_context=_not_differentiable("square_window"))

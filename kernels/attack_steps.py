@@ -39,9 +39,11 @@ __all__ = [
     "pgd_step_ref",
     "mim_step_ref",
     "apgd_step_ref",
+    "square_window_ref",
     "pgd_step_triton",
     "mim_step_triton",
     "apgd_step_triton",
+    "square_window_triton",
 ]
 
 
@@ -88,6 +90,17 @@ def apgd_step_ref(x_adv: torch.Tensor, x_adv_old: torch.Tensor, grad: torch.Tens
     z.sub_(x_adv).mul_(a).add_(x_adv)
     z.add_((x_adv - x_adv_old).mul_(1.0 - a))
     return torch.clamp(z, lo, hi)
+
+
+def square_window_ref(x_best: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                      signs: torch.Tensor, vh: int, vw: int, s: int, step: float) -> torch.Tensor:
+    """Square attack's candidate (guard_fast.attacks.square.Square._candidate): a copy of
+    x_best (N, C, H, W) whose window [vh, vh + s) x [vw, vw + s) becomes
+    clamp(x_best + step * signs[c], lo, hi); signs has C values."""
+    out = x_best.contiguous().clone()
+    win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
+    out[win] = torch.clamp(out[win] + step * signs.reshape(1, -1, 1, 1), lo[win], hi[win])
+    return out
 
 
 # ----------------------------------------------------------------------------- triton
@@ -233,6 +246,33 @@ if HAS_TRITON:
         tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=msk)
 
 
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["vh", "vw", "s"])
+    def _square_window_kernel(xb_ptr, lo_ptr, hi_ptr, sg_ptr, out_ptr, total, C, H, W, vh, vw, s,
+                              step: "fp64", p_ptr, SCALARS_PTR: tl.constexpr,
+                              F64: tl.constexpr, BLOCK: tl.constexpr):
+        # contiguous (N, C, H, W): element -> (c, h, w); only window elements read lo/hi
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        msk = offs < total
+        if F64:
+            ct = tl.float64
+        else:
+            ct = tl.float32
+        st = _scalar(step, p_ptr, 0, ct, SCALARS_PTR)
+        w = offs % W
+        t = offs // W
+        h = t % H
+        c = (t // H) % C
+        inw = msk & (h >= vh) & (h < vh + s) & (w >= vw) & (w < vw + s)
+        xb = tl.load(xb_ptr + offs, mask=msk, other=0.0).to(ct)
+        lo = tl.load(lo_ptr + offs, mask=inw, other=0.0).to(ct)
+        hi = tl.load(hi_ptr + offs, mask=inw, other=0.0).to(ct)
+        sg = tl.load(sg_ptr + c, mask=inw, other=0.0).to(ct)
+        v = _clamp(sg * st + xb, lo, hi)
+        tl.store(out_ptr + offs, tl.where(inw, v, xb).to(out_ptr.dtype.element_ty), mask=msk)
+
+
 def _grid(total: int, device: torch.device) -> tuple[tuple[int], int]:
     block = _block(device)
     return (max(1, triton.cdiv(total, block)),), block
@@ -309,4 +349,22 @@ def apgd_step_triton(x_adv, x_adv_old, grad, step_size, x, eps: float, a: float)
                             *sc["vals"], sc["p_ptr"], SCALARS_PTR=sc["SCALARS_PTR"],
                             F64=x_adv.dtype == torch.float64, BLOCK=block,
                             enable_fp_fusion=False)
+    return out
+
+
+def square_window_triton(x_best, lo, hi, signs, vh: int, vw: int, s: int,
+                         step: float) -> torch.Tensor:
+    x_best, lo, hi = (t.contiguous() for t in (x_best, lo, hi))
+    signs = signs.contiguous()
+    out = torch.empty_like(x_best)
+    total = x_best.numel()
+    if total == 0:
+        return out
+    n, c, h, w = x_best.shape
+    grid, block = _grid(total, x_best.device)
+    sc = _scalars(x_best.device, step)
+    _square_window_kernel[grid](x_best, lo, hi, signs, out, total, c, h, w, int(vh), int(vw),
+                                int(s), *sc["vals"], sc["p_ptr"], SCALARS_PTR=sc["SCALARS_PTR"],
+                                F64=x_best.dtype == torch.float64, BLOCK=block,
+                                enable_fp_fusion=False)
     return out

@@ -307,18 +307,21 @@ def test_stale_extension_falls_back(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["registry", "triton"])
 def test_attacks_fused_equal_eager(monkeypatch, backend):
-    """PGD, both MI-FGSM normalizations, APGD and CW-Linf give the same points with the fused steps
+    """PGD, both MI-FGSM normalizations, APGD, CW-Linf and Square give the same points with
+    the fused steps
     (the registry's CPU backend, or Triton put in its place) as with the eager ones (fp32,
     a small random model)."""
     import guard_fast.attacks as A
     from guard_fast.attacks import apgd as apgd_mod, cw as cw_mod, mim as mim_mod, pgd as pgd_mod
+    from guard_fast.attacks import square as square_mod
 
     if backend == "triton":
         if "triton" not in BACKENDS:
             pytest.skip("triton does not run here")
         ops.backend_for("cpu")
         monkeypatch.setitem(ops._tables, "cpu", dict(ops._tables["cpu"], **dict(
-            zip(("pgd_step", "mim_step", "apgd_step"), BACKENDS["triton"]))))
+            zip(("pgd_step", "mim_step", "apgd_step"), BACKENDS["triton"])),
+            square_window=ks.square_window_triton))
         monkeypatch.setitem(ops._chosen, "cpu", "triton")
     elif not pgd_mod.fused_steps(torch.device("cpu")):
         pytest.skip("the CPU backend is torch: nothing fused to compare")
@@ -332,9 +335,10 @@ def test_attacks_fused_equal_eager(monkeypatch, backend):
                lambda: A.MIM(model, eps=EPS, alpha=EPS / 4, steps=5, grad_norm="per_sample"),
                lambda: A.MIM(model, eps=EPS, alpha=EPS / 4, steps=5, grad_norm="batch"),
                lambda: A.APGD(model, eps=EPS, steps=8, seed=0),
-               lambda: A.CWLinf(model, eps=EPS, steps=6, compact_every=2, seed=2)]
+               lambda: A.CWLinf(model, eps=EPS, steps=6, compact_every=2, seed=2),
+               lambda: A.Square(model, eps=EPS, n_queries=40, seed=3)]
     fused = [make()(x, y) for make in attacks]
-    for mod in (pgd_mod, mim_mod, apgd_mod, cw_mod):
+    for mod in (pgd_mod, mim_mod, apgd_mod, cw_mod, square_mod):
         monkeypatch.setattr(mod, "fused_steps", lambda device: False)
     eager = [make()(x, y) for make in attacks]
     for k, (f, e) in enumerate(zip(fused, eager)):
@@ -489,3 +493,88 @@ def test_triton_scalar_arguments_are_fp64():
             assert p.annotation_type == "fp64", (name, p.name, p.annotation)
         checked += bool(floats)
     assert checked == 3   # pgd, mim, apgd step kernels
+
+
+# ----------------------------------------------------------------------------- Square window
+
+def _square_impls(device="cpu"):
+    out = {"torch": ks.square_window_ref, "op": ops.square_window}
+    c = torch.ops.guard_fast_C if ops.extension is not None else None
+    if c is not None and hasattr(c, "square_window") and (device == "cpu" or
+                                                           ops.extension.cuda_compiled()):
+        out["cpp" if device == "cpu" else "cuda-ext"] = c.square_window
+    if gp.HAS_TRITON and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        out["triton"] = ks.square_window_triton
+    return out
+
+
+def _square_inputs(shape, dtype, seed=0, device="cpu", layout="contiguous"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(shape, generator=g, dtype=torch.float64)
+    xb = (x + EPS * torch.sign(torch.rand(shape, generator=g, dtype=torch.float64) - 0.5)).clamp(0, 1)
+    lo, hi = (x - EPS).clamp(min=0), (x + EPS).clamp(max=1)
+    signs = torch.sign(torch.rand(shape[1], generator=g, dtype=torch.float64) - 0.5)
+    signs[0] = 0.0                                  # torch.sign of an exact 0 draw
+    ts = [t.to(device, dtype) for t in (xb, lo, hi, signs)]
+    if layout == "channels_last":
+        ts[:3] = [t.contiguous(memory_format=torch.channels_last) for t in ts[:3]]
+    return ts
+
+
+_WINDOWS = [(0, 0, 1), (2, 1, 3), (0, 0, 6), (4, 3, 2)]   # (vh, vw, s) on 6 x 5 images
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_square_window_against_reference(dtype, layout):
+    """Every backend's square_window equals the eager candidate bit for bit in fp32/fp64
+    (fp16/bf16: within the rounding of one final cast, against float64), for windows at
+    the corners, of side 1 and of the whole height, in both layouts; the output is
+    contiguous and only the window differs from x_best."""
+    for vh, vw, s in _WINDOWS:
+        s = min(s, 5 - vw)
+        xb, lo, hi, signs = _square_inputs((3, 4, 6, 5), dtype, seed=vh + 7 * s, layout=layout)
+        step = 2 * EPS
+        ref = ks.square_window_ref(xb, lo, hi, signs, vh, vw, s, step)
+        truth = ks.square_window_ref(*_f64(xb, lo, hi, signs), vh, vw, s, step)
+        for name, fn in _square_impls().items():
+            got = fn(xb, lo, hi, signs, vh, vw, s, step)
+            assert got.is_contiguous() and got.shape == xb.shape and got.dtype == dtype, name
+            outside = torch.ones_like(got, dtype=torch.bool)
+            outside[:, :, vh:vh + s, vw:vw + s] = False
+            assert torch.equal(got[outside], xb.contiguous()[outside]), name
+            _check_same(f"square_window {name} {(vh, vw, s)}", got, ref, dtype, truth)
+
+
+def test_square_window_bad_inputs_and_opcheck():
+    xb, lo, hi, signs = _square_inputs((2, 3, 6, 5), torch.float32)
+    with pytest.raises(ValueError, match=r"window \[4, 7\) x \[0, 3\) does not fit images of 6 x 5"):
+        ops.square_window(xb, lo, hi, signs, 4, 0, 3, 0.1)
+    with pytest.raises(ValueError, match="signs must hold 3 values"):
+        ops.square_window(xb, lo, hi, signs[:2], 0, 0, 2, 0.1)
+    with pytest.raises(ValueError, match=r"needs \(N, C, H, W\) images"):
+        ops.square_window(xb[0], lo[0], hi[0], signs, 0, 0, 2, 0.1)
+    with pytest.raises(ValueError, match="has shape"):
+        ops.square_window(xb, lo[:1], hi, signs, 0, 0, 2, 0.1)
+    torch.library.opcheck(ops.square_window, (xb, lo, hi, signs, 1, 2, 3, 0.2))
+    if "cpp" in _square_impls():
+        c = torch.ops.guard_fast_C
+        torch.library.opcheck(c.square_window.default, (xb, lo, hi, signs, 1, 2, 3, 0.2),
+                              test_utils=("test_schema", "test_faketensor"))
+        with pytest.raises(RuntimeError, match="does not fit images of 6 x 5"):
+            c.square_window(xb, lo, hi, signs, 0, 4, 2, 0.1)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16], ids=str)
+def test_square_window_on_cuda(dtype):
+    """square_window's CUDA kernel, Triton and the registry op on CUDA tensors against the
+    eager candidate on CUDA."""
+    for vh, vw, s in _WINDOWS:
+        s = min(s, 5 - vw)
+        xb, lo, hi, signs = _square_inputs((9, 3, 6, 5), dtype, seed=s, device="cuda")
+        ref = ks.square_window_ref(xb, lo, hi, signs, vh, vw, s, 2 * EPS)
+        truth = ks.square_window_ref(*_f64(xb, lo, hi, signs), vh, vw, s, 2 * EPS)
+        for name, fn in _square_impls("cuda").items():
+            _check_same(f"square_window cuda {name}", fn(xb, lo, hi, signs, vh, vw, s, 2 * EPS),
+                        ref, dtype, truth)

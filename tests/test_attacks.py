@@ -307,9 +307,12 @@ def test_active_set_does_not_change_results(aa_standard_runs, batch):
     assert torch.equal(A.FAB(model, target_chunk=1, **kw)(x, y), A.FAB(model, **kw)(x, y))
     # Square and CW-inf return the very same points either way
     for cls, kw in [(A.Square, dict(eps=EPS, n_queries=150)),
+                    (A.Square, dict(eps=EPS, n_queries=150, compact_every=7)),
                     (A.CWLinf, dict(eps=EPS, steps=20, compact_every=3))]:
         assert torch.equal(cls(model, active_set=True, **kw)(x, y),
                            cls(model, active_set=False, **kw)(x, y)), cls.name
+    with pytest.raises(ValueError, match="compact_every must be an integer >= 1, got 0"):
+        A.Square(model, eps=EPS, compact_every=0)
 
 
 def test_fab_projection_matches_fra31():

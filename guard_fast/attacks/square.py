@@ -13,6 +13,9 @@ Z_y - max_{i!=y} Z_i (or fools the model). With ``rescale_schedule=True`` (the c
 default in both codes) the iteration index is rescaled to a 10000-query budget;
 fra31's AutoAttack passes ``rescale_schedule=False``.
 
+The candidate (a copy of x_best with one window moved) is one fused op,
+guard_fast::square_window (Triton, C++ CPU, CUDA), unless the backend is "torch".
+
 Only still-robust points are queried: a point leaves the batch once its margin is <= 0.
 The window position, size and signs are shared by the whole batch at each iteration (as
 in both reference codes), so the random stream does not depend on which points remain and
@@ -27,7 +30,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import ops as _ops
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
+from .pgd import fused_steps
 
 __all__ = ["Square", "square_p_selection"]
 
@@ -58,6 +63,10 @@ class Square(Attack):
         loss: "margin" (default) or "ce".
         rescale_schedule: rescale the p schedule to `n_queries` (True in torchattacks'
             Square and fra31's SquareAttack by default; False inside fra31's AutoAttack).
+        compact_every: with the active set, fooled points leave the batch every this many
+            queries (each compaction is one host sync; in between they are queried but
+            frozen, so the result is the same for any value). "auto": 1 on CPU, where a
+            sync is free and a query is not, 10 on CUDA.
     """
 
     name = "Square"
@@ -65,7 +74,7 @@ class Square(Attack):
 
     def __init__(self, model, eps: float = 8 / 255, n_queries: int = 5000, p_init: float = 0.8,
                  n_restarts: int = 1, loss: str = "margin", rescale_schedule: bool = True,
-                 **kwargs):
+                 compact_every="auto", **kwargs):
         super().__init__(model, eps=check_eps(eps), **kwargs)
         self.n_queries = check_steps(n_queries, "n_queries")
         self.p_init = check_positive(p_init, "p_init")
@@ -76,6 +85,8 @@ class Square(Attack):
             raise ValueError(f"loss must be 'margin' or 'ce', got {loss!r}")
         self.loss = loss
         self.rescale_schedule = bool(rescale_schedule)
+        self.compact_every = compact_every if compact_every == "auto" else check_steps(
+            compact_every, "compact_every")
 
     # ------------------------------------------------------------------ pieces
     @torch.no_grad()
@@ -117,21 +128,30 @@ class Square(Attack):
         idx = torch.arange(n, device=x.device)
         state = (idx, x_best, margin_min, loss_min, y, lo, hi)
         state = self._compact(state, out)
+        every = self._compact_every(x.device)
         for i_iter in range(self.n_queries):
             if state is None:
                 break
             idx, xb, mm, lm, yy, lo_a, hi_a = state
             x_new = self._candidate(xb, lo_a, hi_a, i_iter, g, n_features, c, h, w)
             margin, loss = self._margin_and_loss(x_new, yy)
-            improved = loss < lm
+            live = mm > 0           # points fooled since the last compaction stay frozen
+            improved = (loss < lm) & live
             lm = torch.where(improved, loss, lm)
-            improved |= margin <= 0
+            improved |= (margin <= 0) & live
             mm = torch.where(improved, margin, mm)
             xb = torch.where(improved.view(-1, 1, 1, 1), x_new, xb)
-            state = self._compact((idx, xb, mm, lm, yy, lo_a, hi_a), out)
+            state = (idx, xb, mm, lm, yy, lo_a, hi_a)
+            if (i_iter + 1) % every == 0 or i_iter + 1 == self.n_queries:
+                state = self._compact(state, out)
         if state is not None:
             out.index_copy_(0, state[0], state[1])
         return out
+
+    def _compact_every(self, device) -> int:
+        if self.compact_every != "auto":
+            return self.compact_every
+        return 10 if torch.device(device).type == "cuda" else 1
 
     @staticmethod
     def _compact(state, out):
@@ -157,6 +177,8 @@ class Square(Attack):
         vw = self._rand_int(w - s, g)
         signs = self._rand_sign([c, 1, 1], g).to(xb.device, xb.dtype)
         # Only the window changes: outside it x_best already lies inside [lo, hi].
+        if fused_steps(xb.device):   # copy + window update in one pass
+            return _ops.square_window(xb, lo, hi, signs.reshape(c), vh, vw, s, 2.0 * self.eps)
         x_new = xb.clone()
         win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
         x_new[win] = torch.clamp(x_new[win] + (2.0 * self.eps) * signs, lo[win], hi[win])
