@@ -47,18 +47,55 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def method_spec(name: str) -> tuple[str, str, dict[str, Any]]:
-    """(folder name, table label, squeeze overrides) of a method: one of METHODS, or
-    "gr:<lambda_g>" (gradient-norm regularization at that weight, Table 3)."""
+    """(folder name, table label, squeeze overrides) of a method: one of METHODS, optionally
+    with teacher settings as ":key=value" pairs (any SqueezeConfig field, e.g.
+    "guard:lam=10", "sre2l:epochs=3:max_train=4000"), or "gr:<lambda_g>" (gradient-norm
+    regularization at that weight, Table 3)."""
     if name in METHODS:
         label, over = METHODS[name]
         return name, label, dict(over)
-    if name.startswith("gr:"):
+    base, _, rest = name.partition(":")
+    if base == "gr" and rest and "=" not in rest:
         try:
-            lam = float(name[3:])
+            lam = float(rest)
         except ValueError:
             raise ValueError(f"method {name!r}: gr:<lambda_g> needs a number, e.g. gr:0.01") from None
         return f"gr_{lam:g}", f"SRe2L + GR (lambda_g={lam:g})", dict(regularizer="gr", gr_lam=lam)
-    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}, gr:<lambda_g>")
+    if base not in METHODS or not rest:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}, gr:<lambda_g>, "
+                         "and <method>:key=value[:key=value] with SqueezeConfig fields")
+    from guard_fast.config import field_help
+
+    fields_ = field_help()
+    label, over = METHODS[base]
+    over = dict(over)
+    tags = []
+    for item in rest.split(":"):
+        key, eq, raw = item.partition("=")
+        if not eq or key not in fields_ or key in ("regularizer", "out", "device", "resume",
+                                                    "progress", "data", "data_root", "preset"):
+            raise ValueError(f"method {name!r}: {item!r} is not key=value with a teacher "
+                             f"setting (a SqueezeConfig field such as lam, h, epochs, max_train)")
+        default, typ = fields_[key]
+        if default is None:   # optional fields ("int | None"): parse by the declared type
+            typ = str(typ)
+            default = 0 if "int" in typ else 0.0 if "float" in typ else ""
+        try:
+            if isinstance(default, bool):
+                value: Any = raw.lower() in ("1", "true", "yes")
+            elif isinstance(default, int) and not isinstance(default, bool):
+                value = int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError:
+            raise ValueError(f"method {name!r}: {key}={raw!r} is not a valid "
+                             f"{type(default).__name__}") from None
+        over[key] = value
+        tags.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    folder = base + "_" + "_".join(t.replace("=", "") for t in tags)
+    return folder, f"{label} ({', '.join(tags)})", over
 
 
 # Per-preset pipeline sizes. mnist: sized to run all stages for two teachers on a 2-core

@@ -223,8 +223,9 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", dest="data_root", default=None, help="your copy of the data set")
     p.add_argument("--out", default=None, help="run folder (default: runs/pipeline, or "
                    "runs/<experiment>)")
-    p.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)} "
-                   "(default: sre2l,guard)")
+    p.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)}, "
+                   "gr:<lambda_g>, or a method with teacher settings such as guard:lam=10 or "
+                   "sre2l:epochs=3 (default: sre2l,guard)")
     p.add_argument("--recover-method", default="sre2l", help="sre2l | cda (default: sre2l)")
     p.add_argument("--ipc", type=int, default=None, help="images per class (default: the preset's)")
     p.add_argument("--eps", type=float, default=None, help="evaluation L-inf radius in [0,1] "

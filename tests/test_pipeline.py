@@ -106,3 +106,22 @@ def test_bad_input_names_the_problem(tmp_path, capsys):
         run_pipeline(PipelineConfig(methods=("sre2l", "magic"), out=str(tmp_path / "m")))
     with pytest.raises(FileNotFoundError, match="no results.json"):
         render_report(tmp_path)
+
+
+def test_method_spec_with_teacher_settings():
+    """Methods carry teacher settings as :key=value pairs (typed by SqueezeConfig), get their
+    own folders and labels; malformed ones are refused with the offending part named."""
+    from guard_fast.pipeline import method_spec
+
+    assert method_spec("guard") == ("guard", "GUARD", {"regularizer": "guard"})
+    assert method_spec("gr:0.01")[2] == {"regularizer": "gr", "gr_lam": 0.01}
+    folder, label, over = method_spec("sre2l:epochs=3:max_train=4000")
+    assert folder == "sre2l_epochs3_max_train4000" and label == "SRe2L (epochs=3, max_train=4000)"
+    assert over == {"regularizer": "none", "epochs": 3, "max_train": 4000}
+    assert method_spec("guard:lam=10:h_space=pixel")[2] == {"regularizer": "guard", "lam": 10.0,
+                                                            "h_space": "pixel"}
+    for bad, msg in (("guard:lam", "not key=value"), ("guard:foo=1", "not key=value"),
+                     ("guard:regularizer=gr", "not key=value"), ("guard:lam=x", "not a valid float"),
+                     ("nope:lam=1", "unknown method"), ("gr:abc", "needs a number")):
+        with pytest.raises(ValueError, match=msg):
+            method_spec(bad)
