@@ -129,7 +129,8 @@ STEP_SHAPES = [(250, 3, 32, 32), (64, 3, 224, 224)]
 # tensors each step must read + write once: pgd (x_adv, x, grad | out), mim (x_adv, x,
 # grad, momentum, and grad again for its |g| sums | out, momentum), apgd (x_adv, x_adv_old,
 # grad, x | out)
-STEP_TRAFFIC = {"pgd_step": 4, "mim_step/per_sample": 7, "mim_step/batch": 7, "apgd_step": 5}
+STEP_TRAFFIC = {"pgd_step": 4, "mim_step/per_sample": 7, "mim_step/batch": 7, "apgd_step": 5,
+                "square_window": 2}   # x_best | out (the window's lo/hi reads are small)
 
 
 def step_cases(shape, device, seed=0):
@@ -150,8 +151,20 @@ def step_cases(shape, device, seed=0):
     n = shape[0]
     step = torch.full((n, 1, 1, 1), 2 * eps, device=device)
     lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    c, hh, ww = shape[1], shape[2], shape[3]
+    side = max(1, int(round((0.05 * hh * ww) ** 0.5)))        # a mid-schedule window (p = 0.05)
+    signs = torch.tensor([1.0, -1.0, 1.0][:c], device=device)
+    vh, vw = (hh - side) // 3, (ww - side) // 2
+
+    def square_eager(_gr):   # Square._candidate's eager form
+        out = xa.clone()
+        win = (slice(None), slice(None), slice(vh, vh + side), slice(vw, vw + side))
+        out[win] = torch.clamp(out[win] + (2 * eps) * signs.view(c, 1, 1), lo[win], hi[win])
+        return out
+
     return {
         "pgd_step": (lambda gr: pgd_update(xa, x, gr, alpha, eps), (xa, x, grad, alpha, eps)),
+        "square_window": (square_eager, (xa, lo, hi, signs, vh, vw, side, 2 * eps)),
         "mim_step/per_sample": (
             lambda gr: mim_update(xa, x, gr, mom, alpha, eps, 1.0, "per_sample"),
             (xa, x, grad, mom, alpha, eps, 1.0, True)),
@@ -178,12 +191,16 @@ def bench_steps(device, quick, reps, base, results_dir, append_result, time_fn,
             device.type == "cpu" or ops.extension.cuda_compiled()):
         c = torch.ops.guard_fast_C
         impls["cuda" if device.type == "cuda" else "cpp"] = {
-            "pgd_step": c.pgd_step, "mim_step": c.mim_step, "apgd_step": c.apgd_step}
-    impls["op"] = {"pgd_step": ops.pgd_step, "mim_step": ops.mim_step, "apgd_step": ops.apgd_step}
+            "pgd_step": c.pgd_step, "mim_step": c.mim_step, "apgd_step": c.apgd_step,
+            "square_window": c.square_window}
+    impls["op"] = {"pgd_step": ops.pgd_step, "mim_step": ops.mim_step, "apgd_step": ops.apgd_step,
+                   "square_window": ops.square_window}
     if ks.HAS_TRITON and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
         impls["triton"] = {"pgd_step": ks.pgd_step_triton, "mim_step": ks.mim_step_triton,
-                           "apgd_step": ks.apgd_step_triton}
-    refs = {"pgd_step": ks.pgd_step_ref, "mim_step": ks.mim_step_ref, "apgd_step": ks.apgd_step_ref}
+                           "apgd_step": ks.apgd_step_triton,
+                           "square_window": ks.square_window_triton}
+    refs = {"pgd_step": ks.pgd_step_ref, "mim_step": ks.mim_step_ref, "apgd_step": ks.apgd_step_ref,
+            "square_window": ks.square_window_ref}
     # On CPU, glibc hands blocks above its mmap threshold (<= 32 MB) back to the OS when they
     # are freed, so every fresh 38 MB output at (64, 3, 224, 224) pays first-touch page
     # faults that the in-place eager steps do not; MALLOC_MMAP_THRESHOLD_=4000000000 (with
