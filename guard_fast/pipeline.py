@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -217,6 +218,7 @@ def _run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log) -> dict
 
     # squeeze (in the shared teachers folder when one is given)
     sq_dir = (Path(cfg.teachers) / folder if cfg.teachers else root) / "squeeze"
+    _sync()   # torchrun: every process decides on each stage from the same files
     state = _stage_resume(sq_dir, "teacher.pt")
     if state is not None:
         log(f"[{label}] squeeze (teacher: {sq_over['regularizer']})")
@@ -228,6 +230,7 @@ def _run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log) -> dict
 
     # recover
     rc_dir = root / "recover"
+    _sync()
     state = _stage_resume(rc_dir, "images.pt")
     if state is not None:
         log(f"[{label}] recover ({cfg.recover_method}, ipc {p['ipc']})")
@@ -236,12 +239,14 @@ def _run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log) -> dict
                                 "seed": cfg.seed, "progress": cfg.progress, "resume": state,
                                 "group_size": min(p["ipc"], 10), **p["recover"]})
         rsum = _timed(times, "recover_s", lambda: recover(rcfg))
-        log(f"[{label}] teacher accuracy on its recovered images: "
-            f"{rsum['teacher_acc_on_recovered']:.3f}")
+        if rsum.get("teacher_acc_on_recovered") is not None:   # rank 0 merges and checks
+            log(f"[{label}] teacher accuracy on its recovered images: "
+                f"{rsum['teacher_acc_on_recovered']:.3f}")
 
     # relabel + student
     scfg_probe = resolve_student({"preset": cfg.preset, **p["student"]})
     st_dir, rl_dir = root / "student", root / "relabel"
+    _sync()
     if not (st_dir / "student.pt").exists():
         if True:  # relabel keeps the epoch files it already wrote and adds the missing ones
             log(f"[{label}] relabel ({scfg_probe.epochs} epochs of views)")
@@ -259,21 +264,24 @@ def _run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log) -> dict
         _timed(times, "student_s", lambda: train_student(st_cfg))
 
     # robust evaluation on the real validation set
+    _sync()   # rank 0 has written student.pt
     ev_dir = root / "eval"
     student, arch = load_teacher(st_dir / "student.pt")
     student.to(device).eval()
     data = get_data(arch.get("data", "mnist"), root=cfg.data_root, image_size=arch["image_size"])
     val = _fixed_subset(data.val, p["eval_examples"], cfg.seed)
-    if not (ev_dir / "results.json").exists():
+    rank = _rank_world()[0]
+    if rank == 0 and not (ev_dir / "results.json").exists():
         log(f"[{label}] robust evaluation ({cfg.protocol}, eps {p['eps'] * 255:g}/255, "
             f"{len(val[1])} images)")
         res = _timed(times, "eval_s", lambda: robust_eval(
             student, val, protocol=cfg.protocol, eps=p["eps"], batch_size=256,
             attacks=_attacks(cfg.protocol, p["square_queries"]),
             seed=cfg.seed, out_dir=str(ev_dir), device=device, progress=cfg.progress))
+    _sync()   # under torchrun: rank 0 evaluates, the others wait for its results
     res = json.loads((ev_dir / "results.json").read_text())
     sweep_f = root / "eps_sweep.json"
-    if not sweep_f.exists():
+    if rank == 0 and not sweep_f.exists():
         log(f"[{label}] PGD-100 eps sweep {[round(e * 255, 2) for e in p['sweep']]} /255")
         sw = _timed(times, "sweep_s", lambda: robust_eval(
             student, val, protocol=cfg.protocol, attacks=["PGD100"], eps=p["sweep"][0],
@@ -284,13 +292,15 @@ def _run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log) -> dict
                    "attacks": {"PGD100": res["attacks"]["PGD100"]}}
         points = sorted([*sw["sweep"], main_pt], key=lambda e: e["eps"])
         atomic_write_json(sweep_f, {"sweep": points, "clean": sw["clean"]})
+    _sync()
     sweep = json.loads(sweep_f.read_text())
     old_times = {}
     tf = root / "times.json"
     if tf.exists():
         old_times = json.loads(tf.read_text())
     times = {**old_times, **times}
-    atomic_write_json(tf, times)
+    if rank == 0:
+        atomic_write_json(tf, times)
     teacher_metrics = json.loads((sq_dir / "run.json").read_text()).get("metrics", {})
     rc_run = json.loads((rc_dir / "run.json").read_text())
     return {"method": folder, "name": label, "result": res, "sweep": sweep, "times": times,
@@ -352,17 +362,69 @@ def _check_folder(out: Path, cfg: PipelineConfig) -> None:
                          "with the same options to continue it, or choose another --out")
 
 
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _sync() -> None:
+    """A barrier across the torchrun processes (nothing in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def run_pipeline(cfg: PipelineConfig | None = None, log=print) -> dict:
-    """Run (or continue) the pipeline per cfg; returns the summary written to results.json."""
+    """Run (or continue) the pipeline per cfg; returns the summary written to results.json.
+
+    Under torchrun (WORLD_SIZE > 1) every stage shares its work out (squeeze and student
+    with DistributedDataParallel, recover by ipc id, relabel by epoch); the robust
+    evaluation, the sweep and the report run on rank 0 while the others wait, and only
+    rank 0 logs and writes the run folder's own files."""
     cfg = cfg or PipelineConfig()
     p = _resolved(cfg)
+    rank, world = _rank_world()
+    we_init = False
+    if world > 1:
+        import torch.distributed as dist
+
+        from guard_fast.distill.squeeze import resolve_device
+
+        if not dist.is_initialized():
+            if resolve_device(cfg.device).type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                dist.init_process_group("nccl")
+            else:
+                dist.init_process_group("gloo")
+            we_init = True
+    if rank != 0:
+        log = _quiet
+    try:
+        return _run_pipeline(cfg, p, rank, log)
+    finally:
+        if we_init:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _run_pipeline(cfg: PipelineConfig, p: dict, rank: int, log) -> dict:
     out = Path(cfg.out)
-    _check_folder(out, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", dict(asdict(cfg), stage="pipeline"))
-    atomic_write_json(out / "run.json", {"status": "running", "stage": "pipeline"})
+    if rank == 0:
+        _check_folder(out, cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", dict(asdict(cfg), stage="pipeline"))
+        atomic_write_json(out / "run.json", {"status": "running", "stage": "pipeline"})
+    _sync()
     t0 = time.perf_counter()
     rows = [_run_method(m, cfg, p, out, log) for m in cfg.methods]
+    if rank != 0:
+        _sync()   # rank 0 writes results.json and the report
+        return json.loads((out / "results.json").read_text())
     for r in rows:
         src = out / r["method"] / "recover" / "grid.png"
         if src.exists():
@@ -375,6 +437,7 @@ def run_pipeline(cfg: PipelineConfig | None = None, log=print) -> dict:
     text = render_report(out)
     atomic_write_json(out / "run.json", {"status": "complete", "stage": "pipeline"})
     log(text)
+    _sync()
     return summary
 
 

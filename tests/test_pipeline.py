@@ -125,3 +125,27 @@ def test_method_spec_with_teacher_settings():
                      ("nope:lam=1", "unknown method"), ("gr:abc", "needs a number")):
         with pytest.raises(ValueError, match=msg):
             method_spec(bad)
+
+
+def test_whole_pipeline_under_torchrun(tmp_path):
+    """`python -m guard_fast.train all` under torchrun (2 gloo processes): every stage shares
+    its work out, rank 0 alone evaluates, logs and writes the report; the run completes with
+    every artifact."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={port}", "-m", "guard_fast.train", "all", "--smoke",
+                        "--methods", "sre2l", "--device", "cpu", "--no-progress",
+                        "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("robust evaluation") == 1, r.stdout[-3000:]   # rank 0 only
+    js = json.loads((out / "results.json").read_text())
+    assert [row["method"] for row in js["rows"]] == ["sre2l"]
+    for f in ("results.md", "grid_sre2l.png", "eps_sweep.png", "sre2l/eval/results.json",
+              "sre2l/student/student.pt"):
+        assert (out / f).exists(), f
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"

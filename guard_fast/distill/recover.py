@@ -421,6 +421,10 @@ def recover(cfg: RecoverConfig) -> dict:
                          "ipc id): use at most ipc processes")
     out = Path(cfg.out)
     _check_run_folder(out, cfg, arch)
+    if world > 1:  # every rank has checked the folder before rank 0 writes to it
+        import torch.distributed as dist
+
+        dist.barrier()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "config.json", dict(asdict(cfg), stage="recover",

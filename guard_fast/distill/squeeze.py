@@ -194,6 +194,10 @@ def squeeze(cfg: SqueezeConfig) -> dict:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} processes")
     out = Path(cfg.out)
     _check_run_folder(out, cfg)
+    if world > 1:  # every rank has checked the folder before rank 0 writes to it
+        import torch.distributed as dist
+
+        dist.barrier()
 
     data = get_data(cfg.data, root=cfg.data_root, image_size=cfg.image_size)
     train_ds, val_ds = data.train, data.val
