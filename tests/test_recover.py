@@ -207,6 +207,19 @@ def test_cda_schedule_values():
         cda_min_crop(0, 10, "exp")
 
 
+def test_cda_turns_the_crop_on():
+    """CDA's curriculum is a RandomResizedCrop schedule: on presets without crops (CIFAR-
+    style, the bundled digits) method cda turns the crop on instead of silently matching
+    SRe2L; an explicit crop=False with cda is refused."""
+    from guard_fast.distill.recover import resolve_recover
+
+    for data in ("mnist", "cifar10"):
+        assert resolve_recover(RecoverConfig(teacher="t", method="sre2l"), data).crop is False
+        assert resolve_recover(RecoverConfig(teacher="t", method="cda"), data).crop is True
+    with pytest.raises(ValueError, match="crop=False leaves it nothing to schedule"):
+        resolve_recover(RecoverConfig(teacher="t", method="cda", crop=False), "mnist")
+
+
 def test_crop_draws_follow_random_resized_crop():
     rng = random.Random(0)
     for scale in [(0.08, 1.0), (0.5, 1.0), (1.0, 1.0)]:

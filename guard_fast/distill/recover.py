@@ -272,9 +272,16 @@ def resolve_recover(cfg: RecoverConfig, data: str) -> RecoverConfig:
         raise ValueError(f"unknown recover method {cfg.method!r}; known: {', '.join(RECOVER_METHODS)}"
                          " (dc is its own stage: guard_fast.distill.dc)")
     preset = RECOVER_PRESETS.get(data, RECOVER_PRESETS["imagefolder"])
+    if cfg.method == "cda" and cfg.crop is None:
+        # CDA's curriculum schedules RandomResizedCrop's scale: it needs the crop even where
+        # the SRe2L preset has none (CIFAR-style, the bundled digits)
+        cfg = dataclasses.replace(cfg, crop=True)
     vals = {k: (preset[k] if getattr(cfg, k) is None and k in preset else getattr(cfg, k))
             for k in (f.name for f in dataclasses.fields(cfg))}
     cfg = RecoverConfig(**vals)
+    if cfg.method == "cda" and not cfg.crop:
+        raise ValueError("method cda schedules the RandomResizedCrop scale: crop=False leaves it "
+                         "nothing to schedule (drop crop=False, or use method sre2l)")
     if cfg.ipc < 1:
         raise ValueError(f"ipc must be >= 1, got {cfg.ipc}")
     if cfg.iterations < 1:
