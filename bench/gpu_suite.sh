@@ -8,8 +8,8 @@
 #
 #   bash bench/gpu_suite.sh OUTDIR
 #
-# SUITE_STEPS="tests e2e" runs only the named steps (tests, loss, attacks, recover, squeeze,
-# e2e, loss-compiled; the build always runs): a second, shorter lease for what the first cut.
+# SUITE_STEPS="tests e2e" runs only the named steps (tests, loss, attacks, ops, recover,
+# squeeze, e2e, loss-compiled; the build always runs): a second, shorter lease for what the first cut.
 # SUITE_DEVICE=cpu runs the same steps in a small form on a CPU-only machine (a smoke test of
 # this script; tests/test_gpu_suite.py does that).
 set -uo pipefail
@@ -27,7 +27,7 @@ step() { echo; echo "=== $* (t=$(( $(date +%s) - T0 ))s)"; }
 cap() { local left=$(( BUDGET - ($(date +%s) - T0) )); local c=$1
         [ "$left" -lt "$c" ] && c=$left; [ "$c" -lt 1 ] && c=1; echo "$c"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-STEPS=" ${SUITE_STEPS:-tests loss attacks recover squeeze e2e loss-compiled} "
+STEPS=" ${SUITE_STEPS:-tests loss attacks ops recover squeeze e2e loss-compiled} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 step environment

@@ -315,6 +315,46 @@ def test_active_set_does_not_change_results(aa_standard_runs, batch):
         A.Square(model, eps=EPS, compact_every=0)
 
 
+def test_apgdt_batched_targets(mnist):
+    """APGD-T with every target in one batch: the same robust points as the reference's
+    one-target-after-the-other order (on these 200 digits, identically), adversarial points
+    in the eps-ball, and for the points the first target fools, the very points the first
+    target alone finds (its rows start from the same random draw)."""
+    model, xs, ys, _ = mnist
+    x, y = xs[:200], ys[:200]
+    for act in (True, False):
+        seq = A.APGDT(model, eps=EPS, steps=20, n_target_classes=9, active_set=act)(x, y)
+        bat = A.APGDT(model, eps=EPS, steps=20, n_target_classes=9, batch_targets=True,
+                      active_set=act)(x, y)
+        r_seq, r_bat = robust_mask(model, x, seq, y), robust_mask(model, x, bat, y)
+        assert torch.equal(r_bat, r_seq), (act, int(r_bat.sum()), int(r_seq.sum()))
+        assert (bat - x).abs().max() <= EPS + 1e-7 and bat.min() >= 0 and bat.max() <= 1
+    first = A.APGDT(model, eps=EPS, steps=20, n_target_classes=1, active_set=False)(x, y)
+    with torch.no_grad():
+        by_first = (model(x).argmax(1) == y) & (model(first).argmax(1) != y)
+    assert int(by_first.sum()) > 10
+    assert torch.equal(bat[by_first], first[by_first])
+    # AutoAttack passes the option to its APGD-T stage
+    aa = A.AutoAttack(model, eps=EPS, apgd_steps=5, fab_steps=5, square_queries=10,
+                      apgd_t_batch_targets=True)
+    assert aa.stages[1].batch_targets is True
+    with pytest.raises(ValueError, match="batch_targets must be True or False, got 'yes'"):
+        A.APGDT(model, eps=EPS, batch_targets="yes")
+
+
+def test_step_loop_runs_every_step_in_pieces():
+    """StepLoop (the loop APGD runs between checkpoints) runs exactly the steps asked for,
+    in any split, and reset() changes nothing off CUDA."""
+    from guard_fast.attacks.graphs import StepLoop
+    calls = []
+    loop = StepLoop(lambda: calls.append(1), graph=False)
+    for n in (0, 1, 5, 0, 3):
+        loop.run(n)
+    loop.reset()
+    loop.run(2)
+    assert len(calls) == 11 and loop.replayed == 0 and loop.captures == 0
+
+
 def test_fab_projection_matches_fra31():
     projection_linf = pytest.importorskip("pyautoattack.fab_projections").projection_linf
     g = torch.Generator().manual_seed(0)

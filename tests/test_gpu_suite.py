@@ -19,6 +19,9 @@ def test_gpu_suite_smoke_on_cpu(tmp_path):
     assert {r["variant"] for r in rows} == {"ce", "exact"}
     assert all("error" not in r and r["median_ms"] > 0 for r in rows), rows
     assert (tmp_path / "out" / "attacks.jsonl").exists(), log[-3000:]
+    ops = [json.loads(l) for l in (tmp_path / "out" / "ops.jsonl").read_text().splitlines()]
+    assert {r["op"] for r in ops} == {"perturb", "sqdiff_norm", "sqdiff_norm_backward"}
+    assert {"torch", "op"} <= {r["impl"] for r in ops} and all(r["us_per_call"] > 0 for r in ops)
     sq = [json.loads(l) for l in (tmp_path / "out" / "squeeze.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in sq} == {"compute", "loader"} and all(r["images_per_s"] > 0 for r in sq)
     rc = [json.loads(l) for l in (tmp_path / "out" / "recover.jsonl").read_text().splitlines()]

@@ -18,7 +18,9 @@ point) and each still-robust point, iterate from x_1 = x (a random start from re
 A point counts as broken when its best adversarial point lies within eps. FAB keeps
 shrinking the distance after the first success; for the robust/non-robust verdict that
 does not matter, so with the active set on, a point leaves the batch once it has an
-adversarial point within eps (checked every `compact_every` iterations).
+adversarial point within eps (checked every `compact_every` iterations). The iteration
+updates its state in place, so on a GPU it is captured in a CUDA graph and replayed
+(`cuda_graph=`); there a compaction waits until a quarter of the rows can leave.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import math
 import torch
 
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
+from .graphs import StepLoop, want_cuda_graph
 
 __all__ = ["FAB", "project_linf_box"]
 
@@ -132,6 +135,21 @@ class FAB(Attack):
                                                                           "target_chunk")
         self.compact_every = check_steps(compact_every, "compact_every")
 
+    #: with a captured step, compact only when at least this share of the rows can leave
+    #: (each compaction costs a new capture); the eager loop compacts whenever any can
+    graph_compact_share = 0.25
+    #: steps of the last call that ran from a captured CUDA graph
+    replayed_steps: int = 0
+
+    #: per-row image copies besides activations: the iterate, best point, original, gradient
+    #: and the projection's work on twice the rows (t, w, bounds, room, int64 sort order)
+    state_copies = 24
+
+    def per_sample_bytes(self, x, y) -> int:
+        """A point is one row per target class running side by side."""
+        rows = 1 if self.n_restarts > 1 else (self.target_chunk or self.n_target_classes)
+        return super().per_sample_bytes(x, y) * rows
+
     def _diff_and_grad(self, x1, la, la_t):
         """f = Z_t - Z_y at x1 and its input gradient (per point: gradient of the sum)."""
         x1 = x1.clone().requires_grad_(True)
@@ -167,53 +185,63 @@ class FAB(Attack):
             rad = torch.clamp(res2, max=self.eps).view(view)
             x1 = (im2 + rad * t / t.reshape(n, -1).abs().max(dim=1, keepdim=True)[0].view(view)
                   * 0.5).clamp(0.0, 1.0)
-        x0 = im2.reshape(n, -1)
-        idx = torch.arange(n, device=x.device)           # row of `keep` of each active row
         out_adv, out_res = adv.clone(), res2.clone()
+        st = dict(x1=x1.contiguous(), im2=im2, la2=la2, lt2=lt2, adv=adv, res2=res2,
+                  idx=torch.arange(n, device=x.device))   # idx: row of `keep` of each row
 
-        for it in range(self.steps):
-            f, grad = self._diff_and_grad(x1, la2, lt2)
+        def step() -> None:
+            """One FAB iteration on the state tensors, in place."""
+            x1, im2 = st["x1"], st["im2"]
+            n = x1.shape[0]
+            f, grad = self._diff_and_grad(x1, st["la2"], st["lt2"])
             w = grad.reshape(n, -1)
             b = -f + (w * x1.reshape(n, -1)).sum(dim=-1)
-            d3 = project_linf_box(torch.cat((x1.reshape(n, -1), x0), 0),
+            d3 = project_linf_box(torch.cat((x1.reshape(n, -1), im2.reshape(n, -1)), 0),
                                   torch.cat((w, w), 0), torch.cat((b, b), 0))
             d1 = d3[:n].reshape(x1.shape)
             d2 = d3[n:].reshape(x1.shape)
             a0 = d3.abs().max(dim=1, keepdim=True)[0].view(view).clamp_min(1e-8)
             a1, a2 = a0[:n], a0[n:]
             alpha = torch.clamp(torch.clamp(a1 / (a1 + a2), min=0.0), max=self.alpha_max)
-            x1 = ((x1 + self.eta * d1) * (1 - alpha) + (im2 + d2 * self.eta) * alpha).clamp(0.0, 1.0)
+            x_new = ((x1 + self.eta * d1) * (1 - alpha) + (im2 + d2 * self.eta) * alpha).clamp(0.0, 1.0)
 
-            is_adv = self.get_logits(x1).argmax(1) != la2
-            dist = (x1 - im2).reshape(n, -1).abs().max(dim=1)[0]
-            better = is_adv & (dist < res2)
-            adv = torch.where(better.view(view), x1, adv)
-            res2 = torch.where(better, dist, res2)
-            x1 = torch.where(is_adv.view(view), im2 + (x1 - im2) * self.beta, x1)
+            is_adv = self.get_logits(x_new).argmax(1) != st["la2"]
+            dist = (x_new - im2).reshape(n, -1).abs().max(dim=1)[0]
+            better = is_adv & (dist < st["res2"])
+            st["adv"].copy_(torch.where(better.view(view), x_new, st["adv"]))
+            st["res2"].copy_(torch.where(better, dist, st["res2"]))
+            x1.copy_(torch.where(is_adv.view(view), im2 + (x_new - im2) * self.beta, x_new))
 
-            if self.active_set and (it + 1) % self.compact_every == 0 and it + 1 < self.steps:
-                done = res2 <= self.eps
-                if group is not None:        # a point is done when any of its targets is
-                    point = keep[idx] % group
-                    hit = torch.zeros(group, dtype=torch.bool, device=x.device)
-                    hit[point[done]] = True
-                    done = hit[point]
-                n_keep = int((~done).sum())
-                if n_keep < n:
-                    dn = done.nonzero().squeeze(1)
-                    out_adv.index_copy_(0, idx[dn], adv[dn])
-                    out_res.index_copy_(0, idx[dn], res2[dn])
-                    if n_keep == 0:
-                        n = 0
-                        break
-                    kp = (~done).nonzero().squeeze(1)
-                    x1, im2, la2, lt2, adv, res2, idx = (x1[kp], im2[kp], la2[kp], lt2[kp],
-                                                        adv[kp], res2[kp], idx[kp])
-                    x0 = im2.reshape(kp.numel(), -1)
-                    n = kp.numel()
+        graph = want_cuda_graph(self.cuda_graph, x.device, self.steps)
+        loop = StepLoop(step, graph, name=self.name)
+        every = self.compact_every if self.active_set else self.steps
+        done_steps = 0
+        while done_steps < self.steps and n > 0:
+            todo = min(every, self.steps - done_steps)
+            loop.run(todo)
+            done_steps += todo
+            if not self.active_set or done_steps >= self.steps:
+                continue
+            done = st["res2"] <= self.eps
+            if group is not None:        # a point is done when any of its targets is
+                point = keep[st["idx"]] % group
+                hit = torch.zeros(group, dtype=torch.bool, device=x.device)
+                hit[point[done]] = True
+                done = hit[point]
+            n_done = int(done.sum())
+            if n_done == 0 or (graph and n_done < self.graph_compact_share * n):
+                continue
+            dn = done.nonzero().squeeze(1)
+            out_adv.index_copy_(0, st["idx"][dn], st["adv"][dn])
+            out_res.index_copy_(0, st["idx"][dn], st["res2"][dn])
+            kp = (~done).nonzero().squeeze(1)
+            st = {k: t[kp] for k, t in st.items()}
+            n = kp.numel()
+            loop.reset()
+        self.replayed_steps += loop.replayed
         if n > 0:
-            out_adv.index_copy_(0, idx, adv)
-            out_res.index_copy_(0, idx, res2)
+            out_adv.index_copy_(0, st["idx"], st["adv"])
+            out_res.index_copy_(0, st["idx"], st["res2"])
         succ = out_res < 1e10
         adv_c[keep] = torch.where(succ.view(view), out_adv, x[keep])
         dist_c[keep] = torch.where(succ, out_res, dist_c[keep])
@@ -221,6 +249,7 @@ class FAB(Attack):
 
     def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         adv = x.clone()
+        self.replayed_steps = 0
         with torch.no_grad():
             logits = self.get_logits(x)
         robust = logits.argmax(1) == y

@@ -22,7 +22,7 @@ from typing import Callable, Union
 
 import torch
 
-__all__ = ["CudaGraphMode", "check_cuda_graph", "want_cuda_graph", "run_steps",
+__all__ = ["CudaGraphMode", "check_cuda_graph", "want_cuda_graph", "run_steps", "StepLoop",
            "MIN_STEPS_AUTO"]
 
 CudaGraphMode = Union[bool, str]
@@ -65,6 +65,80 @@ def _reset_rng_capture_state() -> None:
     del g
 
 
+class StepLoop:
+    """A step loop run in pieces: ``loop.run(n)`` runs `step()` n more times. For attacks
+    whose loop is interrupted by host-side work between runs of plain steps (APGD's
+    step-size checkpoints, FAB's and APGD's active-set compaction): the same captured step
+    is replayed across pieces, and `reset()` drops it when the state tensors are rebound
+    (a compaction), so the next piece captures again.
+
+    `step` must update its state tensors in place. With graph=True the first `warmup` steps
+    (counted across pieces, and again after each reset) run eagerly on a side stream, the
+    next one is captured and replayed; a failed capture warns once per (name, error) and
+    the loop goes on eagerly, from the same state. `replayed` counts the steps run from a
+    graph, `captures` the graphs captured."""
+
+    def __init__(self, step: Callable[[], None], graph: bool, warmup: int = 2,
+                 name: str = "attack"):
+        self.step = step
+        self.graph = bool(graph)
+        self.warmup = int(warmup)
+        self.name = name
+        self.replayed = 0
+        self.captures = 0
+        self._g = None
+        self._eager_done = 0
+
+    def reset(self) -> None:
+        """Forget the captured step (its state tensors were replaced)."""
+        self._g = None
+        self._eager_done = 0
+
+    def _capture(self) -> bool:
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                self.step()
+        except Exception as e:  # capture is an optimization: fall back, never change results
+            key = (self.name, type(e).__name__)
+            if key not in _WARNED:
+                _WARNED.add(key)
+                warnings.warn(f"{self.name}: CUDA-graph capture of the step failed "
+                              f"({type(e).__name__}: {str(e)[:160]}); running the loop eagerly",
+                              RuntimeWarning, stacklevel=4)
+            del g
+            _reset_rng_capture_state()
+            torch.cuda.synchronize()
+            self.graph = False
+            return False
+        self._g = g
+        self.captures += 1
+        return True
+
+    def run(self, n: int) -> None:
+        n = int(n)
+        while n > 0:
+            if not self.graph:
+                self.step()
+                n -= 1
+            elif self._g is not None:
+                self._g.replay()
+                self.replayed += 1
+                n -= 1
+            elif self._eager_done < self.warmup:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    while n > 0 and self._eager_done < self.warmup:
+                        self.step()
+                        self._eager_done += 1
+                        n -= 1
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                self._capture()   # records without running; the loop then replays it
+                                  # (or, after a failed capture, runs the step eagerly)
+
+
 def run_steps(step: Callable[[], None], steps: int, graph: bool, warmup: int = 2,
               name: str = "attack") -> int:
     """Run `step()` `steps` times. `step` must update its state tensors in place (no
@@ -76,29 +150,6 @@ def run_steps(step: Callable[[], None], steps: int, graph: bool, warmup: int = 2
         for _ in range(steps):
             step()
         return 0
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(g):
-            step()
-    except Exception as e:  # capture is an optimization: fall back, never change results
-        key = (name, type(e).__name__)
-        if key not in _WARNED:
-            _WARNED.add(key)
-            warnings.warn(f"{name}: CUDA-graph capture of the step failed ({type(e).__name__}: "
-                          f"{str(e)[:160]}); running the loop eagerly", RuntimeWarning,
-                          stacklevel=3)
-        del g
-        _reset_rng_capture_state()
-        torch.cuda.synchronize()
-        for _ in range(steps - warmup):
-            step()
-        return 0
-    for _ in range(steps - warmup):
-        g.replay()
-    return steps - warmup
+    loop = StepLoop(step, graph=True, warmup=warmup, name=name)
+    loop.run(steps)
+    return loop.replayed

@@ -120,8 +120,9 @@ class Square(Attack):
         x_best = torch.clamp(x + eps * self._rand_sign([n, c, 1, w], g).to(x.device, x.dtype),
                              0.0, 1.0)
         margin_min, loss_min = self._margin_and_loss(x_best, y)
+        pre = self._windows(g, n_features, c, h, w, x.device, x.dtype)
         if not self.active_set:
-            return self._loop_all(x_best, margin_min, loss_min, y, lo, hi, g)
+            return self._loop_all(x_best, margin_min, loss_min, y, lo, hi, g, pre)
         # Active set: the state holds only points whose margin is still > 0; a point that
         # leaves is written to `out` and never queried again.
         out = x_best.clone()
@@ -133,7 +134,7 @@ class Square(Attack):
             if state is None:
                 break
             idx, xb, mm, lm, yy, lo_a, hi_a = state
-            x_new = self._candidate(xb, lo_a, hi_a, i_iter, g, n_features, c, h, w)
+            x_new = self._candidate(xb, lo_a, hi_a, i_iter, g, n_features, c, h, w, pre)
             margin, loss = self._margin_and_loss(x_new, yy)
             live = mm > 0           # points fooled since the last compaction stay frozen
             improved = (loss < lm) & live
@@ -168,28 +169,49 @@ class Square(Attack):
         k = keep.nonzero().squeeze(1)
         return tuple(t[k] for t in state)
 
-    def _candidate(self, xb, lo, hi, i_iter, g, n_features, c, h, w):
-        """x_best with one random square window moved to the other side of the eps-box."""
+    def _window(self, i_iter, g, n_features, c, h, w):
+        """Query i_iter's window: side s, position (vh, vw), one sign per channel (a CPU
+        tensor), drawn from g in the reference order (position, then signs)."""
         p = square_p_selection(i_iter, self.p_init, self.n_queries, self.rescale_schedule)
         s = max(int(round(math.sqrt(p * n_features / c))), 1)
         s = min(s, h, w)
         vh = self._rand_int(h - s, g)
         vw = self._rand_int(w - s, g)
-        signs = self._rand_sign([c, 1, 1], g).to(xb.device, xb.dtype)
+        return s, vh, vw, self._rand_sign([c, 1, 1], g)
+
+    def _windows(self, g, n_features, c, h, w, device, dtype):
+        """Every query's window drawn up front (the draws do not depend on the data): one
+        copy of all signs to the device instead of one small copy per query. Only with one
+        restart, where nothing draws from g after the queries (a run that ends early has
+        drawn more than the reference, which no later draw can see)."""
+        if self.n_restarts != 1:
+            return None
+        wins = [self._window(i, g, n_features, c, h, w) for i in range(self.n_queries)]
+        signs = torch.stack([win[3].reshape(c) for win in wins]).to(device, dtype)
+        return [(s, vh, vw) for s, vh, vw, _ in wins], signs
+
+    def _candidate(self, xb, lo, hi, i_iter, g, n_features, c, h, w, pre=None):
+        """x_best with one random square window moved to the other side of the eps-box."""
+        if pre is not None:
+            (s, vh, vw), signs = pre[0][i_iter], pre[1][i_iter]
+        else:
+            s, vh, vw, signs = self._window(i_iter, g, n_features, c, h, w)
+            signs = signs.to(xb.device, xb.dtype)
         # Only the window changes: outside it x_best already lies inside [lo, hi].
         if fused_steps(xb.device):   # copy + window update in one pass
             return _ops.square_window(xb, lo, hi, signs.reshape(c), vh, vw, s, 2.0 * self.eps)
         x_new = xb.clone()
         win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
-        x_new[win] = torch.clamp(x_new[win] + (2.0 * self.eps) * signs, lo[win], hi[win])
+        x_new[win] = torch.clamp(x_new[win] + (2.0 * self.eps) * signs.reshape(c, 1, 1),
+                                 lo[win], hi[win])
         return x_new
 
-    def _loop_all(self, x_best, margin_min, loss_min, y, lo, hi, g):
+    def _loop_all(self, x_best, margin_min, loss_min, y, lo, hi, g, pre=None):
         """Reference loop without the active set: every point is queried every iteration,
         finished points are frozen (no host syncs)."""
         n, c, h, w = x_best.shape
         for i_iter in range(self.n_queries):
-            x_new = self._candidate(x_best, lo, hi, i_iter, g, c * h * w, c, h, w)
+            x_new = self._candidate(x_best, lo, hi, i_iter, g, c * h * w, c, h, w, pre)
             margin, loss = self._margin_and_loss(x_new, y)
             live = margin_min > 0
             improved = (loss < loss_min) & live
