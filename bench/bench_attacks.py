@@ -255,7 +255,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--reps", type=int, default=None, help="timed reps per implementation")
     ap.add_argument("--only", default="pgd100,autoattack",
-                    help="comma list of measurements: pgd100, autoattack, steps")
+                    help="comma list of measurements: pgd100, autoattack, steps, membudget")
     ap.add_argument("--triton-interpret", action="store_true",
                     help="steps on CPU: also time the Triton kernels under TRITON_INTERPRET=1")
     ap.add_argument("--no-step-compile", action="store_true",
@@ -291,7 +291,7 @@ def main():
     if "steps" in only:
         bench_steps(device, quick, args.reps or (7 if quick else 20), base, args.results_dir,
                     append_result, time_fn, compile_steps=not args.no_step_compile)
-    if not only & {"pgd100", "autoattack"}:
+    if not only & {"pgd100", "autoattack", "membudget"}:
         print(f"total {time.perf_counter() - t0:.1f} s")
         return
     model, xs, ys = mnist_model(args.width, device, data_file=args.data)
@@ -333,6 +333,32 @@ def main():
               f"{n_pgd / rows['guard_fast']['p20_ms'] * 1e3:.1f}), torchattacks "
               f"{rows['torchattacks']['images_per_s']:.1f}; speedup x{sp:.2f}")
 
+    if "membudget" in only:
+        # PGD-20 on every point at several memory budgets: the chunk the budget gives, the
+        # peak memory the timed call really took (CUDA: max_memory_allocated over the call;
+        # CPU: peak RSS growth), and throughput; the points must not depend on the budget.
+        x, y = xs.contiguous(), ys.contiguous()
+        free = A.PGD(model, eps=eps, alpha=eps / 4, steps=20, random_start=False)
+        ref = free(x, y)
+        per = free.per_sample_bytes(x, y)
+        budgets = [None] + [b for b in (2**24, 2**26, 2**28) if b > 4 * per]
+        for budget in budgets:
+            atk = A.PGD(model, eps=eps, alpha=eps / 4, steps=20, random_start=False,
+                        memory_budget=budget)
+            chunk = x.shape[0] if budget is None else min(x.shape[0], atk.chunk_for_budget(x, y))
+            same = torch.equal(atk(x, y), ref)
+            r = time_fn(lambda: atk(x, y), warmup=1, reps=3, device=device)
+            r["images_per_s"] = x.shape[0] / (r["median_ms"] / 1e3)
+            append_result("attacks", {**base, "bench": "pgd20-memory-budget", "impl": "guard_fast",
+                                      "n": x.shape[0], "budget_bytes": budget, "chunk": chunk,
+                                      "per_sample_bytes_estimate": per, "same_points": same, **r},
+                          results_dir=args.results_dir, device=device)
+            print(f"[membudget] budget {'none' if budget is None else f'{budget / 2**20:.0f} MiB'}: "
+                  f"chunk {chunk} of {x.shape[0]}, peak {r['peak_mem_mb']:.1f} MiB, "
+                  f"{r['images_per_s']:.0f} img/s, same points as unchunked: {same}")
+            if not same:
+                raise SystemExit("memory_budget changed the adversarial points")
+
     if "autoattack" in only:
         x, y = xs[:n_aa].contiguous(), ys[:n_aa].contiguous()
         n_iter, n_queries = (25, 1000) if quick else (100, 5000)
@@ -356,6 +382,9 @@ def main():
         def run_ref():
             res["pyautoattack"] = ref.run_standard_evaluation(x, y, batch_size=n_aa)[0]
 
+        # compile the Triton step kernels before timing (one-time JIT, cached per process)
+        A.AutoAttack(model, eps=eps, version="standard", seed=0, apgd_steps=10, fab_steps=10,
+                     square_queries=10)(x[:8], y[:8])
         fns = {"guard_fast": run_ours, "pyautoattack": run_ref}
         if not args.no_batched_targets:
             fns["guard_fast-batched-targets"] = run_batched
