@@ -334,30 +334,45 @@ def main():
               f"{rows['torchattacks']['images_per_s']:.1f}; speedup x{sp:.2f}")
 
     if "membudget" in only:
-        # PGD-20 on every point at several memory budgets: the chunk the budget gives, the
-        # peak memory the timed call really took (CUDA: max_memory_allocated over the call;
-        # CPU: peak RSS growth), and throughput; the points must not depend on the budget.
+        # PGD-20 on every point at several memory budgets, with and without the CUDA graph:
+        # the chunk the budget gives, the peak memory the timed call took (CUDA:
+        # max_memory_allocated over the call; CPU: peak RSS growth), throughput, and how
+        # many points differ from the unchunked run (none on the CPU; on a GPU another batch
+        # size may pick another convolution algorithm, whose rounding can flip a gradient
+        # sign, so the check there is the robust accuracy).
         x, y = xs.contiguous(), ys.contiguous()
-        free = A.PGD(model, eps=eps, alpha=eps / 4, steps=20, random_start=False)
-        ref = free(x, y)
-        per = free.per_sample_bytes(x, y)
-        budgets = [None] + [b for b in (2**24, 2**26, 2**28) if b > 4 * per]
-        for budget in budgets:
-            atk = A.PGD(model, eps=eps, alpha=eps / 4, steps=20, random_start=False,
-                        memory_budget=budget)
-            chunk = x.shape[0] if budget is None else min(x.shape[0], atk.chunk_for_budget(x, y))
-            same = torch.equal(atk(x, y), ref)
-            r = time_fn(lambda: atk(x, y), warmup=1, reps=3, device=device)
-            r["images_per_s"] = x.shape[0] / (r["median_ms"] / 1e3)
-            append_result("attacks", {**base, "bench": "pgd20-memory-budget", "impl": "guard_fast",
-                                      "n": x.shape[0], "budget_bytes": budget, "chunk": chunk,
-                                      "per_sample_bytes_estimate": per, "same_points": same, **r},
-                          results_dir=args.results_dir, device=device)
-            print(f"[membudget] budget {'none' if budget is None else f'{budget / 2**20:.0f} MiB'}: "
-                  f"chunk {chunk} of {x.shape[0]}, peak {r['peak_mem_mb']:.1f} MiB, "
-                  f"{r['images_per_s']:.0f} img/s, same points as unchunked: {same}")
-            if not same:
-                raise SystemExit("memory_budget changed the adversarial points")
+        graphs = (True, False) if device.type == "cuda" else ("auto",)
+        for cg in graphs:
+            free = A.PGD(model, eps=eps, alpha=eps / 4, steps=20, random_start=False,
+                         cuda_graph=cg)
+            ref = free(x, y)
+            acc_ref = robust_acc(model, x, ref, y)
+            per = free.per_sample_bytes(x, y)
+            budgets = [None] + [b for b in (2**24, 2**26, 2**28) if b > 4 * per]
+            for budget in budgets:
+                atk = A.PGD(model, eps=eps, alpha=eps / 4, steps=20, random_start=False,
+                            memory_budget=budget, cuda_graph=cg)
+                chunk = x.shape[0] if budget is None else min(x.shape[0],
+                                                              atk.chunk_for_budget(x, y))
+                adv = atk(x, y)
+                differ = int((adv != ref).flatten(1).any(1).sum())
+                acc = robust_acc(model, x, adv, y)
+                r = time_fn(lambda: atk(x, y), warmup=1, reps=3, device=device)
+                r["images_per_s"] = x.shape[0] / (r["median_ms"] / 1e3)
+                append_result("attacks", {**base, "bench": "pgd20-memory-budget",
+                                          "impl": "guard_fast", "cuda_graph": cg, "n": x.shape[0],
+                                          "budget_bytes": budget, "chunk": chunk,
+                                          "per_sample_bytes_estimate": per,
+                                          "points_differing": differ, "robust_acc": acc,
+                                          "robust_acc_unchunked": acc_ref, **r},
+                              results_dir=args.results_dir, device=device)
+                print(f"[membudget] graph {cg}, budget "
+                      f"{'none' if budget is None else f'{budget / 2**20:.0f} MiB'}: chunk {chunk} "
+                      f"of {x.shape[0]}, peak {r['peak_mem_mb']:.1f} MiB, "
+                      f"{r['images_per_s']:.0f} img/s; {differ} points differ from unchunked, "
+                      f"robust acc {acc:.2f}% vs {acc_ref:.2f}%")
+                if (device.type == "cpu" and differ) or abs(acc - acc_ref) > 0.5:
+                    raise SystemExit("memory_budget changed the result")
 
     if "autoattack" in only:
         x, y = xs[:n_aa].contiguous(), ys[:n_aa].contiguous()

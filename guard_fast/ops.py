@@ -6,7 +6,8 @@ Backends, chosen once at import (``GUARD_FAST_BACKEND=triton|cuda|cpp|torch`` ov
   cpp     the C++ CPU kernels of guard_fast._C (CUDA tensors use its CUDA kernels if built)
   torch   the plain-PyTorch references (always works)
 
-Auto choice: CUDA tensors -> triton, else cuda, else torch; CPU tensors -> cpp, else torch.
+Auto choice: CUDA tensors -> cuda, else triton, else torch (the extension's kernels measured
+faster on an H200, see _AUTO_ORDER); CPU tensors -> cpp, else torch.
 An auto-chosen backend that fails (import or first call) warns once and falls back; an
 explicitly requested backend that cannot work raises.
 
@@ -123,7 +124,11 @@ def _usable(backend: str, device_type: str) -> str | None:
     return None
 
 
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+# CUDA tensors: the extension's kernels first. Measured on an H200 (bench/bench_ops.py and
+# bench_attacks.py --only steps, bench/results/{ops,attacks}.jsonl): faster than Triton's in
+# all 12 core-op cases (perturb, sqdiff_norm and its backward; 32 px and 224 px; fp32, bf16:
+# 1.7-9.5x) and all 10 attack-step cases (1.4-2.9x).
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 def _parse_request() -> str:
@@ -354,14 +359,18 @@ def _no_backward(ctx, *grads):  # never reached: setup_context raises first
     raise RuntimeError("unreachable")
 
 
-@torch.library.custom_op("guard_fast::pgd_step", mutates_args=())
-def pgd_step(x_adv: Tensor, x: Tensor, grad: Tensor, alpha: float, eps: float) -> Tensor:
-    """clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), 0, 1) in one pass
-    (torchattacks' PGD step, bit for bit in fp32/fp64)."""
+def _pgd_step_impl(x_adv: Tensor, x: Tensor, grad: Tensor, alpha: float, eps: float) -> Tensor:
     _check_pair("x_adv", x_adv, "x", x)
     _check_pair("x_adv", x_adv, "grad", grad)
     x_adv, x, grad = _common_layout(x_adv, x, grad)
     return _call("pgd_step", x_adv.device, x_adv, x, grad, float(alpha), float(eps))
+
+
+@torch.library.custom_op("guard_fast::pgd_step", mutates_args=())
+def pgd_step(x_adv: Tensor, x: Tensor, grad: Tensor, alpha: float, eps: float) -> Tensor:
+    """clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), 0, 1) in one pass
+    (torchattacks' PGD step, bit for bit in fp32/fp64)."""
+    return _pgd_step_impl(x_adv, x, grad, alpha, eps)
 
 
 @pgd_step.register_fake
@@ -372,17 +381,22 @@ def _pgd_step_fake(x_adv, x, grad, alpha, eps):
 pgd_step.register_autograd(_no_backward, setup_context=_not_differentiable("pgd_step"))
 
 
-@torch.library.custom_op("guard_fast::mim_step", mutates_args=())
-def mim_step(x_adv: Tensor, x: Tensor, grad: Tensor, momentum: Tensor, alpha: float,
-             eps: float, decay: float, per_sample: bool = True) -> tuple[Tensor, Tensor]:
-    """One MI-FGSM step: (new x_adv, new momentum). per_sample=True divides each sample's
-    gradient by its mean |g| (torchattacks), False the batch's by one L1 norm (GUARD code)."""
+def _mim_step_impl(x_adv: Tensor, x: Tensor, grad: Tensor, momentum: Tensor, alpha: float,
+                   eps: float, decay: float, per_sample: bool = True) -> tuple[Tensor, Tensor]:
     _check_pair("x_adv", x_adv, "x", x)
     _check_pair("x_adv", x_adv, "grad", grad)
     _check_pair("x_adv", x_adv, "momentum", momentum)
     x_adv, x, grad, momentum = _common_layout(x_adv, x, grad, momentum)
     return _call("mim_step", x_adv.device, x_adv, x, grad, momentum, float(alpha), float(eps),
                  float(decay), bool(per_sample))
+
+
+@torch.library.custom_op("guard_fast::mim_step", mutates_args=())
+def mim_step(x_adv: Tensor, x: Tensor, grad: Tensor, momentum: Tensor, alpha: float,
+             eps: float, decay: float, per_sample: bool = True) -> tuple[Tensor, Tensor]:
+    """One MI-FGSM step: (new x_adv, new momentum). per_sample=True divides each sample's
+    gradient by its mean |g| (torchattacks), False the batch's by one L1 norm (GUARD code)."""
+    return _mim_step_impl(x_adv, x, grad, momentum, alpha, eps, decay, per_sample)
 
 
 @mim_step.register_fake
@@ -393,12 +407,8 @@ def _mim_step_fake(x_adv, x, grad, momentum, alpha, eps, decay, per_sample=True)
 mim_step.register_autograd(_no_backward, setup_context=_not_differentiable("mim_step"))
 
 
-@torch.library.custom_op("guard_fast::apgd_step", mutates_args=())
-def apgd_step(x_adv: Tensor, x_adv_old: Tensor, grad: Tensor, step_size: Tensor, x: Tensor,
-              eps: float, a: float) -> Tensor:
-    """One APGD L-inf momentum step (fra31's order), with the projection box
-    [max(x - eps, 0), min(x + eps, 1)] computed on the fly; step_size holds N values
-    (shape (N,) or (N, 1, ..., 1))."""
+def _apgd_step_impl(x_adv: Tensor, x_adv_old: Tensor, grad: Tensor, step_size: Tensor,
+                    x: Tensor, eps: float, a: float) -> Tensor:
     _check_pair("x_adv", x_adv, "x_adv_old", x_adv_old)
     _check_pair("x_adv", x_adv, "grad", grad)
     _check_pair("x_adv", x_adv, "x", x)
@@ -412,12 +422,30 @@ def apgd_step(x_adv: Tensor, x_adv_old: Tensor, grad: Tensor, step_size: Tensor,
                  step_size.reshape(x_adv.shape[0]), x, float(eps), float(a))
 
 
+@torch.library.custom_op("guard_fast::apgd_step", mutates_args=())
+def apgd_step(x_adv: Tensor, x_adv_old: Tensor, grad: Tensor, step_size: Tensor, x: Tensor,
+              eps: float, a: float) -> Tensor:
+    """One APGD L-inf momentum step (fra31's order), with the projection box
+    [max(x - eps, 0), min(x + eps, 1)] computed on the fly; step_size holds N values
+    (shape (N,) or (N, 1, ..., 1))."""
+    return _apgd_step_impl(x_adv, x_adv_old, grad, step_size, x, eps, a)
+
+
 @apgd_step.register_fake
 def _apgd_step_fake(x_adv, x_adv_old, grad, step_size, x, eps, a):
     return _like(x_adv, x_adv_old, grad, x)
 
 
 apgd_step.register_autograd(_no_backward, setup_context=_not_differentiable("apgd_step"))
+
+
+def _square_window_impl(x_best: Tensor, lo: Tensor, hi: Tensor, signs: Tensor, vh: int,
+                        vw: int, s: int, step: float) -> Tensor:
+    _check_pair("x_best", x_best, "lo", lo)
+    _check_pair("x_best", x_best, "hi", hi)
+    _check_square_window(x_best, signs, vh, vw, s)
+    return _call("square_window", x_best.device, x_best, lo, hi, signs, int(vh), int(vw), int(s),
+                 float(step))
 
 
 @torch.library.custom_op("guard_fast::square_window", mutates_args=())
@@ -427,11 +455,7 @@ def square_window(x_best: Tensor, lo: Tensor, hi: Tensor, signs: Tensor, vh: int
     the window [vh, vh + s) x [vw, vw + s) set to clamp(x_best + step * signs[c], lo, hi)
     (lo, hi: the per-pixel box; signs: C values). Bit for bit the eager candidate in
     fp32/fp64."""
-    _check_pair("x_best", x_best, "lo", lo)
-    _check_pair("x_best", x_best, "hi", hi)
-    _check_square_window(x_best, signs, vh, vw, s)
-    return _call("square_window", x_best.device, x_best, lo, hi, signs, int(vh), int(vw), int(s),
-                 float(step))
+    return _square_window_impl(x_best, lo, hi, signs, vh, vw, s, step)
 
 
 def _check_square_window(x_best: Tensor, signs: Tensor, vh: int, vw: int, s: int) -> None:
@@ -452,3 +476,24 @@ def _square_window_fake(x_best, lo, hi, signs, vh, vw, s, step):
 
 
 square_window.register_autograd(_no_backward, setup_context=_not_differentiable("square_window"))
+
+
+# ----------------------------------------------------------------------------- direct calls
+
+class _Direct:
+    """The attack steps without torch's operator dispatch.
+
+    `ops.direct.pgd_step(...)` etc. run exactly what the registered ops run (the same
+    checks, the same backend kernel, the same fallback), minus the custom-op machinery, which
+    costs about 0.1 ms of host time per call on a GPU machine (bench/bench_ops.py: the "op"
+    rows against the backend's own). For eager loops on detached tensors, such as the
+    attacks' step loops; use the registered ops (torch.ops.guard_fast.*) where torch.compile,
+    opcheck or autograd's refusal of gradients matter."""
+
+    pgd_step = staticmethod(_pgd_step_impl)
+    mim_step = staticmethod(_mim_step_impl)
+    apgd_step = staticmethod(_apgd_step_impl)
+    square_window = staticmethod(_square_window_impl)
+
+
+direct = _Direct()

@@ -508,6 +508,27 @@ def test_cuda_graph_apgd_fab_same_points_as_eager(attack):
     assert torch.equal(fallback, eager), _report(attack + " fallback", fallback, eager)
 
 
+@gpu
+@pytest.mark.parametrize("active_set", [True, False])
+def test_cuda_graph_square_same_points_as_eager(active_set):
+    """Square's queries replayed from a CUDA graph (draws in device tables) give exactly the
+    eager loop's points, and the graph really ran."""
+    import guard_fast.attacks as A
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                              torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 8 * 8, 10)).cuda().eval()
+    x = torch.rand(40, 3, 8, 8, device="cuda")
+    y = net(x).argmax(1).detach()
+    kw = dict(eps=8 / 255, n_queries=300, seed=2, active_set=active_set)
+    eager = A.Square(net, cuda_graph=False, **kw)(x, y)
+    atk = A.Square(net, cuda_graph=True, **kw)
+    graphed = atk(x, y)
+    assert atk.replayed_steps > 0
+    assert torch.equal(graphed, eager), _report("square", graphed, eager)
+
+
 @pytest.mark.skipif(not gp.HAS_TRITON, reason="triton is not installed")
 def test_triton_scalar_arguments_are_fp64():
     """The step kernels' float scalars are declared fp64, and Triton must see that

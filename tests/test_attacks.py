@@ -342,6 +342,33 @@ def test_apgdt_batched_targets(mnist):
         A.APGDT(model, eps=EPS, batch_targets="yes")
 
 
+def test_square_table_loop_same_points(batch):
+    """Square's graph-ready query loop (draws in device tables, window as a mask, the query
+    index in a device counter) gives the very points of the eager loop, with the active set
+    at several compaction intervals and without it (run here without capture)."""
+    model, x, y = batch
+    for kw in (dict(active_set=True), dict(active_set=True, compact_every=7),
+               dict(active_set=False)):
+        atk = A.Square(model, eps=EPS, n_queries=150, seed=0, **kw)
+        ref = atk(x, y)
+        orig = atk._single_run
+
+        def table_run(xx, yy, g, atk=atk):
+            n, c, h, w = xx.shape
+            lo, hi = (xx - atk.eps).clamp(min=0.0), (xx + atk.eps).clamp(max=1.0)
+            xb = torch.clamp(xx + atk.eps * atk._rand_sign([n, c, 1, w], g), 0.0, 1.0)
+            mm, lm = atk._margin_and_loss(xb, yy)
+            pre = atk._windows(g, c * h * w, c, h, w, xx.device, xx.dtype)
+            return atk._table_loop(xb, mm, lm, yy, lo, hi, pre, graph=False)
+
+        atk._single_run = table_run
+        try:
+            got = atk(x, y)
+        finally:
+            atk._single_run = orig
+        assert torch.equal(got, ref), kw
+
+
 def test_step_loop_runs_every_step_in_pieces():
     """StepLoop (the loop APGD runs between checkpoints) runs exactly the steps asked for,
     in any split, and reset() changes nothing off CUDA."""

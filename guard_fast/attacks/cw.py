@@ -153,7 +153,7 @@ class CWLinf(Attack):
         best = x_adv.clone()                              # first fooling iterate (active rows)
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         view = (-1,) + (1,) * (x.dim() - 1)
-        update = _ops.pgd_step if fused_steps(x.device) else pgd_update
+        update = _ops.direct.pgd_step if fused_steps(x.device) else pgd_update
         for step in range(self.steps + 1):
             last = step == self.steps
             x_adv.requires_grad_(not last)

@@ -109,8 +109,8 @@ class MIM(Attack):
             loss = F.cross_entropy(self.get_logits(xa), y)   # batch mean in both codes
             grad, = torch.autograd.grad(loss, xa)
             if fused:
-                new_x, new_m = _ops.mim_step(x_adv, x, grad, momentum, self.alpha, self.eps,
-                                             self.decay, per_sample)
+                new_x, new_m = _ops.direct.mim_step(x_adv, x, grad, momentum, self.alpha,
+                                                    self.eps, self.decay, per_sample)
             else:
                 new_x, new_m = mim_update(x_adv, x, grad, momentum, self.alpha, self.eps,
                                           self.decay, self.grad_norm)

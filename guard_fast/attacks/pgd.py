@@ -85,7 +85,7 @@ class PGD(Attack):
     def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         eps, alpha = self.eps, self.alpha
         x_adv = random_start_linf(x, eps, self._generator()) if self.random_start else x.clone()
-        update = _ops.pgd_step if fused_steps(x.device) else pgd_update
+        update = _ops.direct.pgd_step if fused_steps(x.device) else pgd_update
         graph = want_cuda_graph(self.cuda_graph, x.device, self.steps)
 
         def step():

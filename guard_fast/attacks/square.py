@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .. import ops as _ops
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
+from .graphs import StepLoop, want_cuda_graph
 from .pgd import fused_steps
 
 __all__ = ["Square", "square_p_selection"]
@@ -121,6 +122,8 @@ class Square(Attack):
                              0.0, 1.0)
         margin_min, loss_min = self._margin_and_loss(x_best, y)
         pre = self._windows(g, n_features, c, h, w, x.device, x.dtype)
+        if pre is not None and want_cuda_graph(self.cuda_graph, x.device, self.n_queries):
+            return self._table_loop(x_best, margin_min, loss_min, y, lo, hi, pre, graph=True)
         if not self.active_set:
             return self._loop_all(x_best, margin_min, loss_min, y, lo, hi, g, pre)
         # Active set: the state holds only points whose margin is still > 0; a point that
@@ -147,6 +150,68 @@ class Square(Attack):
                 state = self._compact(state, out)
         if state is not None:
             out.index_copy_(0, state[0], state[1])
+        return out
+
+    #: with a captured query, compact only when at least this share of the points left
+    #: (each compaction costs a new capture)
+    graph_compact_share = 0.25
+    #: queries of the last call that ran from a captured CUDA graph
+    replayed_steps: int = 0
+
+    def _table_loop(self, x_best, margin_min, loss_min, y, lo, hi, pre, graph):
+        """The query loop with every random draw in device tables and the query index in a
+        device counter, so one query is a fixed sequence of kernels with no host values:
+        on a GPU it is captured in a CUDA graph and replayed (graphs.py). The candidate is
+        where(window mask, clamp(x_best + step * sign_c, lo, hi), x_best), the same values
+        as the fused window op. With the active set, finished points stay frozen and leave
+        every `compact_every` queries once a quarter of them can (a new capture each)."""
+        n, c, h, w = x_best.shape
+        wins = torch.tensor(pre[0], dtype=torch.long, device=x_best.device)   # (Q, 3): s, vh, vw
+        delta = (2.0 * self.eps) * pre[1]                                     # (Q, C)
+        rows = torch.arange(h, device=x_best.device).view(h, 1)
+        cols = torch.arange(w, device=x_best.device).view(1, w)
+        it = torch.zeros(1, dtype=torch.long, device=x_best.device)
+        out = x_best.clone()
+        st = dict(idx=torch.arange(n, device=x_best.device), xb=x_best.clone(),
+                  mm=margin_min.clone(), lm=loss_min.clone(), yy=y, lo=lo, hi=hi)
+
+        def step() -> None:
+            s_, vh, vw = wins.index_select(0, it).unbind(1)
+            mask = ((rows >= vh) & (rows < vh + s_)) & ((cols >= vw) & (cols < vw + s_))
+            xb = st["xb"]
+            moved = torch.clamp(xb + delta.index_select(0, it).view(1, c, 1, 1), st["lo"], st["hi"])
+            x_new = torch.where(mask, moved, xb)
+            margin, loss = self._margin_and_loss(x_new, st["yy"])
+            live = st["mm"] > 0
+            improved = (loss < st["lm"]) & live
+            st["lm"].copy_(torch.where(improved, loss, st["lm"]))
+            improved = improved | ((margin <= 0) & live)
+            st["mm"].copy_(torch.where(improved, margin, st["mm"]))
+            xb.copy_(torch.where(improved.view(-1, 1, 1, 1), x_new, xb))
+            it.add_(1)
+
+        loop = StepLoop(step, graph, name=self.name)
+        every = self._compact_every(x_best.device) if self.active_set else self.n_queries
+        done = 0
+        while done < self.n_queries:
+            todo = min(every, self.n_queries - done)
+            loop.run(todo)
+            done += todo
+            if not self.active_set or done == self.n_queries:
+                continue
+            n_cur = st["mm"].shape[0]
+            n_left = n_cur - int((st["mm"] > 0).sum())
+            if n_left == 0 or (graph and n_left < self.graph_compact_share * n_cur):
+                continue
+            state = self._compact(tuple(st[k] for k in ("idx", "xb", "mm", "lm", "yy", "lo", "hi")),
+                                  out)
+            if state is None:
+                self.replayed_steps += loop.replayed
+                return out
+            st.update(zip(("idx", "xb", "mm", "lm", "yy", "lo", "hi"), state))
+            loop.reset()
+        self.replayed_steps += loop.replayed
+        out.index_copy_(0, st["idx"], st["xb"])
         return out
 
     def _compact_every(self, device) -> int:
@@ -199,7 +264,8 @@ class Square(Attack):
             signs = signs.to(xb.device, xb.dtype)
         # Only the window changes: outside it x_best already lies inside [lo, hi].
         if fused_steps(xb.device):   # copy + window update in one pass
-            return _ops.square_window(xb, lo, hi, signs.reshape(c), vh, vw, s, 2.0 * self.eps)
+            return _ops.direct.square_window(xb, lo, hi, signs.reshape(c), vh, vw, s,
+                                             2.0 * self.eps)
         x_new = xb.clone()
         win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
         x_new[win] = torch.clamp(x_new[win] + (2.0 * self.eps) * signs.reshape(c, 1, 1),
@@ -225,6 +291,7 @@ class Square(Attack):
         if x.dim() != 4:
             raise ValueError(f"Square needs images of shape (N, C, H, W), got {tuple(x.shape)}")
         adv = x.clone()
+        self.replayed_steps = 0
         with torch.no_grad():
             robust = self.get_logits(x).argmax(1) == y
         g = self.cpu_generator()
