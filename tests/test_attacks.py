@@ -595,7 +595,7 @@ def test_memory_budget_picks_the_chunk_and_changes_no_point():
     -> ~4x the bytes, parameters cancel out); a budget of k samples gives chunks of k; a
     deterministic attack gives exactly the unchunked points; batch_size and the budget
     together take the smaller chunk; a budget below one sample, or a malformed one, is an
-    error naming memory_budget."""
+    error naming memory_budget; a budget turns "auto" CUDA graphs off."""
     model = _conv_net()
     x = torch.rand(23, 3, 8, 8)
     y = torch.randint(0, 10, (23,))
@@ -623,6 +623,11 @@ def test_memory_budget_picks_the_chunk_and_changes_no_point():
     for bad in ("lots", "-3MB", 0, True):
         with pytest.raises(ValueError, match="memory_budget"):
             A.MIM(model, eps=EPS, memory_budget=bad)
+    # a budget turns the automatic CUDA-graph capture off (its pool is outside the
+    # estimate); an explicit cuda_graph=True is kept
+    assert A.PGD(model, eps=EPS, memory_budget="1GiB").cuda_graph is False
+    assert A.PGD(model, eps=EPS, memory_budget="1GiB", cuda_graph=True).cuda_graph is True
+    assert A.PGD(model, eps=EPS).cuda_graph == "auto"
 
 
 def test_robust_eval_memory_budget():
