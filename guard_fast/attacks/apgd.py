@@ -196,7 +196,7 @@ class APGD(Attack):
             """One APGD iteration, every state tensor updated in place."""
             if fused:
                 x_new = _ops.direct.apgd_step(st["x_adv"], st["x_adv_old"], st["grad"],
-                                       st["step_size"], st["x"], eps, a)
+                                              st["step_size"], st["x"], eps, a)
             else:
                 x_new = apgd_update(st["x_adv"], st["x_adv_old"], st["grad"], st["step_size"],
                                     st["lo"], st["hi"], a)
