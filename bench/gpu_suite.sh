@@ -10,6 +10,8 @@
 #
 # SUITE_STEPS="tests e2e" runs only the named steps (tests, loss, attacks, ops, recover,
 # squeeze, e2e, loss-compiled; the build always runs): a second, shorter lease for what the first cut.
+# BENCH_COMMIT=<hash> labels every result row with that commit (the copy on a lent machine
+# may carry a stale .git; send the hash of the code you run).
 # SUITE_DEVICE=cpu runs the same steps in a small form on a CPU-only machine (a smoke test of
 # this script; tests/test_gpu_suite.py does that).
 set -uo pipefail
@@ -31,6 +33,7 @@ STEPS=" ${SUITE_STEPS:-tests loss attacks ops recover squeeze e2e loss-compiled}
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 step environment
+echo "commit recorded in result rows: ${BENCH_COMMIT:-from git in this copy}"
 if [ "$DEV" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 fi

@@ -35,6 +35,11 @@ def device_name(device: str | torch.device = "cpu") -> str:
 
 
 def _commit() -> str:
+    """The code's commit: BENCH_COMMIT if set (a copy whose .git lags the working tree, as
+    on a lent GPU machine, is told the commit by whoever sends it), else git's HEAD, with
+    "+dirty" for uncommitted changes to tracked files."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=Path(__file__).parent, timeout=10)

@@ -33,3 +33,17 @@ def test_gpu_suite_smoke_on_cpu(tmp_path):
         for s in ("squeeze", "recover", "relabel", "student", "eval"):
             assert (m, s) in stages, (m, s)
     assert any(r["stage"] == "total" for r in e2e)
+
+
+def test_bench_commit_label(monkeypatch):
+    """Result rows carry BENCH_COMMIT when it is set (a lent machine's copy may carry a
+    stale .git), else git's HEAD."""
+    import sys
+    sys.path.insert(0, str(ROOT / "bench"))
+    import harness
+    monkeypatch.setenv("BENCH_COMMIT", "abc1234")
+    assert harness._commit() == "abc1234"
+    monkeypatch.delenv("BENCH_COMMIT")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    assert harness._commit().split("+")[0] in (head, "unknown")
