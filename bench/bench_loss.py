@@ -239,8 +239,11 @@ def main(argv=None) -> int:
                                                         max(base["straightforward"]["peak_mem_mb"], 1e-9))
                     if "ce" in base:
                         row["x_ce"] = res["median_ms"] / base["ce"]["median_ms"]
-                row.update(device_type=args.device.split(":")[0], channels_last=args.channels_last,
-                           batch=batch, size=size, stem=stem, quick=args.quick)
+                from guard_fast import ops
+                dtype_dev = args.device.split(":")[0]
+                row.update(device_type=dtype_dev, channels_last=args.channels_last,
+                           batch=batch, size=size, stem=stem, quick=args.quick,
+                           backend=ops.backend_for(dtype_dev))
                 rows.append(append_result("loss", row, args.results_dir, device=args.device))
                 print(table([rows[-1]], ["config", "dtype", "variant", "median_ms", "p20_ms", "p80_ms",
                                          "peak_mem_mb", "x_straightforward", "mem_x_straightforward",
