@@ -369,6 +369,22 @@ def test_square_table_loop_same_points(batch):
         assert torch.equal(got, ref), kw
 
 
+def test_square_windows_drawn_up_front_equal_per_query_draws():
+    """All of Square's windows drawn in one go (positions, sizes, signs) are exactly the
+    per-query draws of the reference order, for both schedules and a non-square image."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 20 * 28, 10))
+    for rescale in (True, False):
+        atk = A.Square(model, eps=EPS, n_queries=700, rescale_schedule=rescale, seed=5)
+        sizes, signs = atk._windows(atk.cpu_generator(), 3 * 20 * 28, 3, 20, 28,
+                                    torch.device("cpu"), torch.float32)
+        g = atk.cpu_generator()
+        ref = [atk._window(i, g, 3 * 20 * 28, 3, 20, 28) for i in range(700)]
+        assert sizes == [tuple(r[:3]) for r in ref]
+        assert torch.equal(signs, torch.stack([r[3].reshape(3) for r in ref]))
+    assert A.Square(model, eps=EPS, n_restarts=2)._windows(
+        None, 12, 3, 2, 2, torch.device("cpu"), torch.float32) is None
+
+
 def test_step_loop_runs_every_step_in_pieces():
     """StepLoop (the loop APGD runs between checkpoints) runs exactly the steps asked for,
     in any split, and reset() changes nothing off CUDA."""

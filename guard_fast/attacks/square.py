@@ -246,14 +246,25 @@ class Square(Attack):
 
     def _windows(self, g, n_features, c, h, w, device, dtype):
         """Every query's window drawn up front (the draws do not depend on the data): one
-        copy of all signs to the device instead of one small copy per query. Only with one
-        restart, where nothing draws from g after the queries (a run that ends early has
-        drawn more than the reference, which no later draw can see)."""
+        copy of all signs to the device instead of one small copy per query. The CPU
+        generator yields one 32-bit draw per float whatever the call's size, so one draw of
+        n_queries x (2 + C) floats is the per-query sequence (position, position, C signs)
+        and the arithmetic is `_window`'s. Only with one restart, where nothing draws from g
+        after the queries (a run that ends early has drawn more than the reference, which no
+        later draw can see)."""
         if self.n_restarts != 1:
             return None
-        wins = [self._window(i, g, n_features, c, h, w) for i in range(self.n_queries)]
-        signs = torch.stack([win[3].reshape(c) for win in wins]).to(device, dtype)
-        return [(s, vh, vw) for s, vh, vw, _ in wins], signs
+        q = self.n_queries
+        sizes = []
+        for i in range(q):
+            p = square_p_selection(i, self.p_init, q, self.rescale_schedule)
+            sizes.append(min(max(int(round(math.sqrt(p * n_features / c))), 1), h, w))
+        u = torch.rand(q * (2 + c), generator=g).view(q, 2 + c)
+        side = torch.tensor(sizes, dtype=torch.long)
+        vh = ((h - side).to(u.dtype) * u[:, 0]).long()
+        vw = ((w - side).to(u.dtype) * u[:, 1]).long()
+        signs = torch.sign(2 * u[:, 2:] - 1).to(device, dtype)
+        return list(zip(sizes, vh.tolist(), vw.tolist())), signs
 
     def _candidate(self, xb, lo, hi, i_iter, g, n_features, c, h, w, pre=None):
         """x_best with one random square window moved to the other side of the eps-box."""
