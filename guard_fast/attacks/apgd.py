@@ -127,7 +127,7 @@ class APGD(Attack):
         x_adv.requires_grad_(True)
         logits = self.get_logits(x_adv)
         loss = self._loss_indiv(logits, y, y_target)
-        grad, = torch.autograd.grad(loss.sum(), x_adv)   # sum: per-point gradients
+        grad = self.input_grad(loss.sum(), x_adv)   # sum: per-point gradients
         x_adv.requires_grad_(False)
         return grad, logits.detach(), loss.detach()
 

@@ -54,7 +54,7 @@ class AutoAttack(Attack):
             (opt-in, off in both versions; see APGDT: same verdict rule, robust accuracy
             within noise of the reference order, several times faster on a GPU).
     Other keyword arguments (mean, std, device, dtype, batch_size, seed, active_set,
-    cuda_graph) are passed to every stage. After a call, `stage_robust` holds the points
+    cuda_graph, conv_backward) are passed to every stage. After a call, `stage_robust` holds the points
     still robust after each stage and `stage_seconds` each stage's wall time.
     """
 
@@ -74,7 +74,8 @@ class AutoAttack(Attack):
         sub = dict(mean=None if self._mean is None else self._mean.flatten().tolist(),
                    std=None if self._std is None else self._std.flatten().tolist(),
                    device=self.device, dtype=self.dtype, seed=self.seed,
-                   active_set=self.active_set, cuda_graph=self.cuda_graph)
+                   active_set=self.active_set, cuda_graph=self.cuda_graph,
+                   conv_backward=self.conv_backward)
         if version == "standard":
             steps, fsteps, queries, targets = 100, 100, 5000, 9
             variant, rescale = "fra31", False

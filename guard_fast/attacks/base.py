@@ -34,6 +34,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Type, Union
 import torch
 from torch import nn
 
+from .. import convgrad
 from .graphs import CudaGraphMode, check_cuda_graph
 
 __all__ = ["Attack", "register_attack", "get_attack", "list_attacks", "attack_registry",
@@ -157,6 +158,12 @@ class Attack:
             on CUDA for loops of >= 8 steps unless memory_budget is set (a graph keeps its
             own memory pool, which the budget does not cover), True (an error off CUDA),
             False. Same points either way (attacks/graphs.py).
+        conv_backward: which kernel computes convolution backwards on the CPU
+            (guard_fast.convgrad): "auto" (per convolution shape, the faster of PyTorch's
+            oneDNN kernel and ATen's im2col kernel; 2x on the first layers of small CNNs),
+            "pytorch" (PyTorch's own choice: bit-identical to torchattacks and fra31's
+            code), "im2col"; None (default): $GUARD_FAST_CONV_BACKWARD, else "auto". The
+            kernels round differently (gradients agree to ~1e-5 relative). No effect on CUDA.
     """
 
     #: registry name of the attack
@@ -171,7 +178,8 @@ class Attack:
                  device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None,
                  batch_size: Optional[int] = None, seed: Optional[int] = 0,
                  active_set: bool = True, cuda_graph: CudaGraphMode = "auto",
-                 memory_budget: Union[int, str, None] = None):
+                 memory_budget: Union[int, str, None] = None,
+                 conv_backward: Optional[str] = None):
         if not isinstance(model, nn.Module) and not callable(model):
             raise TypeError(f"model must be a torch.nn.Module or callable, got {type(model).__name__}")
         self.model = model
@@ -197,6 +205,8 @@ class Attack:
             # the budget's estimate does not cover (H200, PGD-20 in chunks of 376: 798 MiB
             # peak with the graph, 27 MiB without, for a 16 MiB budget)
             self.cuda_graph = False
+        self.conv_backward = (convgrad.default_mode() if conv_backward is None
+                              else convgrad.check_mode(conv_backward))
         self.set_normalization(mean, std)
         self._labels_to_check: Optional[torch.Tensor] = None
         self.n_classes: Optional[int] = None
@@ -239,6 +249,19 @@ class Attack:
             self._labels_to_check = None
         self.n_classes = out.shape[1]
         return out
+
+    def conv_backward_block(self, device=None):
+        """A block in which CPU convolution backwards use this attack's `conv_backward`
+        choice (guard_fast.convgrad). Only backward passes run in it: the dispatch mode
+        that makes the choice costs a few microseconds per op it sees."""
+        return convgrad.conv_backward(self.conv_backward, self.device if device is None
+                                      else device)
+
+    def input_grad(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """d output / d x (output a scalar), computed under `conv_backward_block`."""
+        with convgrad.conv_backward(self.conv_backward, x.device):
+            grad, = torch.autograd.grad(output, x)
+        return grad
 
     @staticmethod
     def _check_label_range(labels: torch.Tensor, n_classes: int) -> None:

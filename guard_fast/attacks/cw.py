@@ -98,7 +98,8 @@ class CW(Attack):
             f = cw_margin(logits, y, self.kappa, self.margin)
             cost = cur_l2.sum() + self.c * f.sum()
             optimizer.zero_grad()
-            cost.backward()
+            with self.conv_backward_block(w.device):
+                cost.backward()
             optimizer.step()
             with torch.no_grad():
                 better = (logits.argmax(1) != y) & (best_l2 > cur_l2)
@@ -167,7 +168,7 @@ class CWLinf(Attack):
                     break
                 # min(max_{i!=y} Z_i - Z_y, kappa), summed: per-point gradients
                 loss = torch.clamp(-cw_margin(logits, y, float("inf"), "exact"), max=self.kappa)
-                grad, = torch.autograd.grad(loss.sum(), x_adv)
+                grad = self.input_grad(loss.sum(), x_adv)
             x_adv = update(x_adv.detach(), x, grad, alpha, eps)   # the PGD step, fused
             if self.active_set and (step + 1) % self.compact_every == 0:
                 keep = ~found

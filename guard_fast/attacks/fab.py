@@ -156,7 +156,7 @@ class FAB(Attack):
         with torch.enable_grad():
             z = self.get_logits(x1)
             f = z.gather(1, la_t[:, None]).squeeze(1) - z.gather(1, la[:, None]).squeeze(1)
-            grad, = torch.autograd.grad(f.sum(), x1)
+            grad = self.input_grad(f.sum(), x1)
         return f.detach(), grad
 
     @torch.no_grad()

@@ -107,7 +107,7 @@ class MIM(Attack):
             nonlocal x_adv, momentum
             xa = x_adv.detach().requires_grad_(True)
             loss = F.cross_entropy(self.get_logits(xa), y)   # batch mean in both codes
-            grad, = torch.autograd.grad(loss, xa)
+            grad = self.input_grad(loss, xa)
             if fused:
                 new_x, new_m = _ops.direct.mim_step(x_adv, x, grad, momentum, self.alpha,
                                                     self.eps, self.decay, per_sample)

@@ -92,7 +92,7 @@ class PGD(Attack):
             nonlocal x_adv
             xa = x_adv.detach().requires_grad_(True)
             loss = F.cross_entropy(self.get_logits(xa), y)   # batch mean, as torchattacks
-            grad, = torch.autograd.grad(loss, xa)
+            grad = self.input_grad(loss, xa)
             new = update(x_adv, x, grad, alpha, eps)
             if graph:   # a replayed graph reads and writes fixed buffers
                 x_adv.copy_(new)
