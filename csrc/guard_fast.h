@@ -127,6 +127,11 @@ at::Tensor square_window_meta(const at::Tensor& x_best, const at::Tensor& lo,
                               const at::Tensor& hi, const at::Tensor& signs, int64_t vh,
                               int64_t vw, int64_t s, double step);
 
+// FAB's L-inf projection onto a hyperplane inside the unit box, per row (fab_cpu.cpp).
+// CPU only: on GPUs the batched torch form runs inside the attack's CUDA graph.
+at::Tensor fab_project_cpu(const at::Tensor& t, const at::Tensor& w, const at::Tensor& b);
+at::Tensor fab_project_meta(const at::Tensor& t, const at::Tensor& w, const at::Tensor& b);
+
 at::Tensor pgd_step_meta(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
                          double alpha, double eps);
 std::tuple<at::Tensor, at::Tensor> mim_step_meta(const at::Tensor& x_adv, const at::Tensor& x,

@@ -43,6 +43,8 @@ TORCH_LIBRARY(guard_fast_C, m) {
   m.def("square_window(Tensor x_best, Tensor lo, Tensor hi, Tensor signs, int vh, int vw, int s, "
         "float step) -> Tensor",
         tags);
+  // FAB's L-inf projection, per row (CPU kernel only)
+  m.def("fab_project(Tensor t, Tensor w, Tensor b) -> Tensor", tags);
 }
 
 TORCH_LIBRARY_IMPL(guard_fast_C, CPU, m) {
@@ -53,6 +55,7 @@ TORCH_LIBRARY_IMPL(guard_fast_C, CPU, m) {
   m.impl("mim_step", &guard_fast::mim_step_cpu);
   m.impl("apgd_step", &guard_fast::apgd_step_cpu);
   m.impl("square_window", &guard_fast::square_window_cpu);
+  m.impl("fab_project", &guard_fast::fab_project_cpu);
 }
 
 // Meta kernels double as the fake (abstract) impls used by FakeTensor,
@@ -66,6 +69,7 @@ TORCH_LIBRARY_IMPL(guard_fast_C, Meta, m) {
   m.impl("mim_step", &guard_fast::mim_step_meta);
   m.impl("apgd_step", &guard_fast::apgd_step_meta);
   m.impl("square_window", &guard_fast::square_window_meta);
+  m.impl("fab_project", &guard_fast::fab_project_meta);
 }
 
 #ifdef GUARD_FAST_WITH_CUDA

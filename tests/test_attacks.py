@@ -222,8 +222,10 @@ def test_apgd_apgdt_fab_match_torchattacks(batch, ta):
         full = type(ours_atk)(**{**_kwargs(ours_atk), "active_set": False})(x, y)
         assert_close(full, ref, 1e-5, name)
         assert torch.equal(robust_mask(model, x, full, y), robust_mask(model, x, ref, y)), name
+        # (FAB: and the torch form of the projection, fra31's arithmetic)
+        same = {"projection": "torch"} if isinstance(ours_atk, A.FAB) else {}
         exact = type(ours_atk)(**{**_kwargs(ours_atk), "active_set": False,
-                                  "conv_backward": "pytorch"})(x, y)
+                                  "conv_backward": "pytorch", **same})(x, y)
         assert_close(exact, ref, 0.0, name + ", PyTorch's conv backward")
 
 
@@ -420,6 +422,63 @@ def test_fab_projection_matches_fra31():
         assert_close(ours, ref, 1e-6, f"projection {m}x{d}")
         z = t + ours
         assert (z >= -1e-6).all() and (z <= 1 + 1e-6).all()
+
+
+def _projection_rows(seed, dtype=torch.float32):
+    """Rows of every kind: random, pixels at the bounds, w = 0 coordinates and a whole
+    w = 0 row, targets beyond the box's reach, on the hyperplane already, and tiny steps."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for m, d in [(1, 7), (9, 33), (64, 784), (5, 3 * 32 * 32)]:
+        t = torch.rand(m, d, generator=g, dtype=dtype)
+        t[:, : d // 3] = (t[:, : d // 3] > 0.5).to(dtype)
+        w = torch.randn(m, d, generator=g, dtype=dtype)
+        w[:, :2] = 0.0
+        b = (w * torch.rand(m, d, generator=g, dtype=dtype)).sum(1) * \
+            torch.rand(m, generator=g, dtype=dtype) * 3
+        if m > 4:
+            w[0] = 0.0                                   # nothing can move
+            b[1] = (w[1] * t[1]).sum() + 1e6              # unreachable: move everything
+            b[2] = (w[2] * t[2]).sum()                    # already on the hyperplane
+            b[3] = (w[3] * t[3]).sum() - 1e-4             # a tiny step (below every room)
+        out.append((t, w, b))
+    return out
+
+
+def test_fab_cpp_projection_matches_torch_form():
+    from guard_fast.attacks.fab import projection_for
+    if projection_for("auto", torch.device("cpu")) != "cpp":
+        pytest.skip("guard_fast._C has no fab_project")
+    fp = torch.ops.guard_fast_C.fab_project
+    for dtype, tol in [(torch.float32, 2e-6), (torch.float64, 1e-12)]:
+        for t, w, b in _projection_rows(1, dtype):
+            ref = A.project_linf_box(t, w, b)
+            got = fp(t, w, b)
+            assert got.dtype == dtype and got.shape == t.shape
+            assert_close(got, ref, tol, f"fab_project {tuple(t.shape)} {dtype}")
+            assert bool((w == 0).logical_and(got != 0).logical_not().all())   # w = 0: no move
+            z = t + got
+            assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
+    t, w, b = _projection_rows(2)[2]
+    assert torch.equal(fp(t.t().contiguous().t(), w, b), fp(t, w, b))   # strided input
+    with pytest.raises(RuntimeError, match="w must have t's shape"):
+        fp(t, w[:, :-1], b)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        fp(t, w.double(), b)
+    with pytest.raises(ValueError, match="projection.*'sorted'"):
+        A.FAB(torch.nn.Linear(4, 2), eps=0.1, projection="sorted")
+
+
+def test_fab_cpp_projection_same_robust_points(batch):
+    from guard_fast.attacks.fab import projection_for
+    if projection_for("auto", torch.device("cpu")) != "cpp":
+        pytest.skip("guard_fast._C has no fab_project")
+    model, x, y = batch
+    kw = dict(eps=EPS, steps=20, n_target_classes=3, seed=0)
+    cpp = A.FAB(model, projection="cpp", **kw)(x, y)
+    ref = A.FAB(model, projection="torch", **kw)(x, y)
+    assert torch.equal(robust_mask(model, x, cpp, y), robust_mask(model, x, ref, y))
+    assert_close(cpp, ref, 1e-4, "FAB cpp vs torch projection")
 
 
 def test_square_schedule_matches_fra31():

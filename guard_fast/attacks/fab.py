@@ -31,7 +31,7 @@ import torch
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
 from .graphs import StepLoop, want_cuda_graph
 
-__all__ = ["FAB", "project_linf_box"]
+__all__ = ["FAB", "project_linf_box", "projection_for", "PROJECTIONS"]
 
 
 def project_linf_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -97,6 +97,34 @@ def project_linf_box(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch
     return d * moves
 
 
+PROJECTIONS = ("auto", "torch", "cpp")
+
+
+def _has_cpp_projection() -> bool:
+    from .. import ops
+    return ops.extension is not None and hasattr(torch.ops.guard_fast_C, "fab_project")
+
+
+def projection_for(request: str, device: torch.device) -> str:
+    """Which projection FAB runs: "cpp" (the C++ CPU kernel guard_fast_C::fab_project,
+    csrc/fab_cpu.cpp: per row, a sort-free solve of the same piecewise-linear equation,
+    ~4x the torch form on a 2-core CPU; equal up to rounding) or "torch"
+    (`project_linf_box`, fra31's arithmetic, and what CUDA tensors run, inside the
+    attack's CUDA graph). "auto": cpp for CPU tensors when the extension has it."""
+    if request not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {', '.join(map(repr, PROJECTIONS))}; "
+                         f"got {request!r}")
+    if request == "torch" or (request == "auto" and (device.type != "cpu"
+                                                      or not _has_cpp_projection())):
+        return "torch"
+    if device.type != "cpu":
+        raise ValueError(f"projection='cpp' runs CPU tensors only; these are on {device}")
+    if not _has_cpp_projection():
+        raise RuntimeError("projection='cpp' needs guard_fast._C with fab_project: rebuild it "
+                           "(pip install --no-build-isolation -e .)")
+    return "cpp"
+
+
 @register_attack("fab-t", "fab", "fabt")
 class FAB(Attack):
     """FAB-T (Croce & Hein 2020), L-inf, multi-targeted.
@@ -116,6 +144,9 @@ class FAB(Attack):
             code does. With n_restarts > 1 targets always run one after the other (the
             random restarts then draw from one stream in the reference order).
         compact_every: active-set compaction interval (one host sync each).
+        projection: "auto" (default), "cpp" or "torch": which implementation of the L-inf
+            projection runs (see `projection_for`); "torch" with conv_backward="pytorch"
+            reproduces the reference's points bit for bit on the CPU.
     """
 
     name = "FAB-T"
@@ -123,7 +154,8 @@ class FAB(Attack):
 
     def __init__(self, model, eps: float = 8 / 255, steps: int = 100, n_target_classes: int = 9,
                  n_restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05,
-                 beta: float = 0.9, target_chunk=None, compact_every: int = 5, **kwargs):
+                 beta: float = 0.9, target_chunk=None, compact_every: int = 5,
+                 projection: str = "auto", **kwargs):
         super().__init__(model, eps=check_eps(eps), **kwargs)
         self.steps = check_steps(steps)
         self.n_target_classes = check_steps(n_target_classes, "n_target_classes")
@@ -134,6 +166,8 @@ class FAB(Attack):
         self.target_chunk = None if target_chunk is None else check_steps(target_chunk,
                                                                           "target_chunk")
         self.compact_every = check_steps(compact_every, "compact_every")
+        projection_for(projection, torch.device("cpu"))   # validates the name
+        self.projection = projection
 
     #: with a captured step, compact only when at least this share of the rows can leave
     #: (each compaction costs a new capture); the eager loop compacts whenever any can
@@ -186,6 +220,8 @@ class FAB(Attack):
             x1 = (im2 + rad * t / t.reshape(n, -1).abs().max(dim=1, keepdim=True)[0].view(view)
                   * 0.5).clamp(0.0, 1.0)
         out_adv, out_res = adv.clone(), res2.clone()
+        project = (torch.ops.guard_fast_C.fab_project
+                   if projection_for(self.projection, x.device) == "cpp" else project_linf_box)
         st = dict(x1=x1.contiguous(), im2=im2, la2=la2, lt2=lt2, adv=adv, res2=res2,
                   idx=torch.arange(n, device=x.device))   # idx: row of `keep` of each row
 
@@ -196,7 +232,7 @@ class FAB(Attack):
             f, grad = self._diff_and_grad(x1, st["la2"], st["lt2"])
             w = grad.reshape(n, -1)
             b = -f + (w * x1.reshape(n, -1)).sum(dim=-1)
-            d3 = project_linf_box(torch.cat((x1.reshape(n, -1), im2.reshape(n, -1)), 0),
+            d3 = project(torch.cat((x1.reshape(n, -1), im2.reshape(n, -1)), 0),
                                   torch.cat((w, w), 0), torch.cat((b, b), 0))
             d1 = d3[:n].reshape(x1.shape)
             d2 = d3[n:].reshape(x1.shape)
