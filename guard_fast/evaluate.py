@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from guard_fast import convgrad
 from guard_fast.attacks.base import Attack, eval_mode, parse_bytes
 from guard_fast.attacks.protocols import TABLE_COLUMNS, Protocol, get_protocol
 
@@ -255,6 +256,11 @@ def robust_eval(model: nn.Module, data: DataLike, protocol: Union[str, Protocol]
         "sweep": [{"eps": e, "eps_255": e * 255, "attacks": block(e)} for e in sweep_eps]
         if eps_sweep else [],
         "settings": {n: repr(built[eps][n]) for n in names},
+        # which CPU convolution backward kernel each shape used (guard_fast.convgrad): the
+        # choice is timed per process, so it is recorded with the numbers
+        "conv_backward": {"modes": sorted({getattr(a, "conv_backward", "-")
+                                           for b in built.values() for a in b.values()}),
+                          "choices": convgrad.choices() if dev.type == "cpu" else {}},
     }
     if out_dir is not None:
         write_outputs(result, out_dir)

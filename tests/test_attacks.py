@@ -461,6 +461,9 @@ def test_fab_cpp_projection_matches_torch_form():
             assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
     t, w, b = _projection_rows(2)[2]
     assert torch.equal(fp(t.t().contiguous().t(), w, b), fp(t, w, b))   # strided input
+    torch.library.opcheck(torch.ops.guard_fast_C.fab_project.default, (t[:4], w[:4], b[:4]),
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
     with pytest.raises(RuntimeError, match="w must have t's shape"):
         fp(t, w[:, :-1], b)
     with pytest.raises(RuntimeError, match="share a dtype"):
