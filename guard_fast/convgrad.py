@@ -40,7 +40,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["conv_backward", "choices", "default_mode", "check_mode", "MODES",
+__all__ = ["conv_backward", "choices", "im2col_calls", "block_active", "default_mode", "check_mode", "MODES",
            "MAX_IN_CHANNELS", "MARGIN"]
 
 MODES = ("auto", "pytorch", "im2col")
@@ -59,6 +59,7 @@ _FLOATS = (torch.float32, torch.float64)
 _lock = threading.Lock()
 _choices: Dict[tuple, dict] = {}
 _active = threading.local()
+_im2col_calls = [0]   # backwards the im2col kernel ran (see im2col_calls)
 
 
 def check_mode(mode) -> str:
@@ -80,6 +81,18 @@ def choices() -> Dict[str, dict]:
     """The decisions made so far: a readable shape key -> {"kernel", "pytorch_ms", "im2col_ms"}."""
     with _lock:
         return {_describe(k): dict(v) for k, v in _choices.items()}
+
+
+def im2col_calls() -> int:
+    """How many convolution backwards the im2col kernel has run in this process: callers
+    compare it before and after a backward to learn whether the mode did anything there
+    (and skip it next time if not; see Attack.input_grad)."""
+    return _im2col_calls[0]
+
+
+def block_active() -> bool:
+    """Whether this thread is inside a `conv_backward` block (the outermost decides)."""
+    return bool(getattr(_active, "on", False))
 
 
 def clear_choices() -> None:
@@ -108,6 +121,7 @@ def _eligible(args) -> bool:
 
 
 def _im2col(args):
+    _im2col_calls[0] += 1
     grad_out, inp, weight, bias_sizes, stride, padding, _d, _t, _op, _g, mask = args
     mask = list(mask)
     # the ATen kernel wants a contiguous weight (double backwards pass strided ones) and

@@ -173,3 +173,43 @@ def test_pgd_points_same_with_either_kernel():
     ref = PGD(model, eps=0.1, alpha=0.025, steps=10, conv_backward="pytorch")(x, y)
     got = PGD(model, eps=0.1, alpha=0.025, steps=10, conv_backward="im2col")(x, y)
     assert (got - ref).abs().max().item() <= 1e-6
+
+
+def test_attack_uses_the_mode_only_where_it_pays(monkeypatch):
+    """Attack.input_grad: forced im2col runs the kernel at every step; with "auto", a model
+    without eligible convolutions drops the mode after one backward per input shape, and a
+    model with them settles, after three backwards, on the mode or on plain autograd.
+    The points agree with PyTorch's kernel throughout."""
+    from guard_fast.attacks import PGD
+    entered = []
+    real = convgrad.conv_backward
+
+    def counting(*a, **k):
+        entered.append(1)
+        return real(*a, **k)
+
+    import guard_fast.attacks.base as base
+    monkeypatch.setattr(base.convgrad, "conv_backward", counting)
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 6 * 6, 3))
+    x, y = torch.rand(5, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+    before = convgrad.im2col_calls()
+    PGD(conv, eps=0.1, alpha=0.02, steps=4, conv_backward="im2col")(x, y)
+    assert convgrad.im2col_calls() - before == 4 and len(entered) == 4
+    entered.clear()
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    atk = PGD(mlp, eps=0.1, alpha=0.02, steps=4)
+    atk(x, y)
+    atk(x[:3], y[:3])          # another batch bucket: entered once more
+    assert len(entered) == 2 and set(atk.conv_plan.values()) == {"plain"}
+    atk = PGD(conv, eps=0.1, alpha=0.02, steps=6)
+    ref = PGD(conv, eps=0.1, alpha=0.02, steps=6, conv_backward="pytorch")(x, y)
+    assert (atk(x, y) - ref).abs().max().item() <= 1e-6
+    (plan,) = atk.conv_plan.values()
+    assert plan in ("mode", "plain"), plan
+    entered.clear()
+    with real("pytorch"):   # an outer block decides; nothing is learnt under it
+        atk2 = PGD(conv, eps=0.1, alpha=0.02, steps=3)
+        atk2(x, y)
+    assert atk2.conv_plan == {}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Callable, Dict, Iterable, Optional, Sequence, Type, Union
 
 import torch
@@ -207,6 +208,9 @@ class Attack:
             self.cuda_graph = False
         self.conv_backward = (convgrad.default_mode() if conv_backward is None
                               else convgrad.check_mode(conv_backward))
+        #: per input shape, whether input gradients run under the conv_backward mode
+        #: ("mode") or plain autograd ("plain"); see input_grad
+        self.conv_plan: dict = {}
         self.set_normalization(mean, std)
         self._labels_to_check: Optional[torch.Tensor] = None
         self.n_classes: Optional[int] = None
@@ -258,9 +262,43 @@ class Attack:
                                       else device)
 
     def input_grad(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """d output / d x (output a scalar), computed under `conv_backward_block`."""
+        """d output / d x (output a scalar), computed under `conv_backward_block`.
+
+        With "auto", the block's dispatch mode costs ~15-25 us per op of the backward it
+        sees (30+ ops for APGD's DLR loss), which can outweigh the faster convolution kernel
+        on small batches. So, per input shape (batch bucketed to a power of two, as the
+        kernel choice is), the first backwards decide whether to use it at all: the first
+        runs under the mode (and makes the kernel choices); if it ran no im2col kernel, the
+        mode is dropped for that shape; else one backward with and one without the mode
+        are timed, and the faster way is kept (`conv_plan` lists the decisions).
+        "im2col" always uses the mode."""
+        if self.conv_backward == "pytorch" or x.device.type != "cpu":
+            grad, = torch.autograd.grad(output, x)
+            return grad
+        if self.conv_backward == "im2col" or convgrad.block_active():
+            with convgrad.conv_backward(self.conv_backward, x.device):
+                grad, = torch.autograd.grad(output, x)
+            return grad
+        n = int(x.shape[0])
+        key = ((1 << max(n - 1, 0).bit_length(),) + tuple(x.shape[1:]), x.dtype,
+               torch.get_num_threads())
+        plans = self.conv_plan
+        plan = plans.get(key)
+        if plan == "plain" or (isinstance(plan, tuple) and plan[0] == "timed"):
+            t0 = time.perf_counter()
+            grad, = torch.autograd.grad(output, x)
+            if plan != "plain":   # mode vs plain: keep the mode only when clearly faster
+                t_plain = time.perf_counter() - t0
+                plans[key] = "mode" if plan[1] * 1.05 < t_plain else "plain"
+            return grad
+        before = convgrad.im2col_calls()
+        t0 = time.perf_counter()
         with convgrad.conv_backward(self.conv_backward, x.device):
             grad, = torch.autograd.grad(output, x)
+        if plan is None:
+            plans[key] = "plain" if convgrad.im2col_calls() == before else "probe"
+        elif plan == "probe":
+            plans[key] = ("timed", time.perf_counter() - t0)
         return grad
 
     @staticmethod
