@@ -459,6 +459,15 @@ def test_fab_cpp_projection_matches_torch_form():
             assert bool((w == 0).logical_and(got != 0).logical_not().all())   # w = 0: no move
             z = t + got
             assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
+    # bf16 / fp16: at most about twice eager's error at that precision, both against fp64
+    for low in (torch.bfloat16, torch.float16):
+        for t, w, b in _projection_rows(3, torch.float64)[1:3]:
+            exact = A.project_linf_box(t, w, b)
+            lo = [v.to(low) for v in (t, w, b)]
+            err_k = (fp(*lo).double() - exact).abs().max().item()
+            err_e = (A.project_linf_box(*lo).double() - exact).abs().max().item()
+            assert fp(*lo).dtype == low
+            assert err_k <= 2 * err_e + 1e-3, (low, err_k, err_e)
     t, w, b = _projection_rows(2)[2]
     assert torch.equal(fp(t.t().contiguous().t(), w, b), fp(t, w, b))   # strided input
     torch.library.opcheck(torch.ops.guard_fast_C.fab_project.default, (t[:4], w[:4], b[:4]),
