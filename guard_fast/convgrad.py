@@ -40,7 +40,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["conv_backward", "choices", "im2col_calls", "block_active", "default_mode", "check_mode", "MODES",
+__all__ = ["conv_backward", "choices", "im2col_calls", "block_active", "batch_bucket", "default_mode", "check_mode", "MODES",
            "MAX_IN_CHANNELS", "MARGIN"]
 
 MODES = ("auto", "pytorch", "im2col")
@@ -108,6 +108,12 @@ def _describe(key: tuple) -> str:
             f"threads {threads}")
 
 
+def batch_bucket(n: int) -> int:
+    """Batch sizes share decisions by bucket, the next power of two: attacks' active sets
+    shrink the batch step by step, and timing every size anew would cost more than it saves."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def _eligible(args) -> bool:
     if len(args) != 11:
         return False
@@ -145,10 +151,7 @@ def _best_of_two(fn, args) -> Tuple[float, object]:
 def _decide(args):
     """Time both kernels on this call's tensors; return (kernel, that kernel's result)."""
     grad_out, inp, weight, _b, stride, padding, _d, _t, _op, _g, mask = args
-    # batch sizes bucketed to the next power of two: attacks' active sets shrink the batch
-    # step by step, and timing every size anew would cost more than it saves
-    n = int(inp.shape[0])
-    key = ((1 << max(n - 1, 0).bit_length(),) + tuple(inp.shape[1:]), tuple(weight.shape), tuple(stride), tuple(padding),
+    key = ((batch_bucket(inp.shape[0]),) + tuple(inp.shape[1:]), tuple(weight.shape), tuple(stride), tuple(padding),
            tuple(bool(m) for m in mask), inp.dtype, torch.get_num_threads())
     with _lock:
         hit = _choices.get(key)

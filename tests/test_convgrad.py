@@ -130,6 +130,11 @@ def test_ineligible_convolutions_untouched():
     assert convgrad.choices() == {}
 
 
+def test_batch_bucket():
+    assert [convgrad.batch_bucket(n) for n in (0, 1, 2, 3, 4, 5, 15, 16, 17, 114)] == \
+        [1, 1, 2, 4, 4, 8, 16, 16, 32, 128]
+
+
 def test_modes_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="'fastest'"):
         convgrad.conv_backward("fastest").__enter__()

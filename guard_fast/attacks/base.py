@@ -279,8 +279,7 @@ class Attack:
             with convgrad.conv_backward(self.conv_backward, x.device):
                 grad, = torch.autograd.grad(output, x)
             return grad
-        n = int(x.shape[0])
-        key = ((1 << max(n - 1, 0).bit_length(),) + tuple(x.shape[1:]), x.dtype,
+        key = ((convgrad.batch_bucket(x.shape[0]),) + tuple(x.shape[1:]), x.dtype,
                torch.get_num_threads())
         plans = self.conv_plan
         plan = plans.get(key)
