@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from guard_fast.data import (DATASETS, CIFAR, BundledMNIST, ImageFolderDataset, epoch_order, get_data,
-                             make_loader, write_synthetic_imagefolder)
+from guard_fast.data import (DATASETS, CIFAR, BundledMNIST, ImageFolderDataset, epoch_order,
+                             fixed_subset, get_data, make_loader, write_synthetic_imagefolder)
 from guard_fast.data import dali as gdali
 
 # ----------------------------------------------------------------------------- fixtures
@@ -86,6 +86,23 @@ def test_bundled_split_deterministic_and_disjoint(mnist):
     assert torch.equal(again.images, mnist.val.images) and torch.equal(again.targets, mnist.val.targets)
     tr = {bytes(a.numpy()) for a in mnist.train.images}
     assert not any(bytes(a.numpy()) in tr for a in mnist.val.images[:200])  # no val digit in train
+
+
+def test_fixed_subset_is_one_seeded_draw_in_dataset_order(mnist):
+    """The same n images for a seed whatever ran before, kept in dataset order, spread over
+    the classes; n None or past the end: all of it."""
+    torch.manual_seed(1)
+    x, y = fixed_subset(mnist.val, 50, seed=0)
+    torch.manual_seed(2)
+    x2, y2 = fixed_subset(mnist.val, 50, seed=0)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and x.shape == (50, 3, 32, 32)
+    assert y.dtype == torch.int64 and len(set(y.tolist())) > 5   # not the first 50 of a class
+    idx = [i for i in range(len(mnist.val)) if any(torch.equal(mnist.val[i][0], a) for a in x[:3])]
+    assert idx == sorted(idx) and len(idx) == 3
+    assert not torch.equal(fixed_subset(mnist.val, 50, seed=1)[1], y)
+    xa, ya = fixed_subset(mnist.val, None, seed=0)
+    assert len(ya) == len(mnist.val) and torch.equal(xa[0], mnist.val[0][0])
+    assert len(fixed_subset(mnist.val, 10 ** 6, seed=0)[1]) == len(mnist.val)
 
 
 def test_bundled_options():

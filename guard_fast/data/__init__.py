@@ -30,6 +30,7 @@ from guard_fast.data.bundled import MNIST_MEAN, MNIST_STD, BundledMNIST, stratif
 from guard_fast.data.cifar import CIFAR, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from guard_fast.data.folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
 from guard_fast.data.loader import BACKENDS, EpochBatchSampler, EpochLoader, epoch_order, make_loader, mix_seed
+from guard_fast.data.subsets import fixed_subset
 from guard_fast.data.synthetic import write_synthetic_imagefolder
 from guard_fast.data.transforms import KINDS, build_transform
 
@@ -105,4 +106,4 @@ def get_data(name: str = "mnist", root: str | None = None, image_size: int | Non
 __all__ = ["get_data", "make_loader", "DataBundle", "DATASETS", "BundledMNIST", "CIFAR", "ImageFolderDataset",
            "write_synthetic_imagefolder", "build_transform", "KINDS", "BACKENDS", "EpochLoader",
            "EpochBatchSampler", "epoch_order", "mix_seed", "stratified_split", "IMAGENET_MEAN", "IMAGENET_STD",
-           "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "MNIST_MEAN", "MNIST_STD"]
+           "fixed_subset", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "MNIST_MEAN", "MNIST_STD"]
