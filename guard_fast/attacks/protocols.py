@@ -43,8 +43,10 @@ alpha = eps / 4). The CW L2 attacks do not depend on eps.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -91,19 +93,47 @@ class Protocol:
                              f"{', '.join(self.attack_names)}")
         return {n: self.builders[n](model, float(eps), **common) for n in names}
 
+    def with_settings(self, **per_attack: Mapping[str, Any]) -> "Protocol":
+        """This protocol with some of its attacks' settings replaced, by attack name:
+        ``with_settings(Square={"n_queries": 500}, AutoAttack={"square_queries": 500})``
+        keeps every other setting as defined here (a reduced budget stays the same attack).
+        The name stays; each attack's repr in the results says what ran."""
+        unknown = [n for n in per_attack if n not in self.builders]
+        if unknown:
+            raise ValueError(f"protocol {self.name!r} has no attack {unknown[0]!r}; it has "
+                             f"{', '.join(self.attack_names)}")
+        builders = {n: functools.partial(b, **per_attack[n]) if n in per_attack else b
+                    for n, b in self.builders.items()}
+        return dataclasses.replace(self, builders=builders)
+
+
+def _attack(cls, **settings) -> Builder:
+    """A builder f(model, eps, **kw) -> cls(model, **settings, **kw). A setting given as a
+    function is called with eps (step sizes are fixed multiples of eps); kw (the common
+    settings of Protocol.build, the overrides of Protocol.with_settings) goes on top."""
+    def build(model, eps, **kw):
+        values = {k: v(eps) if callable(v) else v for k, v in settings.items()}
+        return cls(model, **{**values, **kw})
+    return build
+
+
+def _eps(e: float) -> float:
+    return e
+
+
+# the same in both protocols
+_PGD100 = _attack(PGD, eps=_eps, alpha=lambda e: e / 4, steps=100, random_start=True)
+_SQUARE = _attack(Square, eps=_eps, n_queries=5000, p_init=0.8, loss="margin",
+                  rescale_schedule=True)
+
 
 def _paper_code() -> Protocol:
     b = {
-        "PGD100": lambda m, eps, **kw: PGD(m, eps=eps, alpha=eps / 4, steps=100,
-                                           random_start=True, **kw),
-        "Square": lambda m, eps, **kw: Square(m, eps=eps, n_queries=5000, p_init=0.8,
-                                              loss="margin", rescale_schedule=True, **kw),
-        "AutoAttack": lambda m, eps, **kw: AutoAttack(m, eps=eps, version="torchattacks",
-                                                      n_classes=10, **kw),
-        "CW": lambda m, eps, **kw: CW(m, c=1e-4, kappa=0.0, steps=50, lr=0.01,
-                                      margin="torchattacks", **kw),
-        "MIM": lambda m, eps, **kw: MIM(m, eps=eps, alpha=eps, steps=20, decay=1.0,
-                                        grad_norm="batch", **kw),
+        "PGD100": _PGD100,
+        "Square": _SQUARE,
+        "AutoAttack": _attack(AutoAttack, eps=_eps, version="torchattacks", n_classes=10),
+        "CW": _attack(CW, c=1e-4, kappa=0.0, steps=50, lr=0.01, margin="torchattacks"),
+        "MIM": _attack(MIM, eps=_eps, alpha=_eps, steps=20, decay=1.0, grad_norm="batch"),
     }
     return Protocol("paper-code", "GUARD public evaluation code (torchattacks 3.5.1)", b,
                     robust_requires_clean=False)
@@ -111,17 +141,13 @@ def _paper_code() -> Protocol:
 
 def _standard() -> Protocol:
     b = {
-        "PGD100": lambda m, eps, **kw: PGD(m, eps=eps, alpha=eps / 4, steps=100,
-                                           random_start=True, **kw),
-        "Square": lambda m, eps, **kw: Square(m, eps=eps, n_queries=5000, p_init=0.8,
-                                              loss="margin", rescale_schedule=True, **kw),
-        "AutoAttack": lambda m, eps, **kw: AutoAttack(m, eps=eps, version="standard", **kw),
-        "CW": lambda m, eps, **kw: CWLinf(m, eps=eps, alpha=eps / 4, steps=100, kappa=0.0,
-                                          random_start=True, **kw),
-        "CW-L2": lambda m, eps, **kw: CW(m, c=1e-5, kappa=0.0, steps=50, lr=0.01,
-                                         margin="exact", **kw),
-        "MIM": lambda m, eps, **kw: MIM(m, eps=eps, alpha=eps, steps=20, decay=1.0,
-                                        grad_norm="per_sample", **kw),
+        "PGD100": _PGD100,
+        "Square": _SQUARE,
+        "AutoAttack": _attack(AutoAttack, eps=_eps, version="standard"),
+        "CW": _attack(CWLinf, eps=_eps, alpha=lambda e: e / 4, steps=100, kappa=0.0,
+                      random_start=True),
+        "CW-L2": _attack(CW, c=1e-5, kappa=0.0, steps=50, lr=0.01, margin="exact"),
+        "MIM": _attack(MIM, eps=_eps, alpha=_eps, steps=20, decay=1.0, grad_norm="per_sample"),
     }
     return Protocol("standard", "the paper's protocol with standard attack definitions "
                     "(fra31 AutoAttack standard, per-sample MIM, CW-inf and CW-L2)", b,
