@@ -186,3 +186,27 @@ def test_bad_arguments(mnist):
         robust_eval(model, x, progress=False)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         robust_eval(model, (x * 2, y), attacks={"PGD100": cheap()["PGD100"]}, progress=False)
+
+
+def test_protocol_with_settings_changes_only_the_named_settings(mnist):
+    """A reduced Square budget (the pipeline's square_queries) is the protocol's Square and
+    AutoAttack with that one setting changed; the rest of the protocol is untouched."""
+    from guard_fast.pipeline import eval_protocol
+
+    model = mnist[0]
+    pc = A.get_protocol("paper-code")
+    assert eval_protocol("paper-code", None) is pc
+    small = eval_protocol("paper-code", 7)
+    assert small.name == pc.name and small.attack_names == pc.attack_names
+    assert small.robust_requires_clean == pc.robust_requires_clean
+    a, b = pc.build(model, EPS), small.build(model, EPS)
+    assert (b["Square"].n_queries, a["Square"].n_queries) == (7, 5000)
+    assert repr(b["Square"]) == repr(a["Square"]).replace("n_queries=5000", "n_queries=7")
+    assert (b["AutoAttack"].version, b["AutoAttack"].stages[3].n_queries) == ("torchattacks", 7)
+    assert a["AutoAttack"].stages[3].n_queries == 5000
+    for n in ("PGD100", "CW", "MIM"):
+        assert repr(b[n]) == repr(a[n]), n
+    st = eval_protocol("standard", 7).build(model, EPS, ["AutoAttack"])["AutoAttack"]
+    assert st.version == "standard" and st.stages[3].n_queries == 7
+    with pytest.raises(ValueError, match="no attack 'Squar'"):
+        pc.with_settings(Squar={"n_queries": 7})

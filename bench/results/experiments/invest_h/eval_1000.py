@@ -1,8 +1,8 @@
 import json, sys, time, torch
 torch.set_num_threads(1)
 from guard_fast.distill.squeeze import load_teacher
-from guard_fast.data import get_data
-from guard_fast.pipeline import _fixed_subset, _attacks
+from guard_fast.data import fixed_subset, get_data
+from guard_fast.pipeline import eval_protocol
 from guard_fast.evaluate import robust_eval
 N = 1000
 for name, path in [a.split("=", 1) for a in sys.argv[1:]]:
@@ -10,9 +10,9 @@ for name, path in [a.split("=", 1) for a in sys.argv[1:]]:
     student, arch = load_teacher(path)
     student.eval()
     data = get_data(arch.get("data", "mnist"), image_size=arch["image_size"])
-    val = _fixed_subset(data.val, N, 0)
-    res = robust_eval(student, val, protocol="paper-code", eps=8 / 255, batch_size=250,
-                      attacks=_attacks("paper-code", 500, names=["PGD100", "AutoAttack"]),
+    val = fixed_subset(data.val, N, 0)
+    res = robust_eval(student, val, protocol=eval_protocol("paper-code", 500), eps=8 / 255,
+                      batch_size=250, attacks=["PGD100", "AutoAttack"],
                       seed=0, progress=False)
     res["seconds"] = time.time() - t0
     res["n"] = len(val[1]); res["student"] = path

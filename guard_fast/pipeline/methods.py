@@ -1,0 +1,84 @@
+"""The methods a pipeline compares: a teacher regularizer with its table label, optionally
+with teacher settings.
+
+    method_spec("guard")            -> ("guard", "GUARD", {"regularizer": "guard"})
+    method_spec("gr:0.01")          -> gradient-norm regularization at lambda_g = 0.01 (Table 3)
+    method_spec("guard:lam=10")     -> GUARD with a SqueezeConfig field changed
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["METHODS", "method_spec"]
+
+# name -> (table label, squeeze overrides)
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sre2l": ("SRe2L", dict(regularizer="none")),
+    "guard": ("GUARD", dict(regularizer="guard")),
+    "sre2l-adv": ("SRe2L + Adv", dict(regularizer="pgd-at")),
+    "gr": ("SRe2L + GR", dict(regularizer="gr")),
+}
+
+# SqueezeConfig fields a method may not set: the regularizer is the method itself, the rest
+# belong to the pipeline (folders, device, data)
+_NOT_METHOD_SETTINGS = ("regularizer", "out", "device", "resume", "progress", "data",
+                        "data_root", "preset")
+
+
+def _typed_value(name: str, key: str, raw: str, default: Any, typ: Any) -> Any:
+    """raw parsed as the SqueezeConfig field's type (by its default, or its declared type
+    for an optional field)."""
+    if default is None:   # optional fields ("int | None"): parse by the declared type
+        typ = str(typ)
+        default = 0 if "int" in typ else 0.0 if "float" in typ else ""
+    try:
+        if isinstance(default, bool):
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"method {name!r}: {key}={raw!r} is not a valid "
+                         f"{type(default).__name__}") from None
+
+
+def _gr_spec(name: str, rest: str) -> tuple[str, str, dict[str, Any]]:
+    try:
+        lam = float(rest)
+    except ValueError:
+        raise ValueError(f"method {name!r}: gr:<lambda_g> needs a number, e.g. gr:0.01") from None
+    return f"gr_{lam:g}", f"SRe2L + GR (lambda_g={lam:g})", dict(regularizer="gr", gr_lam=lam)
+
+
+def method_spec(name: str) -> tuple[str, str, dict[str, Any]]:
+    """(folder name, table label, squeeze overrides) of a method: one of METHODS, optionally
+    with teacher settings as ":key=value" pairs (any SqueezeConfig field, e.g.
+    "guard:lam=10", "sre2l:epochs=3:max_train=4000"), or "gr:<lambda_g>" (gradient-norm
+    regularization at that weight, Table 3)."""
+    if name in METHODS:
+        label, over = METHODS[name]
+        return name, label, dict(over)
+    base, _, rest = name.partition(":")
+    if base == "gr" and rest and "=" not in rest:
+        return _gr_spec(name, rest)
+    if base not in METHODS or not rest:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}, gr:<lambda_g>, "
+                         "and <method>:key=value[:key=value] with SqueezeConfig fields")
+    from guard_fast.config import field_help
+
+    fields_ = field_help()
+    label, over = METHODS[base]
+    over = dict(over)
+    tags = []
+    for item in rest.split(":"):
+        key, eq, raw = item.partition("=")
+        if not eq or key not in fields_ or key in _NOT_METHOD_SETTINGS:
+            raise ValueError(f"method {name!r}: {item!r} is not key=value with a teacher "
+                             f"setting (a SqueezeConfig field such as lam, h, epochs, max_train)")
+        value = _typed_value(name, key, raw, *fields_[key])
+        over[key] = value
+        tags.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    folder = base + "_" + "_".join(t.replace("=", "") for t in tags)
+    return folder, f"{label} ({', '.join(tags)})", over

@@ -1,0 +1,332 @@
+"""Running the pipeline: for each method squeeze -> recover -> relabel -> student -> robust
+evaluation -> PGD eps sweep, then the run's summary and report.
+
+Run folder (cfg.out):
+  config.json                 the pipeline settings (a different run there is refused)
+  <method>/squeeze/           teacher.pt and its run files   (guard_fast.distill.squeeze)
+  <method>/recover/           images.pt, images/, grid.png   (guard_fast.distill.recover)
+  <method>/relabel/           stored views and soft labels   (guard_fast.distill.relabel)
+  <method>/student/           student.pt                     (guard_fast.distill.student)
+  <method>/eval/              results.json, table.md         (guard_fast.evaluate)
+  <method>/eps_sweep.json     PGD accuracy per eps
+  <method>/times.json         seconds per stage
+  results.md, results.json    the table (markdown and JSON), with timings per stage
+  grid_<method>.png           the distilled sets
+  eps_sweep.png               PGD-100 accuracy vs eps, one line per method
+  run.json                    status
+
+Every stage skips work whose final file exists and resumes a stage that was interrupted, so
+rerunning the same command after a kill continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from guard_fast.attacks.protocols import Protocol, get_protocol
+from guard_fast.pipeline.config import RESUMABLE, PipelineConfig, resolve_settings
+from guard_fast.pipeline.methods import method_spec
+from guard_fast.runio import atomic_write_bytes, atomic_write_json
+
+__all__ = ["run_pipeline", "run_method", "eval_protocol", "check_run_folder"]
+
+
+# ----------------------------------------------------------------------------- torchrun
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _sync() -> None:
+    """A barrier across the torchrun processes (nothing in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------- helpers
+def eval_protocol(name: str, square_queries: int | None) -> Protocol:
+    """The evaluation protocol `name`, with Square's query budget (alone and inside
+    AutoAttack) set to square_queries when given; every other setting is the protocol's."""
+    prot = get_protocol(name)
+    if square_queries is None:
+        return prot
+    q = int(square_queries)
+    return prot.with_settings(Square={"n_queries": q}, AutoAttack={"square_queries": q})
+
+
+def check_run_folder(out: Path, cfg: PipelineConfig) -> None:
+    """Refuse a folder that holds another stage's run, or a pipeline run with different
+    settings (naming them); a missing or matching config.json passes."""
+    f = out / "config.json"
+    if not f.exists():
+        return
+    old = json.loads(f.read_text())
+    if old.get("stage") != "pipeline":
+        raise FileExistsError(f"{out} holds a {old.get('stage', 'different')} run; choose another "
+                              "--out (nothing was overwritten)")
+    new = json.loads(json.dumps(dict(asdict(cfg), stage="pipeline")))
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE and old.get(k) != new.get(k))
+    if diff:
+        raise ValueError(f"{out} holds a pipeline run with different settings for {diff}; rerun "
+                         "with the same options to continue it, or choose another --out")
+
+
+def _stage_resume(folder: Path, final: str) -> bool | None:
+    """None: the stage is complete (skip); True: a run exists there (resume it); False: new."""
+    if (folder / final).exists():
+        return None
+    return (folder / "config.json").exists()
+
+
+@dataclass
+class _MethodRun:
+    """One method's run inside a pipeline: its folders, settings and stage seconds."""
+
+    name: str
+    cfg: PipelineConfig
+    p: dict
+    out: Path
+    log: object
+    times: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        from guard_fast.distill.squeeze import resolve_device
+
+        self.folder, self.label, self.sq_over = method_spec(self.name)
+        self.root = self.out / self.folder
+        # squeeze runs in the shared teachers folder when one is given
+        teachers = Path(self.cfg.teachers) / self.folder if self.cfg.teachers else self.root
+        self.sq_dir = teachers / "squeeze"
+        self.rc_dir, self.rl_dir = self.root / "recover", self.root / "relabel"
+        self.st_dir, self.ev_dir = self.root / "student", self.root / "eval"
+        self.teacher_pt = self.sq_dir / "teacher.pt"
+        self.device = resolve_device(self.cfg.device)
+
+    def timed(self, key: str, fn):
+        t0 = time.perf_counter()
+        r = fn()
+        self.times[key] = round(time.perf_counter() - t0, 2)
+        return r
+
+    def common(self) -> dict:
+        """The settings every stage of this run shares."""
+        return {"device": self.cfg.device, "seed": self.cfg.seed, "progress": self.cfg.progress}
+
+
+# ----------------------------------------------------------------------------- stages
+def _squeeze_stage(m: _MethodRun) -> None:
+    from guard_fast.config import resolve_squeeze
+    from guard_fast.distill.squeeze import squeeze
+
+    state = _stage_resume(m.sq_dir, "teacher.pt")
+    if state is None:
+        return
+    m.log(f"[{m.label}] squeeze (teacher: {m.sq_over['regularizer']})")
+    scfg = resolve_squeeze({"preset": m.cfg.preset, "data_root": m.cfg.data_root,
+                            **m.p["squeeze"], **m.sq_over, "out": str(m.sq_dir),
+                            **m.common(), "resume": state})
+    m.timed("squeeze_s", lambda: squeeze(scfg))
+
+
+def _recover_stage(m: _MethodRun) -> None:
+    from guard_fast.config import RecoverConfig
+    from guard_fast.distill.recover import recover
+
+    state = _stage_resume(m.rc_dir, "images.pt")
+    if state is None:
+        return
+    ipc = m.p["ipc"]
+    m.log(f"[{m.label}] recover ({m.cfg.recover_method}, ipc {ipc})")
+    rcfg = RecoverConfig(**{"teacher": str(m.teacher_pt), "method": m.cfg.recover_method,
+                            "ipc": ipc, "out": str(m.rc_dir), **m.common(), "resume": state,
+                            "group_size": min(ipc, 10), **m.p["recover"]})
+    rsum = m.timed("recover_s", lambda: recover(rcfg))
+    if rsum.get("teacher_acc_on_recovered") is not None:   # rank 0 merges and checks
+        m.log(f"[{m.label}] teacher accuracy on its recovered images: "
+              f"{rsum['teacher_acc_on_recovered']:.3f}")
+
+
+def _student_stage(m: _MethodRun) -> None:
+    """Relabel (it keeps the epoch files it already wrote and adds the missing ones), then
+    train the student, unless student.pt exists."""
+    from guard_fast.distill.relabel import relabel
+    from guard_fast.distill.student import resolve_student, train_student
+
+    if (m.st_dir / "student.pt").exists():
+        return
+    probe = resolve_student({"preset": m.cfg.preset, **m.p["student"]})
+    m.log(f"[{m.label}] relabel ({probe.epochs} epochs of views)")
+    m.timed("relabel_s", lambda: relabel(
+        str(m.teacher_pt), str(m.rc_dir), str(m.rl_dir), epochs=probe.epochs,
+        batch_size=probe.batch_size, seed=m.cfg.seed, device=m.cfg.device,
+        min_scale=probe.min_scale, max_scale=probe.max_scale, mix=probe.mix,
+        progress=m.cfg.progress))
+    m.log(f"[{m.label}] student ({probe.model}, {probe.epochs} epochs)")
+    st_cfg = resolve_student({"preset": m.cfg.preset, **m.p["student"],
+                              "soft_labels": str(m.rl_dir), "distilled": str(m.rc_dir),
+                              "out": str(m.st_dir), "device": m.cfg.device,
+                              "progress": m.cfg.progress,
+                              "resume": (m.st_dir / "config.json").exists()})
+    m.timed("student_s", lambda: train_student(st_cfg))
+
+
+def _load_student(m: _MethodRun):
+    """(student on the device in eval mode, the fixed validation subset)."""
+    from guard_fast.data import fixed_subset, get_data
+    from guard_fast.distill.squeeze import load_teacher
+
+    student, arch = load_teacher(m.st_dir / "student.pt")
+    student.to(m.device).eval()
+    data = get_data(arch.get("data", "mnist"), root=m.cfg.data_root, image_size=arch["image_size"])
+    return student, fixed_subset(data.val, m.p["eval_examples"], m.cfg.seed)
+
+
+def _evaluate_stage(m: _MethodRun, student, val, rank: int) -> dict:
+    """The protocol's attacks at eps on rank 0 (the others wait); returns its results."""
+    from guard_fast.evaluate import robust_eval
+
+    if rank == 0 and not (m.ev_dir / "results.json").exists():
+        m.log(f"[{m.label}] robust evaluation ({m.cfg.protocol}, eps {m.p['eps'] * 255:g}/255, "
+              f"{len(val[1])} images)")
+        m.timed("eval_s", lambda: robust_eval(
+            student, val, protocol=eval_protocol(m.cfg.protocol, m.p["square_queries"]),
+            eps=m.p["eps"], batch_size=256, seed=m.cfg.seed, out_dir=str(m.ev_dir),
+            device=m.device, progress=m.cfg.progress))
+    _sync()   # under torchrun: rank 0 evaluates, the others wait for its results
+    return json.loads((m.ev_dir / "results.json").read_text())
+
+
+def _sweep_stage(m: _MethodRun, student, val, res: dict, rank: int) -> dict:
+    """PGD-100 at the sweep's eps on rank 0; the main evaluation's PGD-100 is the sweep's
+    point at eps (not run again). Returns eps_sweep.json."""
+    from guard_fast.evaluate import robust_eval
+
+    sweep_f = m.root / "eps_sweep.json"
+    sweep = m.p["sweep"]
+    if rank == 0 and not sweep_f.exists():
+        m.log(f"[{m.label}] PGD-100 eps sweep {[round(e * 255, 2) for e in sweep]} /255")
+        sw = m.timed("sweep_s", lambda: robust_eval(
+            student, val, protocol=m.cfg.protocol, attacks=["PGD100"], eps=sweep[0],
+            eps_sweep=sweep[1:], batch_size=256, seed=m.cfg.seed, device=m.device,
+            progress=m.cfg.progress)) if sweep else {"sweep": [], "clean": res["clean"]}
+        main_pt = {"eps": m.p["eps"], "eps_255": m.p["eps"] * 255,
+                   "attacks": {"PGD100": res["attacks"]["PGD100"]}}
+        points = sorted([*sw["sweep"], main_pt], key=lambda e: e["eps"])
+        atomic_write_json(sweep_f, {"sweep": points, "clean": sw["clean"]})
+    _sync()
+    return json.loads(sweep_f.read_text())
+
+
+def _method_row(m: _MethodRun, res: dict, sweep: dict, rank: int) -> dict:
+    """The method's row of results.json; stage seconds add to those of earlier calls."""
+    tf = m.root / "times.json"
+    times = {**(json.loads(tf.read_text()) if tf.exists() else {}), **m.times}
+    if rank == 0:
+        atomic_write_json(tf, times)
+    teacher_metrics = json.loads((m.sq_dir / "run.json").read_text()).get("metrics", {})
+    rc_run = json.loads((m.rc_dir / "run.json").read_text())
+    return {"method": m.folder, "name": m.label, "result": res, "sweep": sweep, "times": times,
+            "teacher_val_acc": teacher_metrics.get("val_acc"),
+            "teacher_val_penalty": teacher_metrics.get("val_penalty"),
+            "teacher_acc_on_recovered": rc_run.get("teacher_acc_on_recovered")}
+
+
+def run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log=print) -> dict:
+    """Every stage of one method (completed stages skipped, interrupted ones resumed);
+    p: resolve_settings(cfg). Returns the method's row of the summary."""
+    m = _MethodRun(name, cfg, p, Path(out), log)
+    rank = _rank_world()[0]
+    # torchrun: every process decides on each stage from the same files
+    for stage in (_squeeze_stage, _recover_stage, _student_stage):
+        _sync()
+        stage(m)
+    _sync()   # rank 0 has written student.pt
+    student, val = _load_student(m)
+    res = _evaluate_stage(m, student, val, rank)
+    sweep = _sweep_stage(m, student, val, res, rank)
+    return _method_row(m, res, sweep, rank)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def _init_process_group(device: str) -> bool:
+    """Under torchrun (WORLD_SIZE > 1) set up the process group unless it is; True when
+    this call did (and so tears it down)."""
+    import torch.distributed as dist
+
+    from guard_fast.distill.squeeze import resolve_device
+
+    if _rank_world()[1] <= 1 or dist.is_initialized():
+        return False
+    if resolve_device(device).type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def run_pipeline(cfg: PipelineConfig | None = None, log=print) -> dict:
+    """Run (or continue) the pipeline per cfg; returns the summary written to results.json.
+
+    Under torchrun (WORLD_SIZE > 1) every stage shares its work out (squeeze and student
+    with DistributedDataParallel, recover by ipc id, relabel by epoch); the robust
+    evaluation, the sweep and the report run on rank 0 while the others wait, and only
+    rank 0 logs and writes the run folder's own files."""
+    cfg = cfg or PipelineConfig()
+    p = resolve_settings(cfg)
+    rank = _rank_world()[0]
+    we_init = _init_process_group(cfg.device)
+    if rank != 0:
+        log = _quiet
+    try:
+        return _run_pipeline(cfg, p, rank, log)
+    finally:
+        if we_init:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _summary(cfg: PipelineConfig, p: dict, rows: list, seconds: float) -> dict:
+    return {"preset": cfg.preset, "protocol": cfg.protocol, "eps": p["eps"],
+            "eps_255": p["eps"] * 255, "ipc": p["ipc"], "eval_examples": p["eval_examples"],
+            "smoke": cfg.smoke, "rows": rows, "seconds_this_call": seconds,
+            "settings": {k: v for k, v in p.items() if k != "sweep"}, "sweep": p["sweep"]}
+
+
+def _run_pipeline(cfg: PipelineConfig, p: dict, rank: int, log) -> dict:
+    from guard_fast.evaluate import render_report
+
+    out = Path(cfg.out)
+    if rank == 0:
+        check_run_folder(out, cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", dict(asdict(cfg), stage="pipeline"))
+        atomic_write_json(out / "run.json", {"status": "running", "stage": "pipeline"})
+    _sync()
+    t0 = time.perf_counter()
+    rows = [run_method(m, cfg, p, out, log) for m in cfg.methods]
+    if rank != 0:
+        _sync()   # rank 0 writes results.json and the report
+        return json.loads((out / "results.json").read_text())
+    for r in rows:
+        src = out / r["method"] / "recover" / "grid.png"
+        if src.exists():
+            atomic_write_bytes(out / f"grid_{r['method']}.png", src.read_bytes())
+    summary = _summary(cfg, p, rows, time.perf_counter() - t0)
+    atomic_write_json(out / "results.json", summary)
+    text = render_report(out)
+    atomic_write_json(out / "run.json", {"status": "complete", "stage": "pipeline"})
+    log(text)
+    _sync()
+    return summary
