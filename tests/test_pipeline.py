@@ -46,6 +46,8 @@ def test_no_argument_pipeline_smoke_writes_every_artifact_and_resumes(tmp_path):
         assert 0 <= res["clean"]["acc"] <= 100
         for a in res["attacks"].values():
             assert a["acc"] <= res["clean"]["acc"] + 1e-9 or res["protocol"] == "paper-code"
+        # the smoke sweep's one point (2/255) and the main eps (8/255)
+        assert [round(e["eps_255"]) for e in row["sweep"]["sweep"]] == [2, 8]
     # rerunning continues (every stage is complete: nothing retrained) and the table stays
     before = (out / "guard" / "student" / "student.pt").stat().st_mtime_ns
     r = _cli("all", "--smoke", "--out", str(out), "--no-progress")

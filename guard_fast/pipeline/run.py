@@ -215,9 +215,11 @@ def _sweep_stage(m: _MethodRun, student, val, res: dict, rank: int) -> dict:
     sweep = m.p["sweep"]
     if rank == 0 and not sweep_f.exists():
         m.log(f"[{m.label}] PGD-100 eps sweep {[round(e * 255, 2) for e in sweep]} /255")
+        # eps_sweep holds every point (sweep[0] twice is run once): with sweep[1:] a
+        # one-point sweep came back with no "sweep" list and its point was dropped
         sw = m.timed("sweep_s", lambda: robust_eval(
             student, val, protocol=m.cfg.protocol, attacks=["PGD100"], eps=sweep[0],
-            eps_sweep=sweep[1:], batch_size=256, seed=m.cfg.seed, device=m.device,
+            eps_sweep=sweep, batch_size=256, seed=m.cfg.seed, device=m.device,
             progress=m.cfg.progress)) if sweep else {"sweep": [], "clean": res["clean"]}
         main_pt = {"eps": m.p["eps"], "eps_255": m.p["eps"] * 255,
                    "attacks": {"PGD100": res["attacks"]["PGD100"]}}
