@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from guard_fast.runio import atomic_write_bytes, atomic_write_json
+from guard_fast.runtime import atomic_write_bytes, atomic_write_json
 
 __all__ = ["PipelineConfig", "run_pipeline", "render_report", "run_experiment", "METHODS",
            "PIPELINE_PRESETS", "EXPERIMENTS", "method_spec"]
@@ -207,7 +207,8 @@ def _run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log) -> dict
     from guard_fast.data import get_data
     from guard_fast.distill.recover import recover
     from guard_fast.distill.relabel import relabel
-    from guard_fast.distill.squeeze import load_teacher, resolve_device, squeeze
+    from guard_fast.distill.squeeze import squeeze
+    from guard_fast.runtime import load_classifier, resolve_device
     from guard_fast.distill.student import resolve_student, train_student
     from guard_fast.evaluate import robust_eval
 
@@ -266,7 +267,7 @@ def _run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log) -> dict
     # robust evaluation on the real validation set
     _sync()   # rank 0 has written student.pt
     ev_dir = root / "eval"
-    student, arch = load_teacher(st_dir / "student.pt")
+    student, arch = load_classifier(st_dir / "student.pt")
     student.to(device).eval()
     data = get_data(arch.get("data", "mnist"), root=cfg.data_root, image_size=arch["image_size"])
     val = _fixed_subset(data.val, p["eval_examples"], cfg.seed)
@@ -388,7 +389,7 @@ def run_pipeline(cfg: PipelineConfig | None = None, log=print) -> dict:
     if world > 1:
         import torch.distributed as dist
 
-        from guard_fast.distill.squeeze import resolve_device
+        from guard_fast.runtime import resolve_device
 
         if not dist.is_initialized():
             if resolve_device(cfg.device).type == "cuda":
@@ -543,7 +544,8 @@ def _table4(cfg: PipelineConfig, out: Path, log) -> str:
     """Time per squeeze iteration and peak memory per regularizer (the paper's Table 4)."""
     from guard_fast.config import resolve_squeeze
     from guard_fast.data import get_data
-    from guard_fast.distill.squeeze import build_criterion, resolve_device
+    from guard_fast.distill.squeeze import build_criterion
+    from guard_fast.runtime import resolve_device
     from guard_fast.models import build_model
 
     device = resolve_device(cfg.device)
@@ -618,7 +620,7 @@ def _dc_rows(cfg: PipelineConfig, p: dict, out: Path, log) -> Path:
     from guard_fast.data import get_data
     from guard_fast.distill.common import load_distilled
     from guard_fast.distill.dc import DCConfig, _train_epochs, dc
-    from guard_fast.distill.squeeze import resolve_device
+    from guard_fast.runtime import resolve_device
     from guard_fast.evaluate import robust_eval
     from guard_fast.models import build_model
 

@@ -289,7 +289,7 @@ def _run_evaluate(ns: argparse.Namespace) -> int:
     import torch
 
     from guard_fast.data import get_data
-    from guard_fast.distill.squeeze import load_teacher, resolve_device
+    from guard_fast.runtime import load_classifier, resolve_device
     from guard_fast.evaluate import format_table, robust_eval
 
     if bool(ns.model) == bool(ns.distilled):
@@ -297,7 +297,7 @@ def _run_evaluate(ns: argparse.Namespace) -> int:
                          "student on it, then evaluate), not both or neither")
     if ns.distilled:
         ns.model = str(_train_student_for_eval(ns))
-    model, arch = load_teacher(ns.model)
+    model, arch = load_classifier(ns.model)
     device = resolve_device(ns.device)
     data = get_data(arch.get("data", "mnist"), root=ns.data_root, image_size=arch["image_size"])
     out = Path(ns.out) if ns.out else Path(ns.model).resolve().parent / "eval"
@@ -379,7 +379,7 @@ def _pipeline_config(ns: argparse.Namespace):
 def _run_all(ns: argparse.Namespace) -> int:
     from guard_fast.pipeline import run_experiment, run_pipeline
 
-    from guard_fast.distill.squeeze import resolve_device
+    from guard_fast.runtime import resolve_device
 
     resolve_device(ns.device)  # a CUDA device on a machine without one: say so first
     cfg = _pipeline_config(ns)

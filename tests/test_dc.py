@@ -16,7 +16,7 @@ from guard_fast.distill.dc import (DCConfig, dc, evaluate_synset, get_loops, lay
                                    load_real, match_distance, random_real_subset,
                                    real_gradients)
 from guard_fast.models import build_model
-from guard_fast.runio import load_checkpoint
+from guard_fast.runtime import load_checkpoint
 
 SMALL = dict(data="mnist", image_size=16, channels=1, ipc=1, width=32, batch_real=32,
              progress=False)

@@ -21,7 +21,7 @@ from guard_fast.distill.common import load_distilled
 from guard_fast.distill.recover import (Synthesizer, apply_augment, bn_stat_loss_ref,
                                         cda_min_crop, cosine_lr, draw_augment, recover,
                                         rrc_params)
-from guard_fast.runio import atomic_torch_save
+from guard_fast.runtime import atomic_torch_save
 
 from _models import make
 

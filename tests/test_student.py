@@ -16,7 +16,7 @@ from guard_fast.distill.relabel import relabel
 from guard_fast.distill.student import (STUDENT_PRESETS, StudentConfig, kd_loss, lr_factor,
                                         param_groups, resolve_student, train_student)
 from guard_fast.models import build_model
-from guard_fast.runio import load_checkpoint
+from guard_fast.runtime import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # a CPU-sized student; lr 0.01 (the public 0.001 needs far more than this test's 24 steps)
@@ -31,7 +31,7 @@ def mnist_setup(tmp_path_factory):
     """10 real bundled digits per class as a stand-in distilled set, a small ConvNet teacher
     trained for 48 steps on 1024 other digits, and 300 validation digits."""
     from guard_fast.data import get_data
-    from guard_fast.distill.squeeze import _subset
+    from guard_fast.data import random_subset as _subset
 
     d = get_data("mnist", image_size=32)
     ys = d.train.targets if hasattr(d.train, "targets") else None
@@ -193,14 +193,14 @@ def test_resume_gives_identical_weights(mnist_setup, tmp_path):
 
 
 def test_student_pt_loads_with_load_teacher(mnist_setup, tmp_path):
-    from guard_fast.distill.squeeze import load_teacher
+    from guard_fast.runtime import load_classifier
 
     s = mnist_setup
     small = {"images": s["ds"]["images"][::10], "labels": s["ds"]["labels"][::10]}
     relabel(s["teacher"], small, tmp_path / "rl", epochs=1, batch_size=10, mix="none")
     train_student(StudentConfig(out=str(tmp_path / "r18"), model="resnet18", epochs=1,
                                 soft_labels=str(tmp_path / "rl")), distilled=small)
-    model, arch = load_teacher(tmp_path / "r18" / "student.pt")
+    model, arch = load_classifier(tmp_path / "r18" / "student.pt")
     assert arch["model"] == "resnet18" and arch["num_classes"] == 10
     ck = load_checkpoint(tmp_path / "r18" / "student.pt")
     for k, v in model.state_dict().items():

@@ -213,3 +213,11 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: i
     if device is not None and torch.device(device).type != "cpu":
         raise ValueError(f"the torch backend loads on CPU; got device={device!r} (DALI only)")
     return EpochLoader(dataset, batch_size, shuffle, seed, epoch, workers, pin_memory, drop_last, rank, world_size)
+
+
+def random_subset(dataset: Dataset, n: int, seed: int) -> torch.utils.data.Subset:
+    """A fixed random draw of n items (in index order): data sets may be stored class by
+    class, so the first n would be a few classes only."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=g)[:min(n, len(dataset))].sort().values
+    return torch.utils.data.Subset(dataset, idx.tolist())

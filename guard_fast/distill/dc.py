@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guard_fast.data.loader import mix_seed
-from guard_fast.runio import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
+from guard_fast.runtime import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
 
 __all__ = ["DCConfig", "dc", "get_loops", "match_distance", "layer_distance", "real_gradients",
            "evaluate_synset", "random_real_subset", "load_real", "RealData", "REGULARIZERS",
@@ -425,7 +425,7 @@ def _truncate_metrics(path: Path, done: int) -> None:
         return
     rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
     keep = [ln for ln in rows if json.loads(ln).get("iteration", 0) <= done]
-    from guard_fast.runio import atomic_write_bytes
+    from guard_fast.runtime import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
@@ -433,7 +433,7 @@ def _truncate_metrics(path: Path, done: int) -> None:
 def dc(cfg: DCConfig) -> dict:
     """Distill per cfg (see the module docstring); returns the final numbers (also in run.json)."""
     from guard_fast.distill.common import save_distilled
-    from guard_fast.distill.squeeze import resolve_device
+    from guard_fast.runtime import resolve_device
     from guard_fast.models import build_model
 
     cfg.validate()

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from guard_fast.config import (CDA_MODES, RECOVER_METHODS, RECOVER_PRESETS, RecoverConfig)
 from guard_fast.data.loader import mix_seed
-from guard_fast.runio import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
+from guard_fast.runtime import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
 
 __all__ = ["recover", "resolve_recover", "Synthesizer", "AugDraw", "draw_augment",
            "apply_augment", "rrc_params", "cda_min_crop", "cosine_lr", "find_batchnorms",
@@ -416,10 +416,10 @@ def _dist_setup(device: torch.device):
 def recover(cfg: RecoverConfig) -> dict:
     """Run recover per cfg (see the module docstring); returns the run's summary metrics."""
     from guard_fast.distill.common import save_distilled
-    from guard_fast.distill.squeeze import load_teacher, resolve_device
+    from guard_fast.runtime import load_classifier, resolve_device
 
     tpath = teacher_path(cfg.teacher)
-    wrapped, arch = load_teacher(tpath)
+    wrapped, arch = load_classifier(tpath)
     cfg = resolve_recover(cfg, arch.get("data", "imagefolder"))
     device = resolve_device(cfg.device)
     rank, world, device = _dist_setup(device)

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guard_fast.runio import atomic_torch_save, atomic_write_json, load_checkpoint
+from guard_fast.runtime import atomic_torch_save, atomic_write_json, load_checkpoint
 
 __all__ = ["ViewSpec", "EpochViews", "make_views", "relabel", "SoftLabelStore",
            "OnlineSoftLabels", "dense_from_topk", "storage_summary", "main", "MIXES", "FORMAT"]
@@ -332,9 +332,9 @@ def _arch_of(model: nn.Module) -> dict:
 
 def _resolve_teacher(teacher, arch: dict | None = None) -> tuple[nn.Module, dict, str | None]:
     if isinstance(teacher, (str, Path)):
-        from guard_fast.distill.squeeze import load_teacher
+        from guard_fast.runtime import load_classifier
 
-        model, a = load_teacher(teacher)
+        model, a = load_classifier(teacher)
         return model, dict(a), str(Path(teacher).resolve())
     if isinstance(teacher, nn.Module):
         return teacher, dict(arch or _arch_of(teacher)), None
@@ -406,7 +406,7 @@ def relabel(teacher, distilled, out_dir, epochs: int, batch_size: int, seed: int
 
     Returns (and writes to summary.json) the storage per epoch in bytes and what was done.
     """
-    from guard_fast.distill.squeeze import resolve_device
+    from guard_fast.runtime import resolve_device
 
     t_start = time.perf_counter()
     if isinstance(dtype, str):
@@ -420,7 +420,7 @@ def relabel(teacher, distilled, out_dir, epochs: int, batch_size: int, seed: int
         raise ValueError(f"epochs must be positive, got {epochs}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be positive (or None), got {top_k}")
-    from guard_fast.distill.squeeze import _dist_info
+    from guard_fast.runtime import dist_env as _dist_info
 
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     rank, world, local_rank = _dist_info()

@@ -27,7 +27,7 @@ Run folder (cfg.out):
   checkpoint.pt   latest epoch: model, optimizer, scheduler, epoch (atomic)
   student.pt      the final student, written last, in squeeze's teacher.pt format
                   ({"model": Normalized state_dict, "arch": {...}, "metrics": {...}}), so
-                  guard_fast.distill.squeeze.load_teacher(student.pt) rebuilds it
+                  guard_fast.runtime.load_classifier(student.pt) rebuilds it
   run.json        status and final metrics
 
 Determinism: the model is initialised from cfg.seed and every batch is a function of the
@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guard_fast.runio import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
+from guard_fast.runtime import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
 
 __all__ = ["StudentConfig", "STUDENT_PRESETS", "resolve_student", "train_student", "kd_loss",
            "kd_loss_sum", "param_groups", "lr_factor", "main"]
@@ -334,7 +334,7 @@ def train_student(cfg: StudentConfig | None = None, *, distilled=None, teacher=N
     stop_after: end after this many epochs (checkpoint kept, no student.pt): a run cut short,
     which resume=True continues.
     """
-    from guard_fast.distill.squeeze import _dist_info, resolve_device
+    from guard_fast.runtime import dist_env as _dist_info, resolve_device
     from guard_fast.models import build_model
 
     if cfg is None:
@@ -420,7 +420,7 @@ def train_student(cfg: StudentConfig | None = None, *, distilled=None, teacher=N
         if val_data is None:
             val_data = get_data(cfg.val_data, root=cfg.val_root, image_size=cfg.image_size).val
             if cfg.max_val:
-                from guard_fast.distill.squeeze import _subset
+                from guard_fast.data import random_subset as _subset
 
                 val_data = _subset(val_data, cfg.max_val, 1)
         val_loader = make_loader(val_data, batch_size=256, shuffle=False)

@@ -1,4 +1,4 @@
-"""Run folders: atomic writes, resolved configs, JSON-lines metrics.
+"""Atomic writes, weights-only checkpoint loads, JSON-lines metrics.
 
 Everything a stage writes goes through a temporary file in the same folder and os.replace,
 so a killed run never leaves a half-written checkpoint or result; a stage's final artifact

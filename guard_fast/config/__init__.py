@@ -1,0 +1,16 @@
+"""One configuration system: a dataclass per stage with its presets beside it, help text,
+unit and range on every field, one resolution path (guard_fast.config.base.resolve) and the
+command line generated from the fields (guard_fast.config.base.add_options)."""
+from guard_fast.config.base import (add_options, flag_of, opt, overrides_from, parse_fraction,
+                                    resolve, to_dict, validate)
+from guard_fast.config.recover import (CDA_MODES, RECOVER_METHODS, RECOVER_PRESETS,
+                                       RecoverConfig, resolve_recover)
+from guard_fast.config.squeeze import (GUARD_MODES, PRESETS_NEEDING_DATA, REGULARIZERS,
+                                       SQUEEZE_PRESETS, SqueezeConfig, field_help,
+                                       resolve_squeeze)
+
+__all__ = ["opt", "resolve", "validate", "add_options", "overrides_from", "flag_of", "to_dict",
+           "parse_fraction",
+           "SqueezeConfig", "SQUEEZE_PRESETS", "PRESETS_NEEDING_DATA", "REGULARIZERS",
+           "GUARD_MODES", "resolve_squeeze", "field_help",
+           "RecoverConfig", "RECOVER_PRESETS", "RECOVER_METHODS", "CDA_MODES", "resolve_recover"]
