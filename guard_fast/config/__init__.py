@@ -3,6 +3,8 @@ unit and range on every field, one resolution path (guard_fast.config.base.resol
 command line generated from the fields (guard_fast.config.base.add_options)."""
 from guard_fast.config.base import (add_options, flag_of, opt, overrides_from, parse_fraction,
                                     resolve, to_dict, validate)
+from guard_fast.config.evaluate import (EVAL_PROTOCOL, EVAL_RULE, PROTOCOL_CHOICES,
+                                        EvaluateConfig, default_eps)
 from guard_fast.config.recover import (CDA_MODES, RECOVER_METHODS, RECOVER_PRESETS,
                                        RecoverConfig, resolve_recover)
 from guard_fast.config.squeeze import (GUARD_MODES, PRESETS_NEEDING_DATA, REGULARIZERS,
@@ -11,6 +13,7 @@ from guard_fast.config.squeeze import (GUARD_MODES, PRESETS_NEEDING_DATA, REGULA
 
 __all__ = ["opt", "resolve", "validate", "add_options", "overrides_from", "flag_of", "to_dict",
            "parse_fraction",
+           "EvaluateConfig", "EVAL_PROTOCOL", "EVAL_RULE", "PROTOCOL_CHOICES", "default_eps",
            "SqueezeConfig", "SQUEEZE_PRESETS", "PRESETS_NEEDING_DATA", "REGULARIZERS",
            "GUARD_MODES", "resolve_squeeze", "field_help",
            "RecoverConfig", "RECOVER_PRESETS", "RECOVER_METHODS", "CDA_MODES", "resolve_recover"]

@@ -119,7 +119,7 @@ def _check_one(f: dataclasses.Field, kind: type, optional: bool, v: Any, where: 
         v = kind(v)
     choices = m.get("choices")
     if choices is not None and v not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {v!r}")
+        raise ValueError(f"unknown {name} {v!r}; known: {', '.join(map(str, choices))}")
     return v
 
 
