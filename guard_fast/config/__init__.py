@@ -3,6 +3,8 @@ unit and range on every field, one resolution path (guard_fast.config.base.resol
 command line generated from the fields (guard_fast.config.base.add_options)."""
 from guard_fast.config.base import (add_options, flag_of, opt, overrides_from, parse_fraction,
                                     resolve, to_dict, validate)
+from guard_fast.config.dc import (DC_DATASETS, DC_GUARD_MODES, DC_H_SPACES, DC_INITS, DC_LOOPS,
+                                  DC_REGULARIZERS, DCConfig, get_loops, resolve_dc)
 from guard_fast.config.recover import (CDA_MODES, RECOVER_METHODS, RECOVER_PRESETS,
                                        RecoverConfig, resolve_recover)
 from guard_fast.config.squeeze import (GUARD_MODES, PRESETS_NEEDING_DATA, REGULARIZERS,
@@ -13,4 +15,6 @@ __all__ = ["opt", "resolve", "validate", "add_options", "overrides_from", "flag_
            "parse_fraction",
            "SqueezeConfig", "SQUEEZE_PRESETS", "PRESETS_NEEDING_DATA", "REGULARIZERS",
            "GUARD_MODES", "resolve_squeeze", "field_help",
-           "RecoverConfig", "RECOVER_PRESETS", "RECOVER_METHODS", "CDA_MODES", "resolve_recover"]
+           "RecoverConfig", "RECOVER_PRESETS", "RECOVER_METHODS", "CDA_MODES", "resolve_recover",
+           "DCConfig", "DC_REGULARIZERS", "DC_INITS", "DC_GUARD_MODES", "DC_H_SPACES",
+           "DC_DATASETS", "DC_LOOPS", "get_loops", "resolve_dc"]
