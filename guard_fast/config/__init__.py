@@ -5,6 +5,8 @@ from guard_fast.config.base import (add_options, flag_of, opt, overrides_from, p
                                     resolve, to_dict, validate)
 from guard_fast.config.evaluate import (EVAL_PROTOCOL, EVAL_RULE, PROTOCOL_CHOICES,
                                         EvaluateConfig, default_eps)
+from guard_fast.config.dc import (DC_DATASETS, DC_GUARD_MODES, DC_H_SPACES, DC_INITS, DC_LOOPS,
+                                  DC_REGULARIZERS, DCConfig, get_loops, resolve_dc)
 from guard_fast.config.recover import (CDA_MODES, RECOVER_METHODS, RECOVER_PRESETS,
                                        RecoverConfig, resolve_recover)
 from guard_fast.config.squeeze import (GUARD_MODES, PRESETS_NEEDING_DATA, REGULARIZERS,
@@ -16,4 +18,6 @@ __all__ = ["opt", "resolve", "validate", "add_options", "overrides_from", "flag_
            "EvaluateConfig", "EVAL_PROTOCOL", "EVAL_RULE", "PROTOCOL_CHOICES", "default_eps",
            "SqueezeConfig", "SQUEEZE_PRESETS", "PRESETS_NEEDING_DATA", "REGULARIZERS",
            "GUARD_MODES", "resolve_squeeze", "field_help",
-           "RecoverConfig", "RECOVER_PRESETS", "RECOVER_METHODS", "CDA_MODES", "resolve_recover"]
+           "RecoverConfig", "RECOVER_PRESETS", "RECOVER_METHODS", "CDA_MODES", "resolve_recover",
+           "DCConfig", "DC_REGULARIZERS", "DC_INITS", "DC_GUARD_MODES", "DC_H_SPACES",
+           "DC_DATASETS", "DC_LOOPS", "get_loops", "resolve_dc"]

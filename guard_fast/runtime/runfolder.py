@@ -111,8 +111,9 @@ class RunFolder:
             return None
         old_stage = old.get("stage", self.stage)
         if old_stage != self.stage:
-            raise FileExistsError(f"{self.out} holds a {old_stage} run, not a {self.stage} run; "
-                                  f"choose another {self.out_flag} (nothing was overwritten)")
+            raise FileExistsError(f"{self.out} holds a {old_stage} run, not a {self.stage} run "
+                                  f"(a run of another stage); choose another {self.out_flag} "
+                                  "(nothing was overwritten)")
         if self.resume is False:
             raise FileExistsError(f"{self.out} already holds a {self.stage} run; pass {self.flag} "
                                   f"to continue it or choose another {self.out_flag} (nothing was "
