@@ -203,13 +203,13 @@ def _stage_resume(folder: Path, final: str) -> bool | None:
 
 
 def _run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log) -> dict:
-    from guard_fast.config import RecoverConfig, resolve_squeeze
+    from guard_fast.config import RecoverConfig, resolve_squeeze, resolve_student
     from guard_fast.data import get_data
     from guard_fast.distill.recover import recover
     from guard_fast.distill.relabel import relabel
     from guard_fast.distill.squeeze import squeeze
     from guard_fast.runtime import load_classifier, resolve_device
-    from guard_fast.distill.student import resolve_student, train_student
+    from guard_fast.distill.student import train_student
     from guard_fast.evaluate import robust_eval
 
     folder, label, sq_over = method_spec(name)

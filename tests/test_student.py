@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from guard_fast.config import STUDENT_PRESETS, StudentConfig, resolve_student
 from guard_fast.distill.relabel import relabel
-from guard_fast.distill.student import (STUDENT_PRESETS, StudentConfig, kd_loss, lr_factor,
-                                        param_groups, resolve_student, train_student)
+from guard_fast.distill.student import kd_loss, lr_factor, param_groups, train_student
 from guard_fast.models import build_model
 from guard_fast.runtime import load_checkpoint
 
@@ -209,6 +209,63 @@ def test_student_pt_loads_with_load_teacher(mnist_setup, tmp_path):
     assert model.eval()(x).shape == (2, 10)
 
 
+def test_convnet_student_with_options_reloads_through_load_classifier(mnist_setup, tmp_path):
+    """A ConvNet student of width 16 and depth 2 (not the registry's default 128 x 3):
+    student.pt records the options and load_classifier rebuilds that network, with the
+    outputs of the same network built by hand; a save_classifier round trip keeps them."""
+    from guard_fast.runtime import load_classifier, save_classifier
+
+    s = mnist_setup
+    small = {"images": s["ds"]["images"][::10], "labels": s["ds"]["labels"][::10]}
+    relabel(s["teacher"], small, tmp_path / "rl", epochs=1, batch_size=10, mix="none")
+    opts = {"width": 16, "depth": 2}
+    train_student(StudentConfig(out=str(tmp_path / "cn"), model="convnet", model_options=opts,
+                                epochs=1, soft_labels=str(tmp_path / "rl")), distilled=small)
+    ck = load_checkpoint(tmp_path / "cn" / "student.pt")
+    assert set(ck) == {"model", "arch", "metrics"} and ck["arch"]["options"] == opts
+    model, arch = load_classifier(tmp_path / "cn" / "student.pt")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 and all(c.out_channels == 16 for c in convs)
+    ref = build_model("convnet", 10, 3, s["mean"], s["std"], image_size=32, **opts)
+    ref.load_state_dict(ck["model"])
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        want = ref.eval()(x)
+        assert torch.equal(model.eval()(x), want)
+        save_classifier(tmp_path / "again.pt", model, arch)
+        again, arch2 = load_classifier(tmp_path / "again.pt")
+        assert arch2 == arch and torch.equal(again.eval()(x), want)
+
+
+def test_a_run_folder_of_the_earlier_format_resumes(mnist_setup, tmp_path):
+    """A folder as the earlier version wrote it (config.json: the StudentConfig fields and no
+    "stage"; checkpoint.pt: a plain torch.save of model, optimizer, scheduler and epoch)
+    resumes and ends with the weights of an uninterrupted run."""
+    from dataclasses import fields
+
+    s = mnist_setup
+    train_student(_cfg(s, tmp_path / "full", epochs=2), distilled=s["ds"])
+    old = tmp_path / "old"
+    train_student(_cfg(s, old, epochs=2), distilled=s["ds"], stop_after=1)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["stage"]
+    assert set(cfg) == {f.name for f in fields(StudentConfig)}
+    (old / "config.json").write_text(json.dumps(cfg, indent=2))
+    ck = load_checkpoint(old / "checkpoint.pt")
+    assert set(ck) == {"model", "optimizer", "scheduler", "epoch"} and ck["epoch"] == 0
+    torch.save({k: ck[k] for k in ("model", "optimizer", "scheduler", "epoch")},
+               old / "checkpoint.pt")
+    (old / "run.json").write_text(json.dumps({"status": "running", "stage": "student"}))
+    train_student(_cfg(s, old, epochs=2, resume=True), distilled=s["ds"])
+    a = load_checkpoint(tmp_path / "full" / "student.pt")["model"]
+    b = load_checkpoint(old / "student.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((old / "run.json").read_text())["status"] == "complete"
+    rows = [json.loads(l) for l in (old / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+
+
 def test_bad_inputs_name_the_problem(mnist_setup, tmp_path):
     s = mnist_setup
     with pytest.raises(FileNotFoundError, match="run the relabel stage first"):
@@ -261,7 +318,7 @@ def test_ddp_two_gloo_processes_equal_single_process(mnist_setup, tmp_path):
     train_student(resolve_student(dict(cfg, out=str(tmp_path / "single"))))
     (tmp_path / "ddp.json").write_text(json.dumps(dict(cfg, out=str(tmp_path / "ddp"))))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(_free_port()), "-m", "guard_fast.distill.student",
+                        "--master_port", str(_free_port()), "-m", "guard_fast.train", "student",
                         "--config", str(tmp_path / "ddp.json")], cwd=ROOT,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=300)

@@ -9,9 +9,14 @@ from guard_fast.config.dc import (DC_DATASETS, DC_GUARD_MODES, DC_H_SPACES, DC_I
                                   DC_REGULARIZERS, DCConfig, get_loops, resolve_dc)
 from guard_fast.config.recover import (CDA_MODES, RECOVER_METHODS, RECOVER_PRESETS,
                                        RecoverConfig, resolve_recover)
+from guard_fast.config.relabel import (DTYPES, PRESET_FIELDS, RelabelConfig, check_relabel,
+                                       resolve_relabel)
 from guard_fast.config.squeeze import (GUARD_MODES, PRESETS_NEEDING_DATA, REGULARIZERS,
                                        SQUEEZE_PRESETS, SqueezeConfig, field_help,
                                        resolve_squeeze)
+from guard_fast.config.student import (LOSS_SCALES, MIXES, OPTIMIZERS, STUDENT_PRESETS,
+                                       StudentConfig, check_choices, resolve_student,
+                                       validate_student)
 
 __all__ = ["opt", "resolve", "validate", "add_options", "overrides_from", "flag_of", "to_dict",
            "parse_fraction",
@@ -20,4 +25,7 @@ __all__ = ["opt", "resolve", "validate", "add_options", "overrides_from", "flag_
            "GUARD_MODES", "resolve_squeeze", "field_help",
            "RecoverConfig", "RECOVER_PRESETS", "RECOVER_METHODS", "CDA_MODES", "resolve_recover",
            "DCConfig", "DC_REGULARIZERS", "DC_INITS", "DC_GUARD_MODES", "DC_H_SPACES",
-           "DC_DATASETS", "DC_LOOPS", "get_loops", "resolve_dc"]
+           "DC_DATASETS", "DC_LOOPS", "get_loops", "resolve_dc",
+           "StudentConfig", "STUDENT_PRESETS", "OPTIMIZERS", "LOSS_SCALES", "MIXES",
+           "resolve_student", "validate_student", "check_choices",
+           "RelabelConfig", "DTYPES", "PRESET_FIELDS", "resolve_relabel", "check_relabel"]

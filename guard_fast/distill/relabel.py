@@ -41,13 +41,15 @@ Relabel folder (``relabel(..., out_dir)``):
                        and the teacher's logits in position order, fp16 (N, K) by default, or
                        top-k values (N, k) + int16/int32 indices
   summary.json         storage per epoch, rewritten at the end of each call
-An existing folder holding a different run (any setting other than ``epochs`` differs) is an
-error and nothing is written; the same run resumes, skipping complete epoch files.
+  run.json             {"status": "running" | "complete", "stage": "relabel"} (the run folder's)
+An existing folder holding a different run (any setting other than ``epochs`` differs, named
+by its dotted path, e.g. ``views.seed``) is an error and nothing is written; the same run
+resumes, skipping complete epoch files (guard_fast.runtime.RunFolder, resume="auto").
 
 Multi-process: under torchrun (env RANK/WORLD_SIZE) epoch e is made by rank e % world_size
-(no communication but barriers; the files equal a single process's). CLI:
-``python -m guard_fast.distill.relabel --teacher T --distilled D --out O --epochs E
---batch-size B [--top-k K --mix cutmix|mixup|none --min-scale S --seed N ...]``.
+(no communication but barriers; the files equal a single process's). Command line:
+``python -m guard_fast.train relabel`` (its options are RelabelConfig's fields; unset ones
+take the student preset of the distilled set's data set, guard_fast.config.resolve_relabel).
 
 Top-k targets are rebuilt as dense logits with -inf outside the top k: softmax(z / T) then
 puts zero mass there, i.e. the target is the teacher's distribution at temperature T
@@ -69,15 +71,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guard_fast.runtime import atomic_torch_save, atomic_write_json, load_checkpoint
+from guard_fast.config.relabel import DTYPES, check_relabel
+from guard_fast.config.student import MIXES
+from guard_fast.runtime import (RunFolder, all_gather_object, atomic_torch_save,
+                                atomic_write_json, distributed, load_checkpoint,
+                                load_classifier, resolve_device)
 
 __all__ = ["ViewSpec", "EpochViews", "make_views", "relabel", "SoftLabelStore",
-           "OnlineSoftLabels", "dense_from_topk", "storage_summary", "main", "MIXES", "FORMAT"]
+           "OnlineSoftLabels", "dense_from_topk", "storage_summary", "store_config", "MIXES",
+           "FORMAT"]
 
 FORMAT = "guard_fast.relabel/1"
-MIXES = ("cutmix", "mixup", "none")
 _TAG = 0x52454C42  # "RELB": separates this stream from any other use of (seed, epoch)
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 @dataclass(frozen=True)
@@ -99,15 +105,10 @@ class ViewSpec:
     def __post_init__(self):
         if self.n < 1:
             raise ValueError("the distilled set is empty")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if not 0 < self.min_scale <= self.max_scale <= 1:
-            raise ValueError(f"need 0 < min_scale <= max_scale <= 1, got ({self.min_scale}, "
-                             f"{self.max_scale})")
-        if self.mix not in MIXES:
-            raise ValueError(f"unknown mix {self.mix!r}; known: {', '.join(MIXES)}")
-        if self.out_size < 1:
-            raise ValueError(f"out_size must be positive, got {self.out_size}")
+        # the relabel stage's declarations of these settings (guard_fast.config.relabel)
+        check_relabel(out_size=self.out_size, batch_size=self.batch_size, seed=self.seed,
+                      min_scale=self.min_scale, max_scale=self.max_scale, mix=self.mix,
+                      cutmix_alpha=self.cutmix_alpha, mixup_alpha=self.mixup_alpha)
 
     @property
     def num_batches(self) -> int:
@@ -332,8 +333,6 @@ def _arch_of(model: nn.Module) -> dict:
 
 def _resolve_teacher(teacher, arch: dict | None = None) -> tuple[nn.Module, dict, str | None]:
     if isinstance(teacher, (str, Path)):
-        from guard_fast.runtime import load_classifier
-
         model, a = load_classifier(teacher)
         return model, dict(a), str(Path(teacher).resolve())
     if isinstance(teacher, nn.Module):
@@ -357,35 +356,15 @@ def _teacher_logits(teacher: nn.Module, x: Tensor, chunk: int | None) -> Tensor:
 
 # --------------------------------------------------------------------------- relabel
 
-_RESUMABLE = {"epochs"}
-
-
-def _check_folder(out: Path, config: dict) -> dict:
-    f = out / "config.json"
-    if not f.exists():
-        return config
-    old = json.loads(f.read_text())
-    a, b = _flat(old), _flat(json.loads(json.dumps(config)))  # json round trip: lists, str keys
-    diff = sorted(k for k in set(a) | set(b) if k not in _RESUMABLE and a.get(k) != b.get(k))
-    if diff:
-        raise ValueError(f"{out} holds a different relabel run (settings differ: {diff}); use "
-                         "the same settings to resume it, or another output folder (nothing "
-                         "was overwritten)")
-    return dict(config, epochs=max(int(old.get("epochs", 0)), int(config["epochs"])))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _epoch_file(out: Path, epoch: int) -> Path:
     return Path(out) / f"epoch_{epoch:04d}.pt"
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    """The name (a DTYPES entry, when known) of a stored-logits dtype given either way."""
+    if isinstance(dtype, torch.dtype):
+        return {v: k for k, v in _DTYPES.items()}.get(dtype, str(dtype))
+    return dtype
 
 
 def relabel(teacher, distilled, out_dir, epochs: int, batch_size: int, seed: int = 0,
@@ -403,126 +382,117 @@ def relabel(teacher, distilled, out_dir, epochs: int, batch_size: int, seed: int
     (float16 as in the public --use-fp16; bfloat16 or float32 also accepted).
     out_size: the input side (default: the distilled images' height). teacher_chunk: run
     the teacher on at most this many views at a time (memory; default the whole batch).
+    The settings are checked against RelabelConfig's declarations before any work is done.
 
     Returns (and writes to summary.json) the storage per epoch in bytes and what was done.
     """
-    from guard_fast.runtime import resolve_device
-
     t_start = time.perf_counter()
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    dname = {v: k for k, v in _DTYPES.items()}.get(dtype)
-    if dname is None:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype}")
-    if epochs < 1:
-        raise ValueError(f"epochs must be positive, got {epochs}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be positive (or None), got {top_k}")
-    from guard_fast.runtime import dist_env as _dist_info
+    dname = _dtype_name(dtype)
+    check_relabel(out=str(out_dir), epochs=epochs, batch_size=batch_size, seed=seed, top_k=top_k,
+                  dtype=dname, out_size=out_size, min_scale=min_scale, max_scale=max_scale,
+                  mix=mix, cutmix_alpha=cutmix_alpha, mixup_alpha=mixup_alpha,
+                  teacher_chunk=teacher_chunk, progress=progress)
+    if epochs is None or batch_size is None:
+        raise ValueError("relabel needs epochs and batch_size (guard_fast.config.resolve_relabel "
+                         "takes them from the student preset)")
+    with distributed(resolve_device(device)) as d:  # torchrun: epoch e is made on rank e % world
+        model, arch, tpath = _resolve_teacher(teacher, teacher_arch)
+        ds, dpath = _resolve_distilled(distilled)
+        images, labels = ds["images"].float(), ds["labels"].long()
+        N, C, H, W = images.shape
+        spec = ViewSpec(n=N, src_h=H, src_w=W, out_size=int(out_size or H),
+                        batch_size=batch_size, seed=seed, min_scale=min_scale,
+                        max_scale=max_scale, mix=mix, cutmix_alpha=cutmix_alpha,
+                        mixup_alpha=mixup_alpha)
+        was_training = model.training
+        model = model.to(d.device).eval()  # BatchNorm running statistics, as the public eval()
+        try:
+            folder, K, k_eff = _run_folder(model, arch, tpath, images, labels, dpath, spec,
+                                           out_dir, epochs, top_k, dname, d)
+            written, skipped = _store_epochs(model, images, spec, folder, epochs, K, k_eff,
+                                             _DTYPES[dname], teacher_chunk, progress, d)
+            summary = storage_summary(folder.out)
+            summary.update(epochs_written=written, epochs_skipped=skipped,
+                           seconds=time.perf_counter() - t_start)
+            if d.is_main:
+                atomic_write_json(folder.path("summary.json"), summary)
+                folder.complete(epochs_stored=summary["epochs_stored"])
+            return summary
+        finally:
+            model.train(was_training)
 
-    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    rank, world, local_rank = _dist_info()
-    we_init = False
-    if world > 1:  # torchrun: the epochs are shared out (epoch e on rank e % world)
-        import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-            we_init = True
-        if dev.type == "cuda":
-            dev = torch.device("cuda", local_rank)
-            torch.cuda.set_device(dev)
-    model, arch, tpath = _resolve_teacher(teacher, teacher_arch)
-    d, dpath = _resolve_distilled(distilled)
-    images, labels = d["images"].float(), d["labels"].long()
+def _run_folder(model, arch, tpath, images, labels, dpath, spec, out_dir, epochs, top_k, dname,
+                d) -> tuple[RunFolder, int, int | None]:
+    """The relabel folder, checked (before anything is written) and started.
+
+    Its config holds every setting the stored files depend on, with fingerprints of the
+    teacher's weights and of the distilled images and labels, so a rerun on another teacher
+    or set is refused (naming e.g. ``teacher.fingerprint``) while the same run continues:
+    only ``epochs`` may differ, and the config keeps the largest number asked for.
+    Returns the folder, the teacher's class count K and the effective top k (None: all)."""
     N, C, H, W = images.shape
-    spec = ViewSpec(n=N, src_h=H, src_w=W, out_size=int(out_size or H), batch_size=batch_size,
-                    seed=seed, min_scale=min_scale, max_scale=max_scale, mix=mix,
-                    cutmix_alpha=cutmix_alpha, mixup_alpha=mixup_alpha)
-    was_training = model.training
-    model = model.to(dev).eval()  # BatchNorm running statistics, as the public code's eval()
-    try:
-        return _relabel(model, arch, tpath, images, labels, dpath, spec, out_dir, epochs,
-                        top_k, dtype, dname, dev, teacher_chunk, progress, t_start, rank, world)
-    finally:
-        model.train(was_training)
-        if we_init:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _relabel(model, arch, tpath, images, labels, dpath, spec, out_dir, epochs, top_k, dtype,
-             dname, dev, teacher_chunk, progress, t_start, rank, world) -> dict:
-    N, C, H, W = images.shape
-    K = _num_classes(model, spec, images, dev)
+    K = _num_classes(model, spec, images, d.device)
     if int(labels.max()) >= K:
         raise ValueError(f"class count mismatch: the distilled labels go up to {int(labels.max())} "
                          f"but the teacher has {K} classes")
     k_eff = None if top_k is None or top_k >= K else int(top_k)
     config = {
-        "stage": "relabel", "format": FORMAT, "views": spec.to_dict(), "epochs": int(epochs),
+        "format": FORMAT, "views": spec.to_dict(), "epochs": int(epochs),
         "num_classes": K, "in_channels": C, "top_k": k_eff, "dtype": dname,
         "interpolation": "bilinear, align_corners=False, antialias=True",
         "teacher": {"arch": arch, "path": tpath, "fingerprint": _fingerprint_model(model)},
         "distilled": {"path": dpath, "n_images": N, "image_shape": [C, H, W],
                       "fingerprint": _fingerprint_tensor(images),
                       "labels_fingerprint": _fingerprint_tensor(labels)},
-        "relabel_device_type": dev.type,
+        "relabel_device_type": d.device.type,
     }
-    out = Path(out_dir)
-    config = _check_folder(out, config)
-    _barrier(world)  # every rank has checked the folder before rank 0 writes to it
-    if rank == 0:
-        atomic_write_json(out / "config.json", config)
+    folder = RunFolder(out_dir, "relabel", config, resume="auto", resumable={"epochs"})
+    old = folder.check()
+    if old is not None:
+        folder.config["epochs"] = max(int(old.get("epochs", 0)), int(epochs))
+    d.barrier()  # every rank has checked the folder before rank 0 writes to it
+    if d.is_main:
+        folder.start()
+    return folder, K, k_eff
 
+
+def _store_epochs(model, images, spec, folder, epochs, K, k_eff, dtype, chunk, progress,
+                  d) -> tuple[list[int], list[int]]:
+    """This rank's epochs (rank, rank + world, ...), one atomic file each; a file that exists
+    is complete and skipped. Returns the epochs written and skipped by all ranks."""
     from tqdm.auto import tqdm
 
     written, skipped = [], []
-    for e in tqdm(range(rank, epochs, world), desc="relabel", disable=not progress or rank != 0,
-                  leave=False):
-        f = _epoch_file(out, e)
+    for e in tqdm(range(d.rank, epochs, d.world), desc="relabel",
+                  disable=not progress or not d.is_main, leave=False):
+        f = _epoch_file(folder.out, e)
         if f.exists():  # written atomically: present means complete
             skipped.append(e)
             continue
-        views = make_views(spec, e)
-        parts = []
-        for b in range(views.num_batches):
-            parts.append(_teacher_logits(model, views.inputs(images, b, device=dev), teacher_chunk).cpu())
-        logits = torch.cat(parts)
-        payload: dict[str, Any] = {"format": FORMAT, "epoch": e, "views": views.to_dict(),
-                                   "num_classes": K}
-        if k_eff is None:
-            payload["logits"] = logits.to(dtype)
-        else:
-            v, i = logits.topk(k_eff, dim=1)
-            payload["topk_values"] = v.to(dtype)
-            payload["topk_indices"] = i.to(_int_dtype(K))
-        atomic_torch_save(f, payload)
+        atomic_torch_save(f, _epoch_payload(model, images, spec, e, K, k_eff, dtype, chunk,
+                                            d.device))
         written.append(e)
-    if world > 1:  # gather what every rank did
-        import torch.distributed as dist
-
-        _barrier(world)
-        got: list = [None] * world
-        dist.all_gather_object(got, (written, skipped))
-        written = sorted(e for w, _ in got for e in w)
-        skipped = sorted(e for _, sk in got for e in sk)
-    summary = storage_summary(out)
-    summary.update(epochs_written=written, epochs_skipped=skipped,
-                   seconds=time.perf_counter() - t_start)
-    if rank == 0:
-        atomic_write_json(out / "summary.json", summary)
-    return summary
+    d.barrier()
+    got = all_gather_object((written, skipped))
+    return sorted(e for w, _ in got for e in w), sorted(e for _, sk in got for e in sk)
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+def _epoch_payload(model, images, spec, epoch, K, k_eff, dtype, chunk, device) -> dict:
+    """One epoch file: its views and the teacher's logits on them in position order (all K,
+    or the top k values and their class indices), in the stored dtype."""
+    views = make_views(spec, epoch)
+    logits = torch.cat([_teacher_logits(model, views.inputs(images, b, device=device), chunk).cpu()
+                        for b in range(views.num_batches)])
+    payload: dict[str, Any] = {"format": FORMAT, "epoch": epoch, "views": views.to_dict(),
+                               "num_classes": K}
+    if k_eff is None:
+        payload["logits"] = logits.to(dtype)
+    else:
+        v, i = logits.topk(k_eff, dim=1)
+        payload["topk_values"] = v.to(dtype)
+        payload["topk_indices"] = i.to(_int_dtype(K))
+    return payload
 
 
 def storage_summary(out_dir) -> dict:
@@ -553,6 +523,19 @@ def storage_summary(out_dir) -> dict:
 
 # --------------------------------------------------------------------------- readers
 
+def store_config(path) -> dict:
+    """The config.json of a relabel folder (its views, teacher and distilled set); a folder
+    without one, or of another format, raises naming the problem."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{Path(path)} holds no soft labels (no config.json): run the "
+                                "relabel stage first")
+    config = json.loads(f.read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{f} is not a relabel folder of format {FORMAT}")
+    return config
+
+
 class SoftLabelStore:
     """Replays a relabel folder: ``batch(epoch, b)`` -> (inputs, target logits).
 
@@ -563,13 +546,7 @@ class SoftLabelStore:
 
     def __init__(self, path, images: Tensor | None = None, device: str | torch.device = "cpu"):
         self.path = Path(path)
-        f = self.path / "config.json"
-        if not f.is_file():
-            raise FileNotFoundError(f"{self.path} holds no soft labels (no config.json): run the "
-                                    "relabel stage first")
-        self.config = json.loads(f.read_text())
-        if self.config.get("format") != FORMAT:
-            raise ValueError(f"{f} is not a relabel folder of format {FORMAT}")
+        self.config = store_config(self.path)
         self.spec = ViewSpec(**self.config["views"])
         self.num_classes = int(self.config["num_classes"])
         self.device = torch.device(device)
@@ -635,19 +612,27 @@ class SoftLabelStore:
 
 class OnlineSoftLabels:
     """The same views made on the fly, the teacher run on them each step; nothing stored.
-    Targets are the teacher's float32 logits (the stored mode keeps them in fp16)."""
+    Targets are the teacher's float32 logits (the stored mode keeps them in fp16).
 
-    def __init__(self, teacher: nn.Module, images: Tensor, spec: ViewSpec,
-                 device: str | torch.device = "cpu", num_classes: int | None = None):
+    teacher: a module taking [0, 1] pixels, or a teacher.pt path (loaded with
+    guard_fast.runtime.load_classifier); ``arch`` is then its arch entry (for a module: what
+    teacher_arch says, else its normalization). num_classes: default the teacher's output
+    width on one view."""
+
+    def __init__(self, teacher: nn.Module | str | Path, images: Tensor, spec: ViewSpec,
+                 device: str | torch.device = "cpu", num_classes: int | None = None,
+                 teacher_arch: dict | None = None):
         if images.shape[0] != spec.n:
             raise ValueError(f"image count mismatch: spec has {spec.n}, got {images.shape[0]}")
         self.device = torch.device(device)
+        teacher, self.arch, _ = _resolve_teacher(teacher, teacher_arch)
         self.teacher = teacher.to(self.device).eval()  # runs under no_grad
         # kept in host memory (an ImageNet-scale set need not fit the GPU); each batch's
         # source images are gathered and copied to the device when its views are built
         self.images = images.float().cpu()
         self.spec = spec
-        self.num_classes = num_classes
+        self.num_classes = (num_classes if num_classes is not None else
+                            _num_classes(self.teacher, spec, self.images, self.device))
         self._cache: tuple[int, EpochViews] | None = None
 
     @property
@@ -662,46 +647,3 @@ class OnlineSoftLabels:
     def batch(self, epoch: int, b: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = self.views(epoch).inputs(self.images, b, rows, self.device)
         return x, _teacher_logits(self.teacher, x, None)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m guard_fast.distill.relabel --teacher T --distilled D --out O --epochs E
-    --batch-size B [...]`` (also under torchrun, which shares the epochs out over ranks)."""
-    import argparse
-    import os
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m guard_fast.distill.relabel",
-                                description="Store FKD soft labels of a distilled set.")
-    p.add_argument("--teacher", required=True, help="teacher.pt from the squeeze stage")
-    p.add_argument("--distilled", required=True, help="distilled-set folder (images.pt)")
-    p.add_argument("--out", required=True, help="relabel folder to write")
-    p.add_argument("--epochs", type=int, required=True, help="epochs of views to store")
-    p.add_argument("--batch-size", type=int, required=True, help="global batch of the student")
-    p.add_argument("--seed", type=int, default=0, help="view seed (default: 0)")
-    p.add_argument("--top-k", type=int, default=None, help="store top-k logits (default: all)")
-    p.add_argument("--dtype", default="float16", choices=list(_DTYPES),
-                   help="stored logits dtype (default: float16)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--out-size", type=int, default=None, help="input side (default: image height)")
-    p.add_argument("--min-scale", type=float, default=0.08, help="crop scale min (default: 0.08)")
-    p.add_argument("--max-scale", type=float, default=1.0, help="crop scale max (default: 1.0)")
-    p.add_argument("--mix", default="cutmix", choices=list(MIXES), help="(default: cutmix)")
-    p.add_argument("--cutmix-alpha", type=float, default=1.0, help="(default: 1.0)")
-    p.add_argument("--mixup-alpha", type=float, default=0.8, help="(default: 0.8)")
-    a = p.parse_args(argv)
-    try:
-        s = relabel(a.teacher, a.distilled, a.out, a.epochs, a.batch_size, seed=a.seed,
-                    top_k=a.top_k, dtype=a.dtype, device=a.device, out_size=a.out_size,
-                    min_scale=a.min_scale, max_scale=a.max_scale, mix=a.mix,
-                    cutmix_alpha=a.cutmix_alpha, mixup_alpha=a.mixup_alpha)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(s))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
