@@ -61,30 +61,13 @@ def _recover_parser(sub) -> None:
 def _relabel_parser(sub) -> None:
     rl = sub.add_parser("relabel", help="store the teacher's soft labels on the student's views",
                         description="FKD relabel: for every epoch of student training, the crop, "
-                                    "flip and CutMix of each view and the teacher's logits on it.")
-    rl.add_argument("--distilled", default="runs/recover", help="distilled-set folder (default: "
-                    "runs/recover)")
-    rl.add_argument("--teacher", default=None, help="teacher.pt (default: the one the distilled "
-                    "set was recovered from)")
-    rl.add_argument("--out", default="runs/relabel", help="relabel folder (default: runs/relabel)")
-    rl.add_argument("--epochs", type=int, default=None, help="epochs of views (default: the "
-                    "student preset of the data set)")
-    rl.add_argument("--batch-size", type=int, default=None, help="student batch (default: the "
-                    "student preset)")
-    rl.add_argument("--seed", type=int, default=0, help="view seed (default: 0)")
-    rl.add_argument("--top-k", type=int, default=None, help="store the k largest logits only")
-    rl.add_argument("--dtype", default="float16", help="stored logits: float16 | bfloat16 | "
-                    "float32 (default: float16)")
-    rl.add_argument("--min-scale", type=float, default=None, help="crop scale minimum (default: "
-                    "the student preset)")
-    rl.add_argument("--mix", default=None, help="cutmix | mixup | none (default: the student "
-                    "preset)")
-    rl.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+                                    "flip and CutMix of each view and the teacher's logits on it. "
+                                    "Unset view settings take the student preset of the distilled "
+                                    "set's data set.")
+    C.add_options(rl, C.RelabelConfig)
 
 
 def _student_parser(sub) -> None:
-    from guard_fast.distill.student import StudentConfig
-
     st = sub.add_parser("student", help="train a student on a distilled set (FKD soft labels)",
                         description="Train a fresh student on a distilled set, replaying a relabel "
                                     "folder's views and soft labels (--soft-labels) or running the "
@@ -93,7 +76,7 @@ def _student_parser(sub) -> None:
                     "settings (the fields below); flags given as well override it")
     st.add_argument("--stop-after", type=int, default=None, help="end after this many epochs "
                     "(checkpoint kept, no student.pt): --resume continues it")
-    C.add_options(st, StudentConfig, note="presets may change it")
+    C.add_options(st, C.StudentConfig, note="presets may change it")
 
 
 def _evaluate_parser(sub) -> None:
@@ -175,7 +158,7 @@ def _run_recover(ns: argparse.Namespace) -> int:
 
 
 def _run_dc(ns: argparse.Namespace) -> int:
-    from guard_fast.distill.dc import DCConfig, dc
+    from guard_fast.distill.dc import dc
 
     kw = {"data": ns.dc_dataset or "mnist", "data_root": ns.dc_data_root,
           "regularizer": ns.dc_regularizer or "none",
@@ -183,37 +166,29 @@ def _run_dc(ns: argparse.Namespace) -> int:
     for k in ("ipc", "iterations", "seed", "device", "progress"):
         if getattr(ns, k) is not None:
             kw[k] = getattr(ns, k)
-    res = dc(DCConfig(**kw))
+    res = dc(C.DCConfig(**kw))
     print(f"distilled set written to {kw['out']} (images.pt, images/, grid.png)")
     print(json.dumps(res, default=str))
     return 0
 
 
 def _run_relabel(ns: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from guard_fast.distill.common import load_distilled
     from guard_fast.distill.relabel import relabel
-    from guard_fast.distill.student import STUDENT_PRESETS
 
-    d = load_distilled(ns.distilled)
-    meta = d["meta"]
-    teacher = ns.teacher or meta.get("teacher")
-    if not teacher:
-        raise ValueError(f"{ns.distilled} does not name its teacher (a DC set?): pass --teacher")
-    data = meta.get("arch", {}).get("data", "mnist")
-    pre = STUDENT_PRESETS.get(data, STUDENT_PRESETS["imagenette"])
-    s = relabel(teacher, ns.distilled, ns.out, epochs=ns.epochs or pre["epochs"],
-                batch_size=ns.batch_size or pre["batch_size"], seed=ns.seed, top_k=ns.top_k,
-                dtype=ns.dtype, device=ns.device,
-                min_scale=ns.min_scale if ns.min_scale is not None else pre["min_scale"],
-                mix=ns.mix or pre["mix"], progress=True)
-    print(f"soft labels written to {ns.out}")
+    over = C.overrides_from(ns, C.RelabelConfig)
+    distilled = over.get("distilled", C.RelabelConfig().distilled)
+    cfg = C.resolve_relabel(over, load_distilled(distilled)["meta"])
+    kw = asdict(cfg)
+    s = relabel(kw.pop("teacher"), kw.pop("distilled"), kw.pop("out"), **kw)
+    print(f"soft labels written to {cfg.out}")
     print(json.dumps(s, default=str))
     return 0
 
 
 def _student_overrides(ns: argparse.Namespace) -> dict:
-    from guard_fast.distill.student import StudentConfig
-
     over: dict = {}
     if ns.config_file:
         try:
@@ -223,17 +198,17 @@ def _student_overrides(ns: argparse.Namespace) -> dict:
         if not isinstance(over, dict):
             raise ValueError(f"--config {ns.config_file}: expected a JSON object of student "
                              "settings")
-    over.update(C.overrides_from(ns, StudentConfig))
+    over.update(C.overrides_from(ns, C.StudentConfig))
     return over
 
 
 def _run_student(ns: argparse.Namespace) -> int:
-    from guard_fast.distill.student import resolve_student, train_student
+    from guard_fast.distill.student import train_student
     from guard_fast.runtime import dist_env
 
     if ns.stop_after is not None and ns.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {ns.stop_after}")
-    cfg = resolve_student(_student_overrides(ns))
+    cfg = C.resolve_student(_student_overrides(ns))
     m = train_student(cfg, stop_after=ns.stop_after)
     if dist_env()[0] == 0:
         _print_json(m)
@@ -242,12 +217,12 @@ def _run_student(ns: argparse.Namespace) -> int:
 
 def _train_student_for_eval(cfg: C.EvaluateConfig) -> Path:
     from guard_fast.distill.common import load_distilled
-    from guard_fast.distill.student import STUDENT_PRESETS, resolve_student, train_student
+    from guard_fast.distill.student import train_student
 
     dist_dir = Path(cfg.distilled)
     meta = load_distilled(dist_dir)["meta"]
     data = meta.get("arch", {}).get("data", "mnist")
-    preset = data if data in STUDENT_PRESETS else "imagenette"
+    preset = data if data in C.STUDENT_PRESETS else "imagenette"
     over: dict = {"preset": preset, "distilled": str(dist_dir), "device": cfg.device,
                   "out": cfg.student_out or str(dist_dir.resolve().parent / "student"),
                   "progress": True}
@@ -264,7 +239,7 @@ def _train_student_for_eval(cfg: C.EvaluateConfig) -> Path:
     out = Path(over["out"])
     over["resume"] = (out / "config.json").exists() and not (out / "student.pt").exists()
     if not (out / "student.pt").exists():
-        train_student(resolve_student(over))
+        train_student(C.resolve_student(over))
     return out / "student.pt"
 
 
