@@ -65,8 +65,9 @@ class SqueezeConfig:
     lam: float = opt(100.0, help="GUARD weight lambda (paper: 100; unused by official-imagenet)",
                      min=0)
     beta: float = opt(1e-4, help="official-imagenet weight (public code: 1e-4)", min=0)
-    bn_mode: str = opt("eval", help="BatchNorm mode of the penalty passes: eval (published) | "
-                       "train", choices=("eval", "train"))
+    bn_mode: str = opt("eval", help="module mode of the penalty passes: eval (published) | "
+                       "model (the model's own, train mode in training; 'train' is its older "
+                       "spelling)", choices=("eval", "model", "train"))
     chunk_size: int | None = opt(None, help="penalty passes in chunks of this many images (less "
                                  "memory, same result)", unit="images", min=1)
     h_space: str = opt("normalized", help="space h is measured in: normalized (the public "

@@ -1,7 +1,7 @@
 """Squeeze: train the teacher that recover, relabel and DC use, with a selectable regularizer.
 
 Regularizers: guard (GuardLoss, any mode), none (plain SRe2L), gr (GradNormLoss), and the
-adversarial-training baselines pgd-at, trades, fbf (guard_fast.adv_training).
+adversarial-training baselines pgd-at, trades, fbf (guard_fast.losses.adversarial).
 
 Run folder (cfg.out):
   config.json     the full resolved config, written first
@@ -68,11 +68,11 @@ def build_criterion(cfg: SqueezeConfig):
             loss = F.cross_entropy(m(x), y)
             return _Parts(loss, loss.detach(), None)
         return ce
-    from guard_fast import adv_training as at
+    from guard_fast.losses import adversarial as at
 
     if r == "pgd-at":  # Table 1's "SRe2L + Adv": PGD-AT at eps (paper: 1/255), pixel units
         crit = at.PGDATLoss(eps=cfg.adv_eps, steps=cfg.adv_steps)
-    elif r == "trades":  # the public code's TRADES variant, its constants (see adv_training)
+    elif r == "trades":  # the public code's TRADES variant, its constants (see losses.adversarial)
         crit = at.TRADESLoss(beta=cfg.trades_beta)
     else:  # the public code's "fast is better than free": its epsilon is args.h
         crit = at.FBFLoss(eps=cfg.h)
