@@ -618,7 +618,7 @@ def _dc_rows(cfg: PipelineConfig, p: dict, out: Path, log) -> Path:
     """DC with and without GUARD on the bundled digits: distill, train DC's ConvNet on the
     synthetic set (hard labels, DC's evaluation), evaluate it like the students."""
     from guard_fast.data import get_data
-    from guard_fast.distill.common import load_distilled
+    from guard_fast.data.distilled import load_distilled
     from guard_fast.distill.dc import DCConfig, _train_epochs, dc
     from guard_fast.runtime import resolve_device
     from guard_fast.evaluate import robust_eval

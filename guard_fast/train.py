@@ -175,7 +175,7 @@ def _run_dc(ns: argparse.Namespace) -> int:
 def _run_relabel(ns: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from guard_fast.distill.common import load_distilled
+    from guard_fast.data.distilled import load_distilled
     from guard_fast.distill.relabel import relabel
 
     over = C.overrides_from(ns, C.RelabelConfig)
@@ -216,7 +216,7 @@ def _run_student(ns: argparse.Namespace) -> int:
 
 
 def _train_student_for_eval(cfg: C.EvaluateConfig) -> Path:
-    from guard_fast.distill.common import load_distilled
+    from guard_fast.data.distilled import load_distilled
     from guard_fast.distill.student import train_student
 
     dist_dir = Path(cfg.distilled)

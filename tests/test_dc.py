@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import guard_fast.distill.dc as dcmod
-from guard_fast.distill.common import load_distilled
+from guard_fast.data.distilled import load_distilled
 from guard_fast.config import DCConfig, get_loops
 from guard_fast.distill.dc import (dc, evaluate_synset, layer_distance, load_real, match_distance,
                                    random_real_subset, real_gradients)

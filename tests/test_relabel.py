@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guard_fast.distill.relabel import (MIXES, OnlineSoftLabels, SoftLabelStore,
-                                        ViewSpec, dense_from_topk, make_views, relabel)
+from guard_fast.data.softlabels import (MIXES, OnlineSoftLabels, SoftLabelStore, ViewSpec,
+                                        dense_from_topk, make_views)
+from guard_fast.distill.relabel import relabel
 from guard_fast.models import build_model
 
 
@@ -275,7 +276,7 @@ def test_bad_inputs_name_the_problem(setup, tmp_path):
 def test_relabel_reads_a_distilled_folder_and_teacher_file(setup, tmp_path):
     """The stage's file interface: images.pt folder in, teacher.pt in, the store finds the
     images again from config.json."""
-    from guard_fast.distill.common import save_distilled
+    from guard_fast.data.distilled import save_distilled
 
     _, ds = setup
     save_distilled(tmp_path / "set", ds["images"], ds["labels"], torch.arange(23) // 10,
@@ -321,7 +322,7 @@ def _free_port():
 def test_cli_and_torchrun_share_epochs_out(setup, tmp_path):
     """python -m guard_fast.train relabel; under torchrun (2 gloo processes) epoch e is made
     by rank e % 2 and the files equal a single process's."""
-    from guard_fast.distill.common import save_distilled
+    from guard_fast.data.distilled import save_distilled
     from guard_fast.train import main
 
     _, ds = setup

@@ -308,7 +308,7 @@ def test_ddp_two_gloo_processes_equal_single_process(mnist_setup, tmp_path):
     batch statistics), so 2 x 25 rows == 1 x 50 rows up to summation order. SGD: AdamW would
     blow float noise up to full steps on the conv biases, whose true gradient under instance
     norm is exactly zero."""
-    from guard_fast.distill.common import save_distilled
+    from guard_fast.data.distilled import save_distilled
 
     s = mnist_setup
     save_distilled(tmp_path / "set", s["ds"]["images"], s["ds"]["labels"], s["ds"]["ipc_ids"],

@@ -201,6 +201,16 @@ def _json_arg(text: str):
         raise argparse.ArgumentTypeError(f"{text!r} is not JSON") from e
 
 
+def _element_type(cls, name: str) -> type:
+    """The element type of a list/tuple field (tuple[float, float] -> float; else str)."""
+    t = _hints(cls)[name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if len(args) == 1 and typing.get_args(args[0]):
+        args = list(typing.get_args(args[0]))
+    args = [a for a in args if a is not Ellipsis]
+    return args[0] if args and all(a is args[0] for a in args) and args[0] in (int, float) else str
+
+
 def _list_arg(kind):
     def parse(text: str):
         return tuple(kind(t.strip()) for t in str(text).split(",") if t.strip())
@@ -240,7 +250,7 @@ def add_options(p: argparse.ArgumentParser, cls, *, skip: Iterable[str] = (),
         elif kind is dict:
             typ = _json_arg
         elif kind in (tuple, list):
-            typ = _list_arg(str)
+            typ = _list_arg(_element_type(cls, f.name))
         else:
             typ = str
         p.add_argument(*names, dest=f.name, type=typ, default=None, help=help_.replace("%", "%%"))

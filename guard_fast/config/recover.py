@@ -21,21 +21,18 @@ __all__ = ["RecoverConfig", "RECOVER_PRESETS", "RECOVER_METHODS", "CDA_MODES", "
 #     CIFAR recipe with a 0..2 pixel roll and fewer iterations.
 # CDA (Yin and Shen 2023) keeps the recipe and adds the crop-scale curriculum; its README
 # runs --easy2hard-mode cosine --milestone 1.
+_IMAGENET_RECIPE = dict(lr=0.25, r_bn=0.01, iterations=2000, crop=True, flip=True, jitter=32,
+                       jitter_mode="positive")
+_CIFAR_RECIPE = dict(lr=0.25, r_bn=0.01, iterations=1000, crop=False, flip=False, jitter=4,
+                     jitter_mode="positive")
 RECOVER_PRESETS: dict[str, dict[str, Any]] = {
-    "mnist": dict(lr=0.25, r_bn=0.01, iterations=300, crop=False, flip=False, jitter=2,
-                  jitter_mode="positive"),
-    "imagenette": dict(lr=0.25, r_bn=0.01, iterations=2000, crop=True, flip=True, jitter=32,
-                       jitter_mode="positive"),
-    "imagenet-1k": dict(lr=0.25, r_bn=0.01, iterations=2000, crop=True, flip=True, jitter=32,
-                        jitter_mode="positive"),
-    "imagefolder": dict(lr=0.25, r_bn=0.01, iterations=2000, crop=True, flip=True, jitter=32,
-                        jitter_mode="positive"),
-    "tiny-imagenet": dict(lr=0.1, r_bn=1.0, iterations=2000, crop=True, flip=True, jitter=4,
-                          jitter_mode="symmetric"),
-    "cifar10": dict(lr=0.25, r_bn=0.01, iterations=1000, crop=False, flip=False, jitter=4,
-                    jitter_mode="positive"),
-    "cifar100": dict(lr=0.25, r_bn=0.01, iterations=1000, crop=False, flip=False, jitter=4,
-                     jitter_mode="positive"),
+    "mnist": dict(_CIFAR_RECIPE, iterations=300, jitter=2),
+    "imagenette": dict(_IMAGENET_RECIPE),
+    "imagenet-1k": dict(_IMAGENET_RECIPE),
+    "imagefolder": dict(_IMAGENET_RECIPE),
+    "tiny-imagenet": dict(_IMAGENET_RECIPE, lr=0.1, r_bn=1.0, jitter=4, jitter_mode="symmetric"),
+    "cifar10": dict(_CIFAR_RECIPE),
+    "cifar100": dict(_CIFAR_RECIPE),
 }
 RECOVER_METHODS = ("sre2l", "cda")
 CDA_MODES = ("step", "linear", "cosine")

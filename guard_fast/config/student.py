@@ -123,7 +123,7 @@ class StudentConfig:
     lr: float = opt(0.001, help="peak learning rate (linear warm-up, then cosine, stepped per "
                     "epoch)", min=0, min_inclusive=False)
     momentum: float = opt(0.9, help="SGD momentum (sgd only)", min=0, max=1, max_inclusive=False)
-    betas: tuple = opt((0.9, 0.999), help="AdamW betas, two numbers in [0, 1) (adamw only)")
+    betas: tuple[float, float] = opt((0.9, 0.999), help="AdamW betas, two numbers in [0, 1) (adamw only)")
     weight_decay: float = opt(0.01, help="weight decay", min=0)
     decay_1d: bool = opt(False, help="also decay biases and norm weights (the public AdamW path "
                          "decays only weight tensors of more than one dimension)")
@@ -138,9 +138,9 @@ class StudentConfig:
                            "--gradient-accumulation-steps): the same gradient in less memory",
                            min=1)
     init_seed: int = opt(0, help="seed of the student's weight initialisation", min=0)
-    mean: list | None = opt(None, help="per-channel mean of the normalization inside the "
+    mean: list[float] | None = opt(None, help="per-channel mean of the normalization inside the "
                             "student", unit="[0,1] pixel units", default_note=_TEACHER_NOTE)
-    std: list | None = opt(None, help="per-channel std of the normalization inside the student "
+    std: list[float] | None = opt(None, help="per-channel std of the normalization inside the student "
                            "(positive)", unit="[0,1] pixel units", default_note=_TEACHER_NOTE)
     val_data: str | None = opt(None, help="data set whose validation split measures accuracy "
                                "(guard_fast.data.get_data name, e.g. mnist)")

@@ -103,7 +103,24 @@ def _worker_init(base: int, worker_id: int) -> None:
     torch.manual_seed(s)
 
 
-class EpochLoader:
+class EpochSampled:
+    """What every loader of this package exposes: ``self.sampler`` (an EpochBatchSampler)
+    decides the batches, so the epoch, its setter and the length are the sampler's."""
+
+    sampler: EpochBatchSampler
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class EpochLoader(EpochSampled):
     """Iterable of (images (B, C, H, W) float, labels (B,) int64) for one (seed, epoch, rank).
 
     ``set_epoch(e)`` moves to another epoch (as DistributedSampler.set_epoch does). Each
@@ -119,16 +136,6 @@ class EpochLoader:
         self.batch_size, self.workers, self.pin_memory = batch_size, workers, pin_memory
         self.seed, self.rank = seed, rank
         self.sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, epoch, drop_last, rank, world_size)
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def __iter__(self):
         e = self.sampler.epoch

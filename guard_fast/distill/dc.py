@@ -58,7 +58,7 @@ or another stage's run is refused, resume=True continues this run with the same 
                    fresh network), seconds
   checkpoint.pt    synthetic images (normalized space), image optimizer, iterations done
                    (atomic; every checkpoint_every iterations and at the end)
-  images/, grid.png, images.pt   the distilled set (guard_fast.distill.common.save_distilled;
+  images/, grid.png, images.pt   the distilled set (guard_fast.data.distilled.save_distilled;
                    images.pt last: its presence marks a complete set)
   run.json         status and final numbers, rewritten at the end
 
@@ -528,7 +528,7 @@ def _finish(cfg: DCConfig, folder: RunFolder, real: RealData, pool: _RealPool, s
             loops: tuple[int, int], stats: dict) -> dict:
     """Save the distilled set: back to pixels, clamped to [0, 1] (the artifact format; the
     clamped fraction is recorded), evaluated where asked; run.json "complete"."""
-    from guard_fast.distill.common import save_distilled
+    from guard_fast.data.distilled import save_distilled
 
     with torch.no_grad():
         raw = pool.to_pixels(syn.images)

@@ -40,7 +40,7 @@ Run folder (cfg.out):
   metrics.jsonl        per task and log point: losses, iterations/s
   state_rank<r>.pt     the in-progress task of process r (images, Adam state, iteration)
   parts/chunk<c>_ipc<k>.pt   finished tasks
-  images.pt, images/<class>/ipc_<k>.png, grid.png   the distilled set (guard_fast.distill.common)
+  images.pt, images/<class>/ipc_<k>.png, grid.png   the distilled set (guard_fast.data.distilled)
   run.json             status, timing and the teacher's accuracy on the recovered images
 """
 from __future__ import annotations
@@ -429,7 +429,7 @@ def _class_names(arch: dict):
 def _finish(cfg: RecoverConfig, folder: RunFolder, wrapped: nn.Module, arch: dict, tpath: Path,
             device: torch.device, summary: dict) -> dict:
     """Rank 0: the distilled set from the parts, the teacher's accuracy on it, run.json."""
-    from guard_fast.distill.common import save_distilled
+    from guard_fast.data.distilled import save_distilled
 
     ncls = int(arch["num_classes"])
     images, labels_t, ipc_t, finals = _assemble(cfg, folder.out, ncls)

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from guard_fast.config.student import (LOSS_SCALES, VIEW_FIELDS, StudentConfig, resolve_student,
                                        validate_student)
-from guard_fast.distill import relabel as rl
+from guard_fast.data import softlabels as rl
 from guard_fast.runtime import (RunFolder, classifier_arch, distributed, load_training_state,
                                 resolve_device, save_classifier, save_training_state)
 
@@ -135,7 +135,7 @@ def _replay_source(cfg: StudentConfig, distilled, device):
         distilled = cfg.distilled if cfg.distilled is not None else scfg["distilled"].get("path")
         if distilled is None:
             raise ValueError(f"{sl} was relabelled from an in-memory set: pass distilled")
-    d, _ = rl._resolve_distilled(distilled)
+    d, _ = rl.resolve_distilled(distilled)
     store = rl.SoftLabelStore(sl, images=d["images"].float(), device=device)
     if store.epochs_available < cfg.epochs:
         raise ValueError(f"{sl} stores soft labels for {store.epochs_available} epochs but "
@@ -157,7 +157,7 @@ def _online_source(cfg: StudentConfig, distilled, teacher, device):
     for k in VIEW_FIELDS:
         if getattr(cfg, k) is None:
             raise ValueError(f"online mode: {k} must be set (it draws the views)")
-    d, _ = rl._resolve_distilled(distilled)
+    d, _ = rl.resolve_distilled(distilled)
     images = d["images"].float()
     _, C, H, W = images.shape
     spec = rl.ViewSpec(n=images.shape[0], src_h=H, src_w=W, out_size=cfg.image_size,
