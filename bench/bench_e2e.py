@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     from harness import append_result
 
     from guard_fast.data import write_synthetic_imagefolder
-    from guard_fast.distill.squeeze import resolve_device
+    from guard_fast.runtime import resolve_device
     from guard_fast.pipeline import PipelineConfig, run_pipeline
 
     device = resolve_device(args.device)

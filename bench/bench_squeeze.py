@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from harness import append_result
 
-    from guard_fast.distill.squeeze import resolve_device
+    from guard_fast.runtime import resolve_device
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

@@ -102,8 +102,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from harness import append_result
 
-    from guard_fast.distill.squeeze import resolve_device
-    from guard_fast.runio import atomic_write_bytes, atomic_write_json
+    from guard_fast.runtime import atomic_write_bytes, atomic_write_json, resolve_device
 
     device = resolve_device(args.device)
     rows, setting = measure(args, device)

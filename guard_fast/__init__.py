@@ -10,11 +10,10 @@ The drop-in loss::
 from guard_fast import attacks, ops
 from guard_fast.attacks import (APGD, APGDT, CW, FAB, MIM, PGD, PROTOCOLS, Attack, AutoAttack,
                                 CWLinf, Square, get_attack, get_protocol)
-from guard_fast.adv_training import AdvOutput, FBFLoss, PGDATLoss, TRADESLoss
 from guard_fast.evaluate import format_table, robust_eval
-from guard_fast.losses import (MODES, GradNormLoss, GuardLoss, GuardOutput, compile_guard_step,
-                               grad_norm_loss, guard_loss, guard_penalty_reference,
-                               stable_cross_entropy)
+from guard_fast.losses import (MODES, AdvOutput, FBFLoss, GradNormLoss, GuardLoss, GuardOutput,
+                               PGDATLoss, TRADESLoss, compile_guard_step, grad_norm_loss,
+                               guard_loss, guard_penalty_reference, stable_cross_entropy)
 
 __version__ = "0.1.0"
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard_fast.adv_training import (AdvOutput, FBFLoss, PGDATLoss, TRADESLoss, fbf_loss,
-                                     pgd_at_loss, pgd_examples, trades_at_loss)
+from guard_fast.losses import (AdvOutput, FBFLoss, PGDATLoss, TRADESLoss, fbf_loss,
+                               pgd_at_loss, pgd_examples, trades_at_loss)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import guard_fast.distill.dc as dcmod
-from guard_fast.distill.common import load_distilled
-from guard_fast.distill.dc import (DCConfig, dc, evaluate_synset, get_loops, layer_distance,
-                                   load_real, match_distance, random_real_subset,
-                                   real_gradients)
+from guard_fast.data.distilled import load_distilled
+from guard_fast.config import DCConfig, get_loops
+from guard_fast.distill.dc import (dc, evaluate_synset, layer_distance, load_real, match_distance,
+                                   random_real_subset, real_gradients)
 from guard_fast.models import build_model
-from guard_fast.runio import load_checkpoint
+from guard_fast.runtime import load_checkpoint
 
 SMALL = dict(data="mnist", image_size=16, channels=1, ipc=1, width=32, batch_real=32,
              progress=False)

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from guard_fast.config import RecoverConfig
-from guard_fast.distill.common import load_distilled
+from guard_fast.data.distilled import load_distilled
 from guard_fast.distill.recover import (Synthesizer, apply_augment, bn_stat_loss_ref,
                                         cda_min_crop, cosine_lr, draw_augment, recover,
                                         rrc_params)
-from guard_fast.runio import atomic_torch_save
+from guard_fast.runtime import atomic_torch_save
 
 from _models import make
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guard_fast.distill.relabel import (MIXES, OnlineSoftLabels, SoftLabelStore,
-                                        ViewSpec, dense_from_topk, make_views, relabel)
+from guard_fast.data.softlabels import (MIXES, OnlineSoftLabels, SoftLabelStore, ViewSpec,
+                                        dense_from_topk, make_views)
+from guard_fast.distill.relabel import relabel
 from guard_fast.models import build_model
 
 
@@ -275,7 +276,7 @@ def test_bad_inputs_name_the_problem(setup, tmp_path):
 def test_relabel_reads_a_distilled_folder_and_teacher_file(setup, tmp_path):
     """The stage's file interface: images.pt folder in, teacher.pt in, the store finds the
     images again from config.json."""
-    from guard_fast.distill.common import save_distilled
+    from guard_fast.data.distilled import save_distilled
 
     _, ds = setup
     save_distilled(tmp_path / "set", ds["images"], ds["labels"], torch.arange(23) // 10,
@@ -319,10 +320,10 @@ def _free_port():
 
 
 def test_cli_and_torchrun_share_epochs_out(setup, tmp_path):
-    """python -m guard_fast.distill.relabel; under torchrun (2 gloo processes) epoch e is made
+    """python -m guard_fast.train relabel; under torchrun (2 gloo processes) epoch e is made
     by rank e % 2 and the files equal a single process's."""
-    from guard_fast.distill.common import save_distilled
-    from guard_fast.distill.relabel import main
+    from guard_fast.data.distilled import save_distilled
+    from guard_fast.train import main
 
     _, ds = setup
     save_distilled(tmp_path / "set", ds["images"], ds["labels"], torch.arange(23) // 10,
@@ -333,13 +334,14 @@ def test_cli_and_torchrun_share_epochs_out(setup, tmp_path):
     torch.save({"model": big.state_dict(), "arch": {
         "model": "convnet", "num_classes": 10, "in_channels": 3, "image_size": 16,
         "mean": [0.5] * 3, "std": [0.25] * 3, "data": "test"}}, tmp_path / "teacher.pt")
-    args = ["--teacher", str(tmp_path / "teacher.pt"), "--distilled", str(tmp_path / "set"),
-            "--epochs", "3", "--batch-size", "8", "--out-size", "16", "--device", "cpu"]
+    args = ["relabel", "--teacher", str(tmp_path / "teacher.pt"), "--distilled",
+            str(tmp_path / "set"), "--epochs", "3", "--batch-size", "8", "--out-size", "16",
+            "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     assert main([*args, "--out", str(tmp_path / "one"), "--seed", "9"]) == 2  # other run
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(_free_port()), "-m", "guard_fast.distill.relabel",
+                        "--master_port", str(_free_port()), "-m", "guard_fast.train",
                         *args, "--out", str(tmp_path / "two")], cwd=root,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                        text=True, timeout=300)

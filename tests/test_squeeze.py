@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from guard_fast.config import REGULARIZERS, SqueezeConfig, resolve_squeeze
-from guard_fast.distill.squeeze import build_criterion, load_teacher, squeeze
-from guard_fast.runio import load_checkpoint
+from guard_fast.distill.squeeze import build_criterion, squeeze
+from guard_fast.runtime import load_classifier
+from guard_fast.runtime import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(max_train=128, max_val=64, batch_size=32, epochs=2, progress=False)
@@ -75,7 +76,7 @@ def test_guard_teacher_has_smaller_penalty_than_plain(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "guard" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert json.loads((tmp_path / "guard" / "run.json").read_text())["status"] == "complete"
-    model, arch = load_teacher(tmp_path / "guard" / "teacher.pt")
+    model, arch = load_classifier(tmp_path / "guard" / "teacher.pt")
     assert arch["model"] == "resnet18" and arch["num_classes"] == 10
     # the evaluate stage reads the teacher and writes its results next to it
     from guard_fast.train import main
@@ -86,12 +87,12 @@ def test_guard_teacher_has_smaller_penalty_than_plain(tmp_path):
     assert "PGD100" in json.dumps(res)
     # a checkpoint from a different architecture: a clear error naming it
     with pytest.raises(ValueError, match="different architecture"):
-        load_teacher(tmp_path / "guard" / "teacher.pt", arch_expected={"model": "resnet50"})
+        load_classifier(tmp_path / "guard" / "teacher.pt", arch_expected={"model": "resnet50"})
     ck = load_checkpoint(tmp_path / "guard" / "teacher.pt")
     ck["arch"]["model"] = "convnet"
     torch.save(ck, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="do not fit architecture convnet"):
-        load_teacher(tmp_path / "foreign.pt")
+        load_classifier(tmp_path / "foreign.pt")
 
 
 def test_kill_at_any_moment_then_resume_gives_the_same_weights(tmp_path):

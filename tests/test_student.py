@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from guard_fast.config import STUDENT_PRESETS, StudentConfig, resolve_student
 from guard_fast.distill.relabel import relabel
-from guard_fast.distill.student import (STUDENT_PRESETS, StudentConfig, kd_loss, lr_factor,
-                                        param_groups, resolve_student, train_student)
+from guard_fast.distill.student import kd_loss, lr_factor, param_groups, train_student
 from guard_fast.models import build_model
-from guard_fast.runio import load_checkpoint
+from guard_fast.runtime import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # a CPU-sized student; lr 0.01 (the public 0.001 needs far more than this test's 24 steps)
@@ -31,7 +31,7 @@ def mnist_setup(tmp_path_factory):
     """10 real bundled digits per class as a stand-in distilled set, a small ConvNet teacher
     trained for 48 steps on 1024 other digits, and 300 validation digits."""
     from guard_fast.data import get_data
-    from guard_fast.distill.squeeze import _subset
+    from guard_fast.data import random_subset as _subset
 
     d = get_data("mnist", image_size=32)
     ys = d.train.targets if hasattr(d.train, "targets") else None
@@ -193,20 +193,77 @@ def test_resume_gives_identical_weights(mnist_setup, tmp_path):
 
 
 def test_student_pt_loads_with_load_teacher(mnist_setup, tmp_path):
-    from guard_fast.distill.squeeze import load_teacher
+    from guard_fast.runtime import load_classifier
 
     s = mnist_setup
     small = {"images": s["ds"]["images"][::10], "labels": s["ds"]["labels"][::10]}
     relabel(s["teacher"], small, tmp_path / "rl", epochs=1, batch_size=10, mix="none")
     train_student(StudentConfig(out=str(tmp_path / "r18"), model="resnet18", epochs=1,
                                 soft_labels=str(tmp_path / "rl")), distilled=small)
-    model, arch = load_teacher(tmp_path / "r18" / "student.pt")
+    model, arch = load_classifier(tmp_path / "r18" / "student.pt")
     assert arch["model"] == "resnet18" and arch["num_classes"] == 10
     ck = load_checkpoint(tmp_path / "r18" / "student.pt")
     for k, v in model.state_dict().items():
         assert torch.equal(v, ck["model"][k]), k
     x = torch.rand(2, 3, 32, 32)
     assert model.eval()(x).shape == (2, 10)
+
+
+def test_convnet_student_with_options_reloads_through_load_classifier(mnist_setup, tmp_path):
+    """A ConvNet student of width 16 and depth 2 (not the registry's default 128 x 3):
+    student.pt records the options and load_classifier rebuilds that network, with the
+    outputs of the same network built by hand; a save_classifier round trip keeps them."""
+    from guard_fast.runtime import load_classifier, save_classifier
+
+    s = mnist_setup
+    small = {"images": s["ds"]["images"][::10], "labels": s["ds"]["labels"][::10]}
+    relabel(s["teacher"], small, tmp_path / "rl", epochs=1, batch_size=10, mix="none")
+    opts = {"width": 16, "depth": 2}
+    train_student(StudentConfig(out=str(tmp_path / "cn"), model="convnet", model_options=opts,
+                                epochs=1, soft_labels=str(tmp_path / "rl")), distilled=small)
+    ck = load_checkpoint(tmp_path / "cn" / "student.pt")
+    assert set(ck) == {"model", "arch", "metrics"} and ck["arch"]["options"] == opts
+    model, arch = load_classifier(tmp_path / "cn" / "student.pt")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 and all(c.out_channels == 16 for c in convs)
+    ref = build_model("convnet", 10, 3, s["mean"], s["std"], image_size=32, **opts)
+    ref.load_state_dict(ck["model"])
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        want = ref.eval()(x)
+        assert torch.equal(model.eval()(x), want)
+        save_classifier(tmp_path / "again.pt", model, arch)
+        again, arch2 = load_classifier(tmp_path / "again.pt")
+        assert arch2 == arch and torch.equal(again.eval()(x), want)
+
+
+def test_a_run_folder_of_the_earlier_format_resumes(mnist_setup, tmp_path):
+    """A folder as the earlier version wrote it (config.json: the StudentConfig fields and no
+    "stage"; checkpoint.pt: a plain torch.save of model, optimizer, scheduler and epoch)
+    resumes and ends with the weights of an uninterrupted run."""
+    from dataclasses import fields
+
+    s = mnist_setup
+    train_student(_cfg(s, tmp_path / "full", epochs=2), distilled=s["ds"])
+    old = tmp_path / "old"
+    train_student(_cfg(s, old, epochs=2), distilled=s["ds"], stop_after=1)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["stage"]
+    assert set(cfg) == {f.name for f in fields(StudentConfig)}
+    (old / "config.json").write_text(json.dumps(cfg, indent=2))
+    ck = load_checkpoint(old / "checkpoint.pt")
+    assert set(ck) == {"model", "optimizer", "scheduler", "epoch"} and ck["epoch"] == 0
+    torch.save({k: ck[k] for k in ("model", "optimizer", "scheduler", "epoch")},
+               old / "checkpoint.pt")
+    (old / "run.json").write_text(json.dumps({"status": "running", "stage": "student"}))
+    train_student(_cfg(s, old, epochs=2, resume=True), distilled=s["ds"])
+    a = load_checkpoint(tmp_path / "full" / "student.pt")["model"]
+    b = load_checkpoint(old / "student.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((old / "run.json").read_text())["status"] == "complete"
+    rows = [json.loads(l) for l in (old / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
 
 
 def test_bad_inputs_name_the_problem(mnist_setup, tmp_path):
@@ -251,7 +308,7 @@ def test_ddp_two_gloo_processes_equal_single_process(mnist_setup, tmp_path):
     batch statistics), so 2 x 25 rows == 1 x 50 rows up to summation order. SGD: AdamW would
     blow float noise up to full steps on the conv biases, whose true gradient under instance
     norm is exactly zero."""
-    from guard_fast.distill.common import save_distilled
+    from guard_fast.data.distilled import save_distilled
 
     s = mnist_setup
     save_distilled(tmp_path / "set", s["ds"]["images"], s["ds"]["labels"], s["ds"]["ipc_ids"],
@@ -261,7 +318,7 @@ def test_ddp_two_gloo_processes_equal_single_process(mnist_setup, tmp_path):
     train_student(resolve_student(dict(cfg, out=str(tmp_path / "single"))))
     (tmp_path / "ddp.json").write_text(json.dumps(dict(cfg, out=str(tmp_path / "ddp"))))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(_free_port()), "-m", "guard_fast.distill.student",
+                        "--master_port", str(_free_port()), "-m", "guard_fast.train", "student",
                         "--config", str(tmp_path / "ddp.json")], cwd=ROOT,
                        env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                        timeout=300)

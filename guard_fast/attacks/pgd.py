@@ -32,23 +32,27 @@ def fused_steps(device: torch.device) -> bool:
 
 
 def pgd_update(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, alpha: float,
-               eps: float) -> torch.Tensor:
-    """One L-inf PGD step: clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), 0, 1).
+               eps: float, *, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """One L-inf PGD step: clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), lo, hi).
 
     x_adv, x, grad: (N, ...) tensors of one shape; returns the new iterate. The arithmetic
     is the order torchattacks 3.5.1 uses, so results agree bit for bit. The update is
     written into `grad`'s storage (the caller no longer needs the gradient). This is the
     eager step; PGD runs guard_fast.ops.pgd_step (the same arithmetic, one pass) instead
-    unless the backend is "torch".
+    unless the backend is "torch". [lo, hi] is the valid box: [0, 1] pixels for the
+    attacks; the adversarial-training losses (guard_fast.losses.adversarial) also craft in
+    a normalized box.
     """
     out = grad.sign_().mul_(alpha).add_(x_adv)     # x_adv + alpha * sign(g)
-    return out.sub_(x).clamp_(-eps, eps).add_(x).clamp_(0.0, 1.0)
+    return out.sub_(x).clamp_(-eps, eps).add_(x).clamp_(lo, hi)
 
 
-def random_start_linf(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
-    """x + U(-eps, eps), clamped to [0, 1]; drawn on x's device like torchattacks' PGD."""
+def random_start_linf(x: torch.Tensor, eps: float, generator: torch.Generator | None, *,
+                      lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """x + U(-eps, eps), clamped to [lo, hi]; drawn on x's device like torchattacks' PGD
+    (generator None: the global RNG, as adversarial training draws its starts)."""
     noise = torch.empty_like(x).uniform_(-eps, eps, generator=generator)
-    return torch.clamp(x + noise, min=0.0, max=1.0)
+    return torch.clamp(x + noise, min=lo, max=hi)
 
 
 @register_attack("pgd", "pgd100", "linfpgd")

@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 from guard_fast.data.bundled import MNIST_MEAN, MNIST_STD, BundledMNIST, stratified_split
 from guard_fast.data.cifar import CIFAR, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from guard_fast.data.folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
-from guard_fast.data.loader import BACKENDS, EpochBatchSampler, EpochLoader, epoch_order, make_loader, mix_seed
+from guard_fast.data.loader import (BACKENDS, EpochBatchSampler, EpochLoader, epoch_order, make_loader,
+                                  mix_seed, random_subset)
 from guard_fast.data.subsets import fixed_subset
 from guard_fast.data.synthetic import write_synthetic_imagefolder
 from guard_fast.data.transforms import KINDS, build_transform
@@ -103,7 +104,7 @@ def get_data(name: str = "mnist", root: str | None = None, image_size: int | Non
                       list(train.classes))
 
 
-__all__ = ["get_data", "make_loader", "DataBundle", "DATASETS", "BundledMNIST", "CIFAR", "ImageFolderDataset",
+__all__ = ["get_data", "make_loader", "random_subset", "DataBundle", "DATASETS", "BundledMNIST", "CIFAR", "ImageFolderDataset",
            "write_synthetic_imagefolder", "build_transform", "KINDS", "BACKENDS", "EpochLoader",
            "EpochBatchSampler", "epoch_order", "mix_seed", "stratified_split", "IMAGENET_MEAN", "IMAGENET_STD",
            "fixed_subset", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "MNIST_MEAN", "MNIST_STD"]

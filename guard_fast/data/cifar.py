@@ -3,7 +3,8 @@
 root may be the batch folder itself (``cifar-10-batches-py`` / ``cifar-100-python``) or its
 parent. CIFAR-10: data_batch_1..5 (train) and test_batch (val), key b"labels".
 CIFAR-100: train and test, key b"fine_labels". Each batch holds b"data", (N, 3072) uint8
-in channel-major (R plane, G plane, B plane) order.
+in channel-major (R plane, G plane, B plane) order. The batches are read by a restricted
+unpickler (guard_fast.data.safe_pickle): a crafted batch cannot run code.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from guard_fast.data.safe_pickle import load_data_pickle
 from guard_fast.data.transforms import build_transform
 
 # Per-channel mean/std of the training sets (pixel values in [0, 1]); std is the true
@@ -49,9 +51,9 @@ def find_cifar_dir(root: str, name: str) -> str:
 
 def _load_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        d = load_data_pickle(path)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            ImportError) as e:
         raise ValueError(f"{path!r} is not a readable CIFAR pickle batch: {e}") from e
     if not isinstance(d, dict) or b"data" not in d or label_key not in d:
         keys = sorted(d) if isinstance(d, dict) else type(d).__name__
@@ -97,8 +99,7 @@ class CIFAR(Dataset):
 
     def _class_names(self, d: str, spec: dict) -> list[str]:
         try:
-            with open(os.path.join(d, spec["meta"]), "rb") as f:
-                names = pickle.load(f, encoding="bytes")[spec["names_key"]]
+            names = load_data_pickle(os.path.join(d, spec["meta"]))[spec["names_key"]]
             names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
             if len(names) == spec["num_classes"]:
                 return names

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from guard_fast.data.loader import EpochBatchSampler, mix_seed
+from guard_fast.data.loader import EpochBatchSampler, EpochSampled, mix_seed
 from guard_fast.data.transforms import IMAGENET_CROP_PCT, IMAGENET_RATIO, IMAGENET_SCALE, SMALL_PADDING
 
 try:
@@ -121,7 +121,7 @@ def _to_torch(out, device: torch.device) -> torch.Tensor:
     return dst
 
 
-class DALILoader:
+class DALILoader(EpochSampled):
     """Iterable of (images (B, 3, s, s) float32 in [0, 1], labels (B,) int64) for one epoch.
 
     dataset: an ``ImageFolderDataset`` (its samples, kind, image_size and train flag are
@@ -148,16 +148,6 @@ class DALILoader:
         self.pin_memory = pin_memory and self.device.type == "cpu"
         self.sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, epoch, drop_last, rank, world_size)
         self._pipe, self._pipe_epoch = None, None
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def _pipeline(self):
         ds = self.dataset

@@ -103,7 +103,24 @@ def _worker_init(base: int, worker_id: int) -> None:
     torch.manual_seed(s)
 
 
-class EpochLoader:
+class EpochSampled:
+    """What every loader of this package exposes: ``self.sampler`` (an EpochBatchSampler)
+    decides the batches, so the epoch, its setter and the length are the sampler's."""
+
+    sampler: EpochBatchSampler
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class EpochLoader(EpochSampled):
     """Iterable of (images (B, C, H, W) float, labels (B,) int64) for one (seed, epoch, rank).
 
     ``set_epoch(e)`` moves to another epoch (as DistributedSampler.set_epoch does). Each
@@ -119,16 +136,6 @@ class EpochLoader:
         self.batch_size, self.workers, self.pin_memory = batch_size, workers, pin_memory
         self.seed, self.rank = seed, rank
         self.sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed, epoch, drop_last, rank, world_size)
-
-    @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def __iter__(self):
         e = self.sampler.epoch
@@ -213,3 +220,11 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: i
     if device is not None and torch.device(device).type != "cpu":
         raise ValueError(f"the torch backend loads on CPU; got device={device!r} (DALI only)")
     return EpochLoader(dataset, batch_size, shuffle, seed, epoch, workers, pin_memory, drop_last, rank, world_size)
+
+
+def random_subset(dataset: Dataset, n: int, seed: int) -> torch.utils.data.Subset:
+    """A fixed random draw of n items (in index order): data sets may be stored class by
+    class, so the first n would be a few classes only."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=g)[:min(n, len(dataset))].sort().values
+    return torch.utils.data.Subset(dataset, idx.tolist())

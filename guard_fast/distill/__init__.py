@@ -5,5 +5,9 @@
   relabel.py   FKD soft labels on stored, replayable views
   student.py   the student trained on the distilled set with those soft labels
   dc.py        dataset condensation by gradient matching (+ GUARD on the real gradient)
-  common.py    the distilled-set folder shared by recover and DC
+
+The algorithms only: what two stages share lives in guard_fast.runtime (device, torchrun,
+run folders, checkpoints) or guard_fast.data (the distilled-set folder, data/distilled.py;
+the soft-label views and the relabel folder's format, data/softlabels.py). No stage imports
+another.
 """

@@ -48,14 +48,17 @@ penalty taken through the Normalized wrapper). ``lam`` weighs the penalty (paper
 public GUARD code has no DC variant (its repository holds only the SRe2L pipeline), so this
 definition is ours; the paper does not give Table 5's DC hyper-parameters.
 
-Run folder (cfg.out):
-  config.json      the full config, written first
+Configuration: guard_fast.config.DCConfig (resolved and checked by resolve_dc before any work).
+
+Run folder (cfg.out; the rules of guard_fast.runtime.RunFolder: a folder holding another run
+or another stage's run is refused, resume=True continues this run with the same settings):
+  config.json      the full config and "stage": "dc", written first
   metrics.jsonl    one row per outer iteration: match_loss (DC's loss_avg: the matching loss
                    per class and outer step), match_loss_first (its first outer step, on the
                    fresh network), seconds
   checkpoint.pt    synthetic images (normalized space), image optimizer, iterations done
                    (atomic; every checkpoint_every iterations and at the end)
-  images/, grid.png, images.pt   the distilled set (guard_fast.distill.common.save_distilled;
+  images/, grid.png, images.pt   the distilled set (guard_fast.data.distilled.save_distilled;
                    images.pt last: its presence marks a complete set)
   run.json         status and final numbers, rewritten at the end
 
@@ -77,110 +80,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from guard_fast.config import DC_DATASETS, DC_REGULARIZERS, DCConfig, resolve_dc
 from guard_fast.data.loader import mix_seed
-from guard_fast.runio import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
+from guard_fast.runtime import (RunFolder, append_jsonl, atomic_torch_save, atomic_write_bytes,
+                                load_checkpoint, resolve_device)
 
-__all__ = ["DCConfig", "dc", "get_loops", "match_distance", "layer_distance", "real_gradients",
-           "evaluate_synset", "random_real_subset", "load_real", "RealData", "REGULARIZERS",
-           "INITS"]
+__all__ = ["dc", "match_distance", "layer_distance", "real_gradients", "evaluate_synset",
+           "random_real_subset", "load_real", "RealData"]
 
-REGULARIZERS = ("none", "guard")
-INITS = ("real", "noise")
-GUARD_MODES = ("exact", "fd", "official-cifar")
-H_SPACES = ("normalized", "pixel")
-DC_DATASETS = ("mnist", "cifar10", "cifar100")
-# DC's get_loops (public code, utils.py): ipc -> (outer_loop, inner_loop)
-_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
 _BN_SIZE_PC = 16  # DC: real images per class that set BatchNorm statistics (BNSizePC)
 _COS_EPS = 1e-6  # DC's distance_wb denominator
 # fields that may differ between a run and its resumption
 _RESUMABLE_DIFF = {"resume", "progress", "device", "iterations", "checkpoint_every",
                    "eval_models", "eval_epochs"}
-
-
-def get_loops(ipc: int) -> tuple[int, int]:
-    """(outer_loop, inner_loop) of DC's public code for this IPC."""
-    if ipc not in _LOOPS:
-        raise ValueError(f"DC defines (outer_loop, inner_loop) only for IPC in {sorted(_LOOPS)}; "
-                         f"for IPC {ipc} set both outer_loop and inner_loop")
-    return _LOOPS[ipc]
-
-
-@dataclass
-class DCConfig:
-    """DC (+ GUARD) distillation. Defaults are the DC paper's / public code's; learning rates
-    are per step; h is in the units of h_space."""
-
-    data: str = "mnist"  # mnist (bundled) | cifar10 | cifar100 (data_root: the pickles)
-    data_root: str | None = None
-    image_size: int | None = None  # None: the dataset's (32)
-    channels: int | None = None  # mnist only: 1 or 3 (None: 3, the bundle's default)
-    ipc: int = 10
-    iterations: int = 1000  # K: outer iterations, each with a fresh network
-    outer_loop: int | None = None  # None: get_loops(ipc)
-    inner_loop: int | None = None
-    batch_real: int = 256
-    batch_train: int = 256  # inner-loop and evaluation batch
-    lr_img: float = 0.1
-    momentum_img: float = 0.5
-    lr_net: float = 0.01
-    init: str = "real"  # real | noise (standard normal in the normalized space)
-    clip_pixels: bool = False  # project S onto [0, 1] pixels after each step (not DC)
-    model: str = "convnet"  # DC's ConvNet (the only choice; width/depth/norm vary it)
-    width: int = 128
-    depth: int = 3
-    norm: str = "instancenorm"  # instancenorm | batchnorm | none
-    regularizer: str = "none"  # none | guard
-    h: float = 3.0
-    lam: float = 100.0
-    guard_mode: str = "exact"  # exact | fd | official-cifar (guard_fast.losses)
-    h_space: str = "normalized"  # normalized | pixel
-    eval_models: int = 0  # networks trained on the result at the end (DC: 20); 0: none
-    eval_epochs: int = 1000  # DC's epoch_eval_train (300 in the first DC code, 1000 later)
-    max_train: int | None = None  # a fixed random draw of N real training images
-    checkpoint_every: int = 10
-    seed: int = 0
-    device: str = "auto"
-    out: str = "runs/dc"
-    resume: bool = False
-    progress: bool = True
-
-    def loops(self) -> tuple[int, int]:
-        if (self.outer_loop is None) != (self.inner_loop is None):
-            raise ValueError("set both outer_loop and inner_loop, or neither (DC's get_loops)")
-        if self.outer_loop is None:
-            return get_loops(self.ipc)
-        return int(self.outer_loop), int(self.inner_loop)
-
-    def validate(self) -> None:
-        if not isinstance(self.ipc, int) or self.ipc < 1:
-            raise ValueError(f"ipc (images per class) must be an int >= 1, got {self.ipc!r}")
-        if self.regularizer not in REGULARIZERS:
-            raise ValueError(f"unknown regularizer {self.regularizer!r}; DC takes one of "
-                             f"{REGULARIZERS}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.guard_mode not in GUARD_MODES:
-            raise ValueError(f"guard_mode must be one of {GUARD_MODES}, got {self.guard_mode!r}")
-        if self.h_space not in H_SPACES:
-            raise ValueError(f"h_space must be one of {H_SPACES}, got {self.h_space!r}")
-        if self.model != "convnet":
-            raise ValueError(f"DC here uses DC's ConvNet (model='convnet', with width/depth/norm),"
-                             f" got model={self.model!r}")
-        if self.data.lower() not in DC_DATASETS:
-            raise ValueError(f"DC runs on {DC_DATASETS}, got data={self.data!r}")
-        ol, il = self.loops()
-        if ol < 1 or il < 0:
-            raise ValueError(f"need outer_loop >= 1 and inner_loop >= 0, got ({ol}, {il})")
-        for k in ("iterations", "batch_real", "batch_train", "checkpoint_every"):
-            if int(getattr(self, k)) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)!r}")
-        if self.eval_models < 0 or self.eval_epochs < 0:
-            raise ValueError("eval_models and eval_epochs must be >= 0")
-        for k in ("lr_img", "lr_net", "h", "lam"):
-            v = getattr(self, k)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{k} must be a finite number >= 0, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -323,33 +235,37 @@ def real_gradients(net: nn.Module, x: Tensor, y: Tensor, params: Sequence[Tensor
         # into `loss`, so a first-order autograd.grad returns the full Eq. 11 gradient.
         loss = guard_loss(model, inp, y, h=h, lam=lam, mode=guard_mode, fused=True)
     else:
-        raise ValueError(f"unknown regularizer {regularizer!r}; DC takes one of {REGULARIZERS}")
+        raise ValueError(f"unknown regularizer {regularizer!r}; DC takes one of "
+                         f"{DC_REGULARIZERS}")
     return [g.detach() for g in torch.autograd.grad(loss, params)]
-
-
-def _has_bn(net: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _sgd_epoch(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, batch: int,
+               gen: torch.Generator) -> None:
+    """One epoch of CE training on (x, y) in batches of ``batch``, in an order drawn from gen
+    (DC's inner loop and its evaluation training, without augmentation)."""
+    net.train()
+    order = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    for s in range(0, x.shape[0], batch):
+        i = order[s:s + batch]
+        loss = F.cross_entropy(net(x[i]), y[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 def _train_epochs(net, x, y, epochs, batch, lr, momentum, wd, gen, decay_at=None):
+    """DC's evaluation training: SGD(lr, momentum, wd) for ``epochs`` epochs; from epoch
+    decay_at on, a fresh optimizer at lr * 0.1 (DC restarts it: momentum buffers cleared)."""
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
-    n = x.shape[0]
     for ep in range(epochs):
         if decay_at is not None and ep == decay_at:
-            # DC restarts the optimizer at lr * 0.1 (momentum buffers cleared)
             opt = torch.optim.SGD(net.parameters(), lr=lr * 0.1, momentum=momentum,
                                   weight_decay=wd)
-        net.train()
-        order = torch.randperm(n, generator=gen).to(x.device)
-        for s in range(0, n, batch):
-            i = order[s:s + batch]
-            loss = F.cross_entropy(net(x[i]), y[i])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        _sgd_epoch(net, opt, x, y, batch, gen)
 
 
 @torch.no_grad()
@@ -382,7 +298,7 @@ def evaluate_synset(images: Tensor, labels: Tensor, test, *, mean: Sequence[floa
         tx, ty = test.val_x, test.val_y
     else:
         tx, ty = _as_tensors(test)
-    device = torch.device(device)
+    device = resolve_device(device)
     nc = int(num_classes or (max(int(labels.max()), int(ty.max())) + 1))
     torch.manual_seed(mix_seed(seed, 0xE7A1))
     net = build_model(model, nc, images.shape[1], mean, std, image_size=images.shape[-1],
@@ -396,27 +312,166 @@ def evaluate_synset(images: Tensor, labels: Tensor, test, *, mean: Sequence[floa
 # ----------------------------------------------------------------------------- the run
 
 
-def _check_run_folder(out: Path, cfg: DCConfig) -> None:
-    """Refuse to mix runs: an existing folder must hold this run (then resume continues it)."""
-    cfg_file = out / "config.json"
-    if not cfg_file.exists():
-        if cfg.resume:
-            raise FileNotFoundError(f"resume: {out} holds no run (no config.json); drop resume "
-                                    "to start one")
-        return
-    old = json.loads(cfg_file.read_text())
-    if old.get("stage") != "dc":
-        raise FileExistsError(f"{out} holds a run of another stage ({old.get('stage')!r}); "
-                              "choose another out (nothing was overwritten)")
-    if not cfg.resume:
-        raise FileExistsError(f"{out} already holds a DC run; pass resume=True to continue it "
-                              "or choose another out (nothing was overwritten)")
-    new = dict(asdict(cfg), stage="dc")
-    diff = sorted(k for k in set(old) | set(new)
-                  if k not in _RESUMABLE_DIFF and old.get(k) != new.get(k))
-    if diff:
-        raise ValueError(f"resume: {out} holds a DC run with different settings for {diff}; "
-                         "use the same options or another out")
+class _RealPool:
+    """The real training images of a run, in the normalized space (DC's data pipeline
+    normalizes, so its learning rates and h mean what they mean there), indexed by class."""
+
+    def __init__(self, cfg: DCConfig, real: RealData, device: torch.device):
+        x, y = real.train_x, real.train_y
+        if cfg.max_train:
+            g = torch.Generator().manual_seed(mix_seed(cfg.seed, 0xAA))
+            keep = torch.randperm(len(y), generator=g)[:cfg.max_train]
+            x, y = x[keep], y[keep]
+        nc = real.num_classes
+        counts = torch.bincount(y, minlength=nc)
+        if int(counts.min()) < cfg.ipc:
+            c = int(counts.argmin())
+            raise ValueError(f"ipc={cfg.ipc} exceeds the {int(counts[c])} real training images "
+                             f"of class {c} ({real.class_names[c]!r}); lower ipc or raise "
+                             "max_train")
+        self.mean = torch.tensor(real.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(real.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.x = ((x - self.mean) / self.std).to(device)
+        self.y = y.to(device)
+        self.idx_class = [torch.nonzero(self.y == c).flatten().cpu() for c in range(nc)]
+        self.num_classes, self.channels, self.size = nc, self.x.shape[1], self.x.shape[-1]
+        self.device = device
+        # the valid pixel range [0, 1], in the normalized space
+        self.lo = ((0 - self.mean) / self.std).to(device)
+        self.hi = ((1 - self.mean) / self.std).to(device)
+
+    def sample(self, c: int, n: int, gen: torch.Generator) -> Tensor:
+        """n random images of class c (all of them, shuffled, when it has fewer)."""
+        ic = self.idx_class[c]
+        return self.x[ic[torch.randperm(len(ic), generator=gen)[:n]].to(self.device)]
+
+    def clip(self, x: Tensor) -> Tensor:
+        return torch.maximum(torch.minimum(x, self.hi), self.lo)
+
+    def to_pixels(self, x: Tensor) -> Tensor:
+        return x.detach().cpu() * self.std + self.mean
+
+
+class _SynSet:
+    """S: ipc learnable images per class, class-major, in the normalized space, with DC's image
+    optimizer (SGD, lr_img, momentum_img). init "real": random real images of the class (DC's
+    default); "noise": standard normal."""
+
+    def __init__(self, cfg: DCConfig, pool: _RealPool):
+        nc, ipc, ch, s = pool.num_classes, cfg.ipc, pool.channels, pool.size
+        g0 = torch.Generator().manual_seed(mix_seed(cfg.seed, 0x1717))
+        images = torch.randn(nc * ipc, ch, s, s, generator=g0).to(pool.device)
+        if cfg.init == "real":
+            for c in range(nc):
+                images[c * ipc:(c + 1) * ipc] = pool.sample(c, ipc, g0)
+        if cfg.clip_pixels:
+            images = pool.clip(images)
+        self.images = images.requires_grad_(True)
+        self.labels = torch.arange(nc, device=pool.device).repeat_interleave(ipc)
+        self.opt = torch.optim.SGD([self.images], lr=cfg.lr_img, momentum=cfg.momentum_img)
+        self.ipc, self.pool, self.clip_pixels = ipc, pool, cfg.clip_pixels
+
+    def of_class(self, c: int) -> tuple[Tensor, Tensor]:
+        return (self.images[c * self.ipc:(c + 1) * self.ipc],
+                self.labels[c * self.ipc:(c + 1) * self.ipc])
+
+    def step(self, loss: Tensor) -> None:
+        """One image update on the matching loss (then the projection, with clip_pixels)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.clip_pixels:
+            with torch.no_grad():
+                self.images.copy_(self.pool.clip(self.images))
+
+    def save(self, path: Path, done: int) -> None:
+        """checkpoint.pt: {"image_syn" (normalized space), "optimizer", "iteration"} (atomic)."""
+        atomic_torch_save(path, {"image_syn": self.images.detach().cpu(),
+                                 "optimizer": self.opt.state_dict(), "iteration": done})
+
+    def load(self, path: Path) -> int:
+        """Continue from checkpoint.pt; returns the iterations it had done."""
+        ck = load_checkpoint(path)
+        with torch.no_grad():
+            self.images.copy_(ck["image_syn"].to(self.images.device))
+        self.opt.load_state_dict(ck["optimizer"])
+        return int(ck["iteration"])
+
+
+def _has_bn(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def _set_bn_statistics(net: nn.Module, pool: _RealPool, gen: torch.Generator) -> None:
+    """DC with BatchNorm: the statistics come from one real batch (_BN_SIZE_PC images of each
+    class) and are frozen (eval mode) for the matching step."""
+    net.train()
+    with torch.no_grad():
+        net(torch.cat([pool.sample(c, _BN_SIZE_PC, gen) for c in range(pool.num_classes)]))
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _match_loss(cfg: DCConfig, net: nn.Module, params: list, pool: _RealPool, syn: _SynSet,
+                gen: torch.Generator, pixel: dict) -> Tensor:
+    """L = sum_c D(g_real(T_c), grad_theta CE(S_c)): a real batch of batch_real images per
+    class against that class's synthetic images. The synthetic gradient keeps its graph
+    (create_graph) so that D reaches S; the real one is a detached target."""
+    loss = syn.images.new_zeros(())
+    for c in range(pool.num_classes):
+        xr = pool.sample(c, cfg.batch_real, gen)
+        yr = torch.full((xr.shape[0],), c, dtype=torch.long, device=pool.device)
+        g_real = real_gradients(net, xr, yr, params, regularizer=cfg.regularizer, h=cfg.h,
+                                lam=cfg.lam, guard_mode=cfg.guard_mode, **pixel)
+        xs, ys = syn.of_class(c)
+        g_syn = torch.autograd.grad(F.cross_entropy(net(xs), ys), params, create_graph=True)
+        loss = loss + match_distance(g_real, g_syn)
+    return loss
+
+
+def _iteration(cfg: DCConfig, it: int, pool: _RealPool, syn: _SynSet, loops: tuple[int, int],
+               real: RealData) -> dict:
+    """One outer iteration: a fresh ConvNet (seeded by (seed, it)), then outer_loop rounds of
+    [image update on the matching loss; inner_loop epochs of SGD (lr_net) on the network over
+    a detached copy of S] (no network training after the last image update). Returns its
+    metrics row."""
+    from guard_fast.models import build_model
+
+    outer_loop, inner_loop = loops
+    t0 = time.perf_counter()
+    torch.manual_seed(mix_seed(cfg.seed, it, 1))
+    gen = torch.Generator().manual_seed(mix_seed(cfg.seed, it, 2))
+    wrapped = build_model(cfg.model, pool.num_classes, pool.channels, real.mean, real.std,
+                          image_size=pool.size, width=cfg.width, depth=cfg.depth,
+                          norm=cfg.norm).to(pool.device)  # init on the seeded global RNG
+    net = wrapped.model  # takes normalized inputs, like S and the pool
+    net.train()
+    params = list(net.parameters())
+    opt_net = torch.optim.SGD(params, lr=cfg.lr_net)
+    bn = _has_bn(net)
+    pixel = dict(pixel_net=wrapped, mean=real.mean, std=real.std) \
+        if cfg.regularizer == "guard" and cfg.h_space == "pixel" else {}
+    loss_sum, loss_first = 0.0, None
+    for ol in range(outer_loop):
+        if bn:
+            _set_bn_statistics(net, pool, gen)
+        loss = _match_loss(cfg, net, params, pool, syn, gen, pixel)
+        syn.step(loss)
+        lv = float(loss.detach())
+        loss_sum += lv
+        loss_first = lv if loss_first is None else loss_first
+        if ol == outer_loop - 1:
+            break
+        xs, ys = syn.images.detach().clone(), syn.labels
+        for _ in range(inner_loop):
+            _sgd_epoch(net, opt_net, xs, ys, cfg.batch_train, gen)
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"DC matching loss is not finite at iteration {it + 1}; "
+                                 "lower lr_img (or lam with GUARD)")
+    nc = pool.num_classes
+    return {"iteration": it + 1, "match_loss": loss_sum / (nc * outer_loop),
+            "match_loss_first": loss_first / nc, "seconds": time.perf_counter() - t0}
 
 
 def _truncate_metrics(path: Path, done: int) -> None:
@@ -425,184 +480,94 @@ def _truncate_metrics(path: Path, done: int) -> None:
         return
     rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
     keep = [ln for ln in rows if json.loads(ln).get("iteration", 0) <= done]
-    from guard_fast.runio import atomic_write_bytes
-
     atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 
-def dc(cfg: DCConfig) -> dict:
-    """Distill per cfg (see the module docstring); returns the final numbers (also in run.json)."""
-    from guard_fast.distill.common import save_distilled
-    from guard_fast.distill.squeeze import resolve_device
-    from guard_fast.models import build_model
-
-    cfg.validate()
-    outer_loop, inner_loop = cfg.loops()
-    device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    _check_run_folder(out, cfg)
-
-    real = load_real(cfg.data, cfg.data_root, cfg.image_size, cfg.channels)
-    x_all, y_all = real.train_x, real.train_y
-    if cfg.max_train:
-        g = torch.Generator().manual_seed(mix_seed(cfg.seed, 0xAA))
-        keep = torch.randperm(len(y_all), generator=g)[:cfg.max_train]
-        x_all, y_all = x_all[keep], y_all[keep]
-    nc = real.num_classes
-    counts = torch.bincount(y_all, minlength=nc)
-    if int(counts.min()) < cfg.ipc:
-        c = int(counts.argmin())
-        raise ValueError(f"ipc={cfg.ipc} exceeds the {int(counts[c])} real training images of "
-                         f"class {c} ({real.class_names[c]!r}); lower ipc or raise max_train")
-    mean = torch.tensor(real.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(real.std, dtype=torch.float32).view(1, -1, 1, 1)
-    # DC works in the normalized space (its transforms normalize); so do we
-    x_all = ((x_all - mean) / std).to(device)
-    y_all = y_all.to(device)
-    idx_class = [torch.nonzero(y_all == c).flatten().cpu() for c in range(nc)]
-    ch, s = x_all.shape[1], x_all.shape[-1]
-    ipc = cfg.ipc
-
-    def get_images(c: int, n: int, gen: torch.Generator) -> Tensor:
-        ic = idx_class[c]
-        return x_all[ic[torch.randperm(len(ic), generator=gen)[:n]].to(device)]
-
-    def build_net() -> nn.Module:
-        return build_model(cfg.model, nc, ch, real.mean, real.std, image_size=s,
-                           width=cfg.width, depth=cfg.depth, norm=cfg.norm)
-
-    # S: class-major, ipc images per class, in the normalized space
-    g0 = torch.Generator().manual_seed(mix_seed(cfg.seed, 0x1717))
-    image_syn = torch.randn(nc * ipc, ch, s, s, generator=g0).to(device)
-    if cfg.init == "real":
-        for c in range(nc):
-            image_syn[c * ipc:(c + 1) * ipc] = get_images(c, ipc, g0)
-    lo, hi = ((0 - mean) / std).to(device), ((1 - mean) / std).to(device)
-    if cfg.clip_pixels:
-        image_syn = torch.maximum(torch.minimum(image_syn, hi), lo)
-    image_syn.requires_grad_(True)
-    label_syn = torch.arange(nc, device=device).repeat_interleave(ipc)
-    opt_img = torch.optim.SGD([image_syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
-
-    start = 0
-    ckpt_path = out / "checkpoint.pt"
-    if cfg.resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        with torch.no_grad():
-            image_syn.copy_(ck["image_syn"].to(device))
-        opt_img.load_state_dict(ck["optimizer"])
-        start = int(ck["iteration"])
-    _truncate_metrics(out / "metrics.jsonl", start)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", dict(asdict(cfg), stage="dc"))
-    atomic_write_json(out / "run.json", {"status": "running", "stage": "dc"})
-
-    def save_ckpt(done: int) -> None:
-        atomic_torch_save(ckpt_path, {"image_syn": image_syn.detach().cpu(),
-                                      "optimizer": opt_img.state_dict(), "iteration": done})
-
+def _iterate(cfg: DCConfig, folder: RunFolder, pool: _RealPool, syn: _SynSet, start: int,
+             loops: tuple[int, int], real: RealData) -> dict:
+    """Iterations start .. cfg.iterations: one metrics row each, a checkpoint every
+    checkpoint_every iterations and after the last. Returns first/last rows and timing."""
     from tqdm.auto import tqdm
 
-    guard_kw = dict(regularizer=cfg.regularizer, h=cfg.h, lam=cfg.lam, guard_mode=cfg.guard_mode)
+    ckpt = folder.path("checkpoint.pt")
     first, last, t_total, n_done = None, None, 0.0, 0
     bar = tqdm(range(start, cfg.iterations), desc="dc", disable=not cfg.progress, leave=False)
     for it in bar:
-        t0 = time.perf_counter()
-        torch.manual_seed(mix_seed(cfg.seed, it, 1))
-        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, it, 2))
-        wrapped = build_net().to(device)  # init on the seeded global RNG
-        net = wrapped.model
-        net.train()
-        params = list(net.parameters())
-        opt_net = torch.optim.SGD(params, lr=cfg.lr_net)
-        bn = _has_bn(net)
-        pixel = dict(pixel_net=wrapped, mean=real.mean, std=real.std) \
-            if cfg.regularizer == "guard" and cfg.h_space == "pixel" else {}
-        loss_sum, loss_first = 0.0, None
-        for ol in range(outer_loop):
-            if bn:  # DC: set BN statistics from a real batch, then freeze them
-                net.train()
-                with torch.no_grad():
-                    net(torch.cat([get_images(c, _BN_SIZE_PC, gen) for c in range(nc)]))
-                for m in net.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-            loss = image_syn.new_zeros(())
-            for c in range(nc):
-                xr = get_images(c, cfg.batch_real, gen)
-                yr = torch.full((xr.shape[0],), c, dtype=torch.long, device=device)
-                g_real = real_gradients(net, xr, yr, params, **guard_kw, **pixel)
-                xs = image_syn[c * ipc:(c + 1) * ipc]
-                ys = label_syn[c * ipc:(c + 1) * ipc]
-                g_syn = torch.autograd.grad(F.cross_entropy(net(xs), ys), params,
-                                            create_graph=True)
-                loss = loss + match_distance(g_real, g_syn)
-            opt_img.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_img.step()
-            if cfg.clip_pixels:
-                with torch.no_grad():
-                    image_syn.copy_(torch.maximum(torch.minimum(image_syn, hi), lo))
-            lv = float(loss.detach())
-            loss_sum += lv
-            loss_first = lv if loss_first is None else loss_first
-            if ol == outer_loop - 1:
-                break
-            # train the network on S (a detached copy), inner_loop epochs
-            net.train()
-            xs_all, ys_all = image_syn.detach().clone(), label_syn
-            for _ in range(inner_loop):
-                order = torch.randperm(xs_all.shape[0], generator=gen).to(device)
-                for b in range(0, xs_all.shape[0], cfg.batch_train):
-                    i = order[b:b + cfg.batch_train]
-                    l_net = F.cross_entropy(net(xs_all[i]), ys_all[i])
-                    opt_net.zero_grad(set_to_none=True)
-                    l_net.backward()
-                    opt_net.step()
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"DC matching loss is not finite at iteration {it + 1}; "
-                                     "lower lr_img (or lam with GUARD)")
-        dt = time.perf_counter() - t0
-        row = {"iteration": it + 1, "match_loss": loss_sum / (nc * outer_loop),
-               "match_loss_first": loss_first / nc, "seconds": dt}
-        append_jsonl(out / "metrics.jsonl", row)
+        row = _iteration(cfg, it, pool, syn, loops, real)
+        append_jsonl(folder.path("metrics.jsonl"), row)
         first = row if first is None else first
         last = row
-        t_total += dt
+        t_total += row["seconds"]
         n_done += 1
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            save_ckpt(it + 1)
+            syn.save(ckpt, it + 1)
         if cfg.progress:
             bar.set_postfix(loss=f"{row['match_loss']:.4f}")
-    if n_done == 0 and not ckpt_path.exists():  # nothing to do and nothing saved
-        save_ckpt(start)
+    if n_done == 0 and not ckpt.exists():  # nothing to do and nothing saved
+        syn.save(ckpt, start)
+    return {"seconds_per_iteration": t_total / n_done if n_done else None,
+            "metrics_first": first, "metrics_last": last}
+
+
+def _evaluate(cfg: DCConfig, images: Tensor, labels: Tensor, real: RealData,
+              device: torch.device) -> dict:
+    """DC's evaluation of the result: eval_models fresh networks trained on it (seeds
+    (seed, k)), their test accuracies, mean and standard deviation."""
+    accs = [evaluate_synset(images, labels, real, mean=real.mean, std=real.std,
+                            num_classes=real.num_classes, epochs=cfg.eval_epochs,
+                            batch=cfg.batch_train, lr=cfg.lr_net, model=cfg.model,
+                            width=cfg.width, depth=cfg.depth, norm=cfg.norm,
+                            seed=mix_seed(cfg.seed, k), device=device)
+            for k in range(cfg.eval_models)]
+    t = torch.tensor(accs, dtype=torch.float64)
+    return {"eval_accs": accs, "eval_acc_mean": float(t.mean()),
+            "eval_acc_std": float(t.std()) if len(accs) > 1 else 0.0}
+
+
+def _finish(cfg: DCConfig, folder: RunFolder, real: RealData, pool: _RealPool, syn: _SynSet,
+            loops: tuple[int, int], stats: dict) -> dict:
+    """Save the distilled set: back to pixels, clamped to [0, 1] (the artifact format; the
+    clamped fraction is recorded), evaluated where asked; run.json "complete"."""
+    from guard_fast.data.distilled import save_distilled
 
     with torch.no_grad():
-        raw = image_syn.detach().cpu() * std + mean
+        raw = pool.to_pixels(syn.images)
     clamped = float(((raw < 0) | (raw > 1)).float().mean())
-    images = raw.clamp(0, 1)
-    labels = label_syn.cpu()
-    ipc_ids = torch.arange(ipc).repeat(nc)
-    result = {"stage": "dc", "data": real.name, "ipc": ipc, "iterations": cfg.iterations,
-              "outer_loop": outer_loop, "inner_loop": inner_loop,
-              "regularizer": cfg.regularizer, "clamped_fraction": clamped,
-              "seconds_per_iteration": t_total / n_done if n_done else None,
-              "metrics_first": first, "metrics_last": last}
+    images, labels = raw.clamp(0, 1), syn.labels.cpu()
+    ipc_ids = torch.arange(cfg.ipc).repeat(pool.num_classes)
+    result = {"stage": "dc", "data": real.name, "ipc": cfg.ipc, "iterations": cfg.iterations,
+              "outer_loop": loops[0], "inner_loop": loops[1], "regularizer": cfg.regularizer,
+              "clamped_fraction": clamped, **stats}
     if cfg.regularizer == "guard":
         result.update(h=cfg.h, lam=cfg.lam, guard_mode=cfg.guard_mode, h_space=cfg.h_space)
     if cfg.eval_models:
-        accs = [evaluate_synset(images, labels, real, mean=real.mean, std=real.std,
-                                num_classes=nc, epochs=cfg.eval_epochs, batch=cfg.batch_train,
-                                lr=cfg.lr_net, model=cfg.model, width=cfg.width,
-                                depth=cfg.depth, norm=cfg.norm, seed=mix_seed(cfg.seed, k),
-                                device=device)
-                for k in range(cfg.eval_models)]
-        t = torch.tensor(accs, dtype=torch.float64)
-        result.update(eval_accs=accs, eval_acc_mean=float(t.mean()),
-                      eval_acc_std=float(t.std()) if len(accs) > 1 else 0.0)
+        result.update(_evaluate(cfg, images, labels, real, pool.device))
     meta = dict(result, method="dc", mean=list(real.mean), std=list(real.std),
-                image_size=s, channels=ch, num_classes=nc)
-    save_distilled(out, images, labels, ipc_ids, class_names=real.class_names, meta=meta)
-    result["images"] = str(out / "images.pt")
-    atomic_write_json(out / "run.json", dict(result, status="complete"))
+                image_size=pool.size, channels=pool.channels, num_classes=pool.num_classes)
+    save_distilled(folder.out, images, labels, ipc_ids, class_names=real.class_names, meta=meta)
+    result["images"] = str(folder.path("images.pt"))
+    folder.complete(**result)
     return result
+
+
+def dc(cfg: DCConfig) -> dict:
+    """Distill per cfg (see the module docstring); returns the final numbers (also in run.json).
+
+    The settings are checked (resolve_dc) and the run folder's rules applied before anything
+    is read or written; a run is continued from its last checkpoint with cfg.resume."""
+    cfg = resolve_dc(cfg)
+    loops = cfg.loops()
+    device = resolve_device(cfg.device)
+    folder = RunFolder(cfg.out, "dc", asdict(cfg), resume=cfg.resume,
+                       resumable=_RESUMABLE_DIFF, final="images.pt")
+    folder.check()
+    real = load_real(cfg.data, cfg.data_root, cfg.image_size, cfg.channels)
+    pool = _RealPool(cfg, real, device)
+    syn = _SynSet(cfg, pool)
+    start = 0
+    if cfg.resume and folder.path("checkpoint.pt").exists():
+        start = syn.load(folder.path("checkpoint.pt"))
+    _truncate_metrics(folder.path("metrics.jsonl"), start)
+    folder.start()
+    stats = _iterate(cfg, folder, pool, syn, start, loops, real)
+    return _finish(cfg, folder, real, pool, syn, loops, stats)

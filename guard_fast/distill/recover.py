@@ -40,14 +40,12 @@ Run folder (cfg.out):
   metrics.jsonl        per task and log point: losses, iterations/s
   state_rank<r>.pt     the in-progress task of process r (images, Adam state, iteration)
   parts/chunk<c>_ipc<k>.pt   finished tasks
-  images.pt, images/<class>/ipc_<k>.png, grid.png   the distilled set (guard_fast.distill.common)
+  images.pt, images/<class>/ipc_<k>.png, grid.png   the distilled set (guard_fast.data.distilled)
   run.json             status, timing and the teacher's accuracy on the recovered images
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -58,9 +56,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guard_fast.config import (CDA_MODES, RECOVER_METHODS, RECOVER_PRESETS, RecoverConfig)
+from guard_fast.config import CDA_MODES, RecoverConfig, resolve_recover
 from guard_fast.data.loader import mix_seed
-from guard_fast.runio import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
+from guard_fast.runtime import (RunFolder, atomic_torch_save, distributed, load_checkpoint,
+                                load_classifier, resolve_device)
 
 __all__ = ["recover", "resolve_recover", "Synthesizer", "AugDraw", "draw_augment",
            "apply_augment", "rrc_params", "cda_min_crop", "cosine_lr", "find_batchnorms",
@@ -266,75 +265,6 @@ def teacher_path(p: str | Path) -> Path:
     return p
 
 
-def resolve_recover(cfg: RecoverConfig, data: str) -> RecoverConfig:
-    """Fill the None fields from the preset of the teacher's data set; validate; name bad values."""
-    if cfg.method not in RECOVER_METHODS:
-        raise ValueError(f"unknown recover method {cfg.method!r}; known: {', '.join(RECOVER_METHODS)}"
-                         " (dc is its own stage: guard_fast.distill.dc)")
-    preset = RECOVER_PRESETS.get(data, RECOVER_PRESETS["imagefolder"])
-    if cfg.method == "cda" and cfg.crop is None:
-        # CDA's curriculum schedules RandomResizedCrop's scale: it needs the crop even where
-        # the SRe2L preset has none (CIFAR-style, the bundled digits)
-        cfg = dataclasses.replace(cfg, crop=True)
-    vals = {k: (preset[k] if getattr(cfg, k) is None and k in preset else getattr(cfg, k))
-            for k in (f.name for f in dataclasses.fields(cfg))}
-    cfg = RecoverConfig(**vals)
-    if cfg.method == "cda" and not cfg.crop:
-        raise ValueError("method cda schedules the RandomResizedCrop scale: crop=False leaves it "
-                         "nothing to schedule (drop crop=False, or use method sre2l)")
-    if cfg.ipc < 1:
-        raise ValueError(f"ipc must be >= 1, got {cfg.ipc}")
-    if cfg.iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {cfg.iterations}")
-    if cfg.class_batch < 1:
-        raise ValueError(f"class_batch must be >= 1, got {cfg.class_batch}")
-    if not 1 <= cfg.group_size <= cfg.ipc:
-        raise ValueError(f"group_size must be between 1 and ipc ({cfg.ipc}), got {cfg.group_size}")
-    if cfg.lr <= 0 or cfg.r_bn < 0:
-        raise ValueError(f"lr must be > 0 and r_bn >= 0, got lr {cfg.lr}, r_bn {cfg.r_bn}")
-    if cfg.jitter < 0 or cfg.jitter_mode not in ("positive", "symmetric"):
-        raise ValueError(f"jitter must be >= 0 and jitter_mode positive|symmetric, got "
-                         f"{cfg.jitter}, {cfg.jitter_mode!r}")
-    if not 0 < cfg.min_crop <= cfg.max_crop <= 1:
-        raise ValueError(f"need 0 < min_crop <= max_crop <= 1, got {cfg.min_crop}, {cfg.max_crop}")
-    if cfg.cda_mode not in CDA_MODES:
-        raise ValueError(f"cda_mode must be one of {CDA_MODES}, got {cfg.cda_mode!r}")
-    if not 0 <= cfg.milestone <= 1:
-        raise ValueError(f"milestone must be in [0, 1], got {cfg.milestone}")
-    if cfg.amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
-    if cfg.save_every < 1:
-        raise ValueError(f"save_every must be >= 1, got {cfg.save_every}")
-    return cfg
-
-
-def _check_run_folder(out: Path, cfg: RecoverConfig, arch: dict) -> None:
-    import json
-
-    f = out / "config.json"
-    if not f.exists():
-        if cfg.resume:
-            raise FileNotFoundError(f"--resume: {out} holds no recover run (no config.json); "
-                                    "drop --resume to start one")
-        if (out / "images.pt").exists():
-            raise FileExistsError(f"{out} already holds a distilled set; choose another --out "
-                                  "(nothing was overwritten)")
-        return
-    old = json.loads(f.read_text())
-    if old.get("stage") != "recover":
-        raise FileExistsError(f"{out} holds a {old.get('stage', 'different')} run, not a recover "
-                              "run; choose another --out (nothing was overwritten)")
-    if not cfg.resume:
-        raise FileExistsError(f"{out} already holds a recover run; pass --resume to continue it "
-                              "or choose another --out (nothing was overwritten)")
-    new = json.loads(json.dumps(dict(asdict(cfg), stage="recover", teacher_arch=arch)))
-    diff = sorted(k for k in set(old) | set(new)
-                  if k not in _RESUMABLE_DIFF and old.get(k) != new.get(k))
-    if diff:
-        raise ValueError(f"--resume: {out} was run with different settings for {diff}; use the "
-                         "same options or another --out")
-
-
 # ----------------------------------------------------------------------------- the run
 def _tasks(cfg: RecoverConfig, num_classes: int, rank: int, world: int):
     """This rank's tasks: (chunk index, classes of the chunk, ipc ids of the group)."""
@@ -399,150 +329,156 @@ def synthesis_steps(step_fn, x: Tensor, opt: torch.optim.Optimizer, targets: Ten
     return last
 
 
-def _dist_setup(device: torch.device):
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        import torch.distributed as dist
+class _Synthesis:
+    """What every task of a run shares: the teacher's inner network wrapped for the
+    statistics loss, the pixel bounds in its normalized space, and the step function."""
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-    return rank, world, device
+    def __init__(self, cfg: RecoverConfig, wrapped: nn.Module, arch: dict, device: torch.device):
+        inner = wrapped.model if hasattr(wrapped, "model") else wrapped
+        self.mean = torch.tensor(arch["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(arch["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.lo = (-self.mean / self.std).to(device)
+        self.hi = ((1 - self.mean) / self.std).to(device)
+        self.size, self.channels = int(arch["image_size"]), int(arch["in_channels"])
+        self.ncls = int(arch["num_classes"])
+        self.syn = Synthesizer(inner, cfg.r_bn, cfg.first_bn_multiplier).to(device)
+        if cfg.channels_last:
+            self.syn.net.to(memory_format=torch.channels_last)
+        self.step_fn = torch.compile(self.syn, dynamic=False) if cfg.compile else self.syn
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        self.device = device
 
 
-def recover(cfg: RecoverConfig) -> dict:
-    """Run recover per cfg (see the module docstring); returns the run's summary metrics."""
-    from guard_fast.distill.common import save_distilled
-    from guard_fast.distill.squeeze import load_teacher, resolve_device
+def _run_task(cfg: RecoverConfig, s: _Synthesis, folder: RunFolder, d, chunk: int,
+              classes: list, group: list) -> tuple[int, int]:
+    """Synthesize one (class chunk, ipc group) task to its part files, resuming from this
+    rank's state file; returns (iterations run, images x iterations run)."""
+    out = folder.out
+    state_file = out / f"state_rank{d.rank}.pt"
+    n, g = len(classes), len(group)
+    s.syn.set_groups(g)
+    targets = torch.tensor(classes * g, device=s.device)
+    x = torch.cat([_init_noise(cfg, chunk, k, n, s.channels, s.size) for k in group]).to(s.device)
+    x.requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
+    start = 0
+    if cfg.resume and state_file.exists():
+        st = load_checkpoint(state_file)
+        if st.get("chunk") == chunk and list(st.get("group", [])) == list(group):
+            with torch.no_grad():
+                x.copy_(st["x"].to(s.device))
+            opt.load_state_dict(st["opt"])
+            start = int(st["it"])
+    t0 = time.perf_counter()
+    metrics_file = f"metrics_rank{d.rank}.jsonl" if d.world > 1 else "metrics.jsonl"
 
-    tpath = teacher_path(cfg.teacher)
-    wrapped, arch = load_teacher(tpath)
-    cfg = resolve_recover(cfg, arch.get("data", "imagefolder"))
-    device = resolve_device(cfg.device)
-    rank, world, device = _dist_setup(device)
-    if world > cfg.ipc:
-        raise ValueError(f"ipc {cfg.ipc} cannot be shared by {world} processes (sharding is by "
-                         "ipc id): use at most ipc processes")
-    out = Path(cfg.out)
-    _check_run_folder(out, cfg, arch)
-    if world > 1:  # every rank has checked the folder before rank 0 writes to it
-        import torch.distributed as dist
+    def on_step(it, loss, ce, bn):
+        done = it + 1
+        if done % cfg.save_every == 0 or done == cfg.iterations:
+            el = time.perf_counter() - t0
+            folder.log({"chunk": chunk, "group": list(group), "iteration": done,
+                        "loss": loss.tolist(), "ce": ce.tolist(), "bn": bn.tolist(),
+                        "iters_per_s": (done - start) / max(el, 1e-9), "rank": d.rank},
+                       metrics_file)
+            if done < cfg.iterations:
+                atomic_torch_save(state_file, {"chunk": chunk, "group": list(group), "it": done,
+                                               "x": x.detach().cpu(), "opt": opt.state_dict()})
 
-        dist.barrier()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", dict(asdict(cfg), stage="recover",
-                                                    teacher_arch=arch))
-        atomic_write_json(out / "run.json", {"status": "running", "stage": "recover"})
+    last = synthesis_steps(s.step_fn, x, opt, targets, cfg, chunk=chunk, group=group,
+                           size=s.size, lo=s.lo, hi=s.hi, start=start, stop=cfg.iterations,
+                           amp_dtype=s.amp_dtype, on_step=on_step,
+                           progress=cfg.progress and d.is_main)
+    with torch.no_grad():
+        pix = (x.detach().cpu() * s.std + s.mean).clamp(0, 1)
+    for gi, k in enumerate(group):
+        atomic_torch_save(_part(out, chunk, k), {
+            "images": pix[gi * n:(gi + 1) * n].clone(), "labels": torch.tensor(classes),
+            "final_loss": None if last is None else float(last[0][gi]),
+            "final_ce": None if last is None else float(last[1][gi]),
+            "final_bn": None if last is None else float(last[2][gi])})
+    if state_file.exists():
+        state_file.unlink()
+    return cfg.iterations - start, (cfg.iterations - start) * n * g
 
-    inner = wrapped.model if hasattr(wrapped, "model") else wrapped
-    mean = torch.tensor(arch["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(arch["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    lo, hi = (-mean / std).to(device), ((1 - mean) / std).to(device)
-    size, channels, ncls = int(arch["image_size"]), int(arch["in_channels"]), int(arch["num_classes"])
-    syn = Synthesizer(inner, cfg.r_bn, cfg.first_bn_multiplier).to(device)
-    if cfg.channels_last:
-        syn.net.to(memory_format=torch.channels_last)
-    step_fn = torch.compile(syn, dynamic=False) if cfg.compile else syn
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
 
-    tasks = _tasks(cfg, ncls, rank, world)
-    state_file = out / f"state_rank{rank}.pt"
-    t_start = time.perf_counter()
-    n_iter_run = n_img_run = 0
-    for chunk, classes, group in tasks:
-        if all(_part(out, chunk, k).exists() for k in group):
-            continue
-        n, g = len(classes), len(group)
-        syn.set_groups(g)
-        targets = torch.tensor(classes * g, device=device)
-        x = torch.cat([_init_noise(cfg, chunk, k, n, channels, size) for k in group]).to(device)
-        x.requires_grad_(True)
-        opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9), eps=1e-8)
-        start = 0
-        if cfg.resume and state_file.exists():
-            st = load_checkpoint(state_file)
-            if st.get("chunk") == chunk and list(st.get("group", [])) == list(group):
-                with torch.no_grad():
-                    x.copy_(st["x"].to(device))
-                opt.load_state_dict(st["opt"])
-                start = int(st["it"])
-        t0 = time.perf_counter()
-
-        def on_step(it, loss, ce, bn, _start=start, _t0=t0, _chunk=chunk, _group=group, _x=x,
-                    _opt=opt):
-            done = it + 1
-            if done % cfg.save_every == 0 or done == cfg.iterations:
-                el = time.perf_counter() - _t0
-                row = {"chunk": _chunk, "group": list(_group), "iteration": done,
-                       "loss": loss.tolist(), "ce": ce.tolist(), "bn": bn.tolist(),
-                       "iters_per_s": (done - _start) / max(el, 1e-9), "rank": rank}
-                append_jsonl(out / f"metrics_rank{rank}.jsonl" if world > 1 else
-                             out / "metrics.jsonl", row)
-                if done < cfg.iterations:
-                    atomic_torch_save(state_file, {"chunk": _chunk, "group": list(_group),
-                                                   "it": done, "x": _x.detach().cpu(),
-                                                   "opt": _opt.state_dict()})
-
-        last = synthesis_steps(step_fn, x, opt, targets, cfg, chunk=chunk, group=group,
-                               size=size, lo=lo, hi=hi, start=start, stop=cfg.iterations,
-                               amp_dtype=amp_dtype, on_step=on_step,
-                               progress=cfg.progress and rank == 0)
-        n_iter_run += cfg.iterations - start
-        n_img_run += (cfg.iterations - start) * n * g
-        with torch.no_grad():
-            pix = (x.detach().cpu() * std + mean).clamp(0, 1)
-        for gi, k in enumerate(group):
-            atomic_torch_save(_part(out, chunk, k), {
-                "images": pix[gi * n:(gi + 1) * n].clone(), "labels": torch.tensor(classes),
-                "final_loss": None if last is None else float(last[0][gi]),
-                "final_ce": None if last is None else float(last[1][gi]),
-                "final_bn": None if last is None else float(last[2][gi])})
-        if state_file.exists():
-            state_file.unlink()
-    elapsed = time.perf_counter() - t_start
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-    summary = {"iterations_run": n_iter_run, "seconds": elapsed,
-               "iters_per_s": n_iter_run / max(elapsed, 1e-9),
-               "images_per_s": n_img_run / max(elapsed, 1e-9)}
-    if rank != 0:
-        return summary
+def _assemble(cfg: RecoverConfig, out: Path, ncls: int):
+    """The finished parts in (ipc id, class) order: images, labels, ipc ids, part dicts."""
     imgs, labels, ipc_ids, finals = [], [], [], []
-    n_chunks = len(range(0, ncls, cfg.class_batch))
     for k in range(cfg.ipc):
-        for c in range(n_chunks):
+        for c in range(len(range(0, ncls, cfg.class_batch))):
             p = load_checkpoint(_part(out, c, k))
             imgs.append(p["images"])
             labels.append(p["labels"])
             ipc_ids.append(torch.full((len(p["labels"]),), k, dtype=torch.long))
             finals.append(p)
-    images, labels_t, ipc_t = torch.cat(imgs), torch.cat(labels), torch.cat(ipc_ids)
-    # How many recovered images the teacher assigns to their target class (full view).
-    wrapped.to(device).eval()
-    with torch.no_grad():
-        pred = torch.cat([wrapped(images[s:s + 256].to(device)).argmax(1).cpu()
-                          for s in range(0, len(images), 256)])
-    rate = float((pred == labels_t).float().mean())
-    ces = [p["final_ce"] for p in finals if p["final_ce"] is not None]
-    summary.update({"teacher_acc_on_recovered": rate, "images": len(images), "ipc": cfg.ipc,
-                    "num_classes": ncls, "mean_final_ce": sum(ces) / len(ces) if ces else None})
-    class_names = None
+    return torch.cat(imgs), torch.cat(labels), torch.cat(ipc_ids), finals
+
+
+def _class_names(arch: dict):
+    """Class names for the image folders (cosmetic: folders fall back to indices)."""
     try:
         from guard_fast.data import get_data
 
         if arch.get("data") == "mnist":
-            class_names = get_data("mnist").class_names
-    except Exception:  # names are cosmetic; folders fall back to indices
-        class_names = None
-    save_distilled(out, images, labels_t, ipc_t, class_names,
+            return get_data("mnist").class_names
+    except Exception:
+        return None
+    return None
+
+
+def _finish(cfg: RecoverConfig, folder: RunFolder, wrapped: nn.Module, arch: dict, tpath: Path,
+            device: torch.device, summary: dict) -> dict:
+    """Rank 0: the distilled set from the parts, the teacher's accuracy on it, run.json."""
+    from guard_fast.data.distilled import save_distilled
+
+    ncls = int(arch["num_classes"])
+    images, labels_t, ipc_t, finals = _assemble(cfg, folder.out, ncls)
+    # How many recovered images the teacher assigns to their target class (full view).
+    wrapped.to(device).eval()
+    with torch.no_grad():
+        pred = torch.cat([wrapped(images[i:i + 256].to(device)).argmax(1).cpu()
+                          for i in range(0, len(images), 256)])
+    ces = [p["final_ce"] for p in finals if p["final_ce"] is not None]
+    summary.update({"teacher_acc_on_recovered": float((pred == labels_t).float().mean()),
+                    "images": len(images), "ipc": cfg.ipc, "num_classes": ncls,
+                    "mean_final_ce": sum(ces) / len(ces) if ces else None})
+    save_distilled(folder.out, images, labels_t, ipc_t, _class_names(arch),
                    meta={"stage": "recover", "method": cfg.method, "teacher": str(tpath),
                          "arch": arch, "mean": list(arch["mean"]), "std": list(arch["std"]),
-                         "num_classes": ncls, "ipc": cfg.ipc, "image_size": size})
-    atomic_write_json(out / "run.json", {"status": "complete", "stage": "recover", **summary})
+                         "num_classes": ncls, "ipc": cfg.ipc, "image_size": int(arch["image_size"])})
+    folder.complete(**summary)
+    return summary
+
+
+def recover(cfg: RecoverConfig) -> dict:
+    """Run recover per cfg (see the module docstring); returns the run's summary metrics."""
+    tpath = teacher_path(cfg.teacher)
+    wrapped, arch = load_classifier(tpath)
+    cfg = resolve_recover(cfg, arch.get("data", "imagefolder"))
+    with distributed(resolve_device(cfg.device)) as d:
+        if d.world > cfg.ipc:
+            raise ValueError(f"ipc {cfg.ipc} cannot be shared by {d.world} processes (sharding is "
+                             "by ipc id): use at most ipc processes")
+        folder = RunFolder(cfg.out, "recover", dict(asdict(cfg), teacher_arch=arch),
+                           resume=cfg.resume, resumable=_RESUMABLE_DIFF, final="images.pt")
+        folder.check()
+        d.barrier()  # every rank has checked the folder before rank 0 writes to it
+        if d.is_main:
+            folder.start()
+        s = _Synthesis(cfg, wrapped, arch, d.device)
+        t_start = time.perf_counter()
+        n_iter_run = n_img_run = 0
+        for chunk, classes, group in _tasks(cfg, s.ncls, d.rank, d.world):
+            if all(_part(folder.out, chunk, k).exists() for k in group):
+                continue
+            it, img = _run_task(cfg, s, folder, d, chunk, classes, group)
+            n_iter_run += it
+            n_img_run += img
+        elapsed = time.perf_counter() - t_start
+        d.barrier()
+        summary = {"iterations_run": n_iter_run, "seconds": elapsed,
+                   "iters_per_s": n_iter_run / max(elapsed, 1e-9),
+                   "images_per_s": n_img_run / max(elapsed, 1e-9)}
+        if d.is_main:
+            summary = _finish(cfg, folder, wrapped, arch, tpath, d.device, summary)
     return summary

@@ -1,391 +1,31 @@
 """Relabel: FKD-style soft labels for a distilled set (SRe2L's third stage).
 
-The student of SRe2L never sees a hard label: every image it trains on is a random view of a
-distilled image (RandomResizedCrop, horizontal flip, then CutMix across the batch) and its
-target is the teacher's logits on exactly that view. The public code (SRe2L
-relabel/generate_soft_label.py + utils_fkd.py) draws the views inside DataLoader workers,
-stores the crop coordinates, flip flags, CutMix parameters and the teacher's fp16 logits per
-batch, and replays them by editing PyTorch's DataLoader fetcher. Here the views are a pure
-function of (seed, epoch), drawn up front with a private generator, so nothing in PyTorch is
-patched and the same views can be rebuilt on the fly (online mode) or replayed from disk.
-
-Views of epoch e (``make_views``), all from ``numpy.random.PCG64(SeedSequence([seed, e, tag]))``:
-  order   int32 (N,)    the epoch's image order; batch b is positions [b*B, min((b+1)*B, N))
-                        (the last batch may be smaller, as with the public code's loader)
-  boxes   int16 (N, 4)  RandomResizedCrop box (i, j, h, w) in source pixels, for position p.
-                        torchvision's distribution: up to 10 tries of area fraction
-                        U(min_scale, max_scale) and log aspect ratio U(log 3/4, log 4/3),
-                        w = round(sqrt(area * r)), h = round(sqrt(area / r)), the first try
-                        that fits wins, i ~ U{0..H-h}, j ~ U{0..W-w}; else torchvision's
-                        central fallback crop. (Same distribution, our own random stream.)
-  flips   bool  (N,)    horizontal flip (p = 0.5), applied after the resize
-  lam     float32 (nb,) per batch: Beta(alpha, alpha) (cutmix alpha 1.0, mixup alpha 0.8)
-  bbox    int16 (nb, 4) per batch, CutMix only: (r1, c1, r2, c2) -- the public rand_bbox on the
-                        output batch: cut side int(S * sqrt(1 - lam)) per axis, a uniform
-                        centre, clipped; rows r1:r2 and columns c1:c2 are replaced
-  partner int16 (N,)    per batch, the batch-local permutation whose images are pasted in
-One lam, one box and one permutation per batch, as in the public CutMix (and Mixup).
-
-The student's input for a position (``EpochViews.inputs``): crop the box, resize it to
-out_size x out_size with bilinear interpolation (align_corners=False, antialias=True: the
-tensor default of torchvision's resized_crop), flip, then CutMix within the batch (copy the
-partner's unmixed pixels inside bbox) or Mixup (lam * x + (1 - lam) * x[partner]). Mixing in
-[0, 1] pixels equals the public code's mixing of normalized tensors (a copy, or an affine
-combination, commutes with per-channel normalization). Inputs are bit-exact between stored
-and replayed runs on the same device type (CPU and CUDA interpolation may differ in the last
-bit; the stored targets are then still exactly the stored ones).
-
-Relabel folder (``relabel(..., out_dir)``):
-  config.json          the run's settings, teacher and distilled-set fingerprints (written first)
-  epoch_XXXX.pt        one per epoch (atomic, so an existing file is complete): the views above
-                       and the teacher's logits in position order, fp16 (N, K) by default, or
-                       top-k values (N, k) + int16/int32 indices
-  summary.json         storage per epoch, rewritten at the end of each call
-An existing folder holding a different run (any setting other than ``epochs`` differs) is an
-error and nothing is written; the same run resumes, skipping complete epoch files.
+The views, the folder format and the readers are guard_fast.data.softlabels'; this module
+runs the teacher on every view and writes the folder.
 
 Multi-process: under torchrun (env RANK/WORLD_SIZE) epoch e is made by rank e % world_size
-(no communication but barriers; the files equal a single process's). CLI:
-``python -m guard_fast.distill.relabel --teacher T --distilled D --out O --epochs E
---batch-size B [--top-k K --mix cutmix|mixup|none --min-scale S --seed N ...]``.
-
-Top-k targets are rebuilt as dense logits with -inf outside the top k: softmax(z / T) then
-puts zero mass there, i.e. the target is the teacher's distribution at temperature T
-restricted to its top k classes and renormalized -- a proper distribution at every T, and
-the KL term of a zero-probability class is 0 (no NaN: torch's kl_div uses xlogy).
+(no communication but barriers; the files equal a single process's). Command line:
+``python -m guard_fast.train relabel`` (its options are RelabelConfig's fields; unset ones
+take the student preset of the distilled set's data set, guard_fast.config.resolve_relabel).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 
-from guard_fast.runio import atomic_torch_save, atomic_write_json, load_checkpoint
+from guard_fast.config.relabel import DTYPES, check_relabel
+from guard_fast.data.softlabels import (FORMAT, ViewSpec, dtype_name, epoch_file,
+                                        fingerprint_model, fingerprint_tensor, int_dtype,
+                                        make_views, num_classes_of, resolve_distilled,
+                                        resolve_teacher, storage_summary, teacher_logits)
+from guard_fast.runtime import (RunFolder, all_gather_object, atomic_torch_save,
+                                atomic_write_json, distributed, resolve_device)
 
-__all__ = ["ViewSpec", "EpochViews", "make_views", "relabel", "SoftLabelStore",
-           "OnlineSoftLabels", "dense_from_topk", "storage_summary", "main", "MIXES", "FORMAT"]
+__all__ = ["relabel"]
 
-FORMAT = "guard_fast.relabel/1"
-MIXES = ("cutmix", "mixup", "none")
-_TAG = 0x52454C42  # "RELB": separates this stream from any other use of (seed, epoch)
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class ViewSpec:
-    """Everything the views of an epoch depend on (besides the epoch)."""
-
-    n: int                      # number of distilled images
-    src_h: int                  # their height and width (pixels)
-    src_w: int
-    out_size: int               # side of the student's (square) input
-    batch_size: int             # global batch: views are drawn and mixed per batch
-    seed: int = 0
-    min_scale: float = 0.08     # RandomResizedCrop scale (SRe2L: --min-scale-crops 0.08)
-    max_scale: float = 1.0
-    mix: str = "cutmix"         # cutmix | mixup | none
-    cutmix_alpha: float = 1.0   # public code's --cutmix default
-    mixup_alpha: float = 0.8    # public code's --mixup default
-
-    def __post_init__(self):
-        if self.n < 1:
-            raise ValueError("the distilled set is empty")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if not 0 < self.min_scale <= self.max_scale <= 1:
-            raise ValueError(f"need 0 < min_scale <= max_scale <= 1, got ({self.min_scale}, "
-                             f"{self.max_scale})")
-        if self.mix not in MIXES:
-            raise ValueError(f"unknown mix {self.mix!r}; known: {', '.join(MIXES)}")
-        if self.out_size < 1:
-            raise ValueError(f"out_size must be positive, got {self.out_size}")
-
-    @property
-    def num_batches(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _int_dtype(max_value: int) -> torch.dtype:
-    return torch.int16 if max_value < 2**15 else torch.int32
-
-
-def _rrc_boxes(rng: np.random.Generator, n: int, H: int, W: int, scale, ratio=(3 / 4, 4 / 3),
-               tries: int = 10) -> np.ndarray:
-    """torchvision RandomResizedCrop.get_params, vectorized over n images: (n, 4) i, j, h, w."""
-    area = float(H * W)
-    s = rng.uniform(scale[0], scale[1], size=(n, tries))
-    r = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), size=(n, tries)))
-    w = np.rint(np.sqrt(area * s * r))  # rint: round half to even, like Python's round
-    h = np.rint(np.sqrt(area * s / r))
-    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first = ok.argmax(1)
-    rows = np.arange(n)
-    hh, ww = h[rows, first].astype(np.int64), w[rows, first].astype(np.int64)
-    ui, uj = rng.random(n), rng.random(n)
-    i = np.floor(ui * (H - hh + 1)).astype(np.int64)
-    j = np.floor(uj * (W - ww + 1)).astype(np.int64)
-    miss = ~ok.any(1)
-    if miss.any():  # torchvision's fallback: the central crop at the nearest allowed ratio
-        in_ratio = W / H
-        if in_ratio < min(ratio):
-            fw, fh = W, int(round(W / min(ratio)))
-        elif in_ratio > max(ratio):
-            fh, fw = H, int(round(H * max(ratio)))
-        else:
-            fw, fh = W, H
-        hh[miss], ww[miss] = fh, fw
-        i[miss], j[miss] = (H - fh) // 2, (W - fw) // 2
-    return np.stack([i, j, hh, ww], 1)
-
-
-def _cut_box(rng: np.random.Generator, S_r: int, S_c: int, lam: float) -> list[int]:
-    """The public rand_bbox on an (S_r, S_c) output: cut sides int(S * sqrt(1 - lam)), a
-    uniform centre (randint over each side), each edge clipped to the image."""
-    cut = math.sqrt(1.0 - lam)
-    cr, cc = int(S_r * cut), int(S_c * cut)
-    cx, cy = int(rng.integers(S_r)), int(rng.integers(S_c))
-    return [min(max(cx - cr // 2, 0), S_r), min(max(cy - cc // 2, 0), S_c),
-            min(max(cx + cr // 2, 0), S_r), min(max(cy + cc // 2, 0), S_c)]
-
-
-@dataclass
-class EpochViews:
-    """The views of one epoch (see the module docstring) and how to turn them into inputs."""
-
-    order: Tensor
-    boxes: Tensor
-    flips: Tensor
-    lam: Tensor | None
-    bbox: Tensor | None
-    partner: Tensor | None
-    batch_size: int
-    out_size: int
-    mix: str
-
-    @property
-    def n(self) -> int:
-        return int(self.order.numel())
-
-    @property
-    def num_batches(self) -> int:
-        return -(-self.n // self.batch_size)
-
-    def span(self, b: int) -> tuple[int, int]:
-        if not 0 <= b < self.num_batches:
-            raise IndexError(f"batch {b} out of range (this epoch has {self.num_batches})")
-        return b * self.batch_size, min((b + 1) * self.batch_size, self.n)
-
-    def to_dict(self) -> dict:
-        d = {"order": self.order, "boxes": self.boxes, "flips": self.flips,
-             "batch_size": self.batch_size, "out_size": self.out_size, "mix": self.mix}
-        for k in ("lam", "bbox", "partner"):
-            if getattr(self, k) is not None:
-                d[k] = getattr(self, k)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EpochViews":
-        return cls(d["order"], d["boxes"], d["flips"], d.get("lam"), d.get("bbox"),
-                   d.get("partner"), int(d["batch_size"]), int(d["out_size"]), d["mix"])
-
-    def inputs(self, images: Tensor, b: int, rows: Tensor | None = None,
-               device: torch.device | str | None = None) -> Tensor:
-        """The student's (and teacher's) input for batch b: (len(rows), C, S, S) float in [0, 1].
-
-        images: the distilled set (N, C, H, W), on any device. rows: batch-local positions
-        to build (default all; DDP ranks build their share). Only the images that the rows
-        and their mixing partners need are cropped, so a rank's share is bit-identical to the
-        same rows of the full batch."""
-        s, e = self.span(b)
-        device = torch.device(device) if device is not None else images.device
-        rows = torch.arange(e - s) if rows is None else torch.as_tensor(rows, dtype=torch.long)
-        mixing = self.mix != "none"
-        partner = self.partner[s:e].long() if mixing else None
-        need = torch.unique(torch.cat([rows, partner[rows]])) if mixing else rows
-        where = torch.full((e - s,), -1, dtype=torch.long)
-        where[need] = torch.arange(len(need))
-        src_idx = self.order[s:e].long()[need]
-        src = images[src_idx].to(device, non_blocking=True)
-        boxes = self.boxes[s:e][need].tolist()
-        flips = self.flips[s:e][need].tolist()
-        S = self.out_size
-        views = []
-        for k, (i, j, h, w) in enumerate(boxes):
-            v = F.interpolate(src[k:k + 1, :, i:i + h, j:j + w].float(), size=(S, S),
-                              mode="bilinear", align_corners=False, antialias=True)
-            views.append(v.flip(-1) if flips[k] else v)
-        x = torch.cat(views)
-        out = x[where[rows]]
-        if self.mix == "cutmix":
-            r1, c1, r2, c2 = self.bbox[b].tolist()
-            out[:, :, r1:r2, c1:c2] = x[where[partner[rows]], :, r1:r2, c1:c2]
-        elif self.mix == "mixup":
-            lam = float(self.lam[b])
-            out = lam * out + (1.0 - lam) * x[where[partner[rows]]]
-        return out
-
-
-def make_views(spec: ViewSpec, epoch: int) -> EpochViews:
-    """The views of ``epoch``: a function of (spec, epoch) only (see the module docstring)."""
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-        [int(spec.seed) & (2**63 - 1), int(epoch), _TAG])))
-    n, B = spec.n, spec.batch_size
-    order = rng.permutation(n)
-    boxes = _rrc_boxes(rng, n, spec.src_h, spec.src_w, (spec.min_scale, spec.max_scale))
-    flips = rng.random(n) < 0.5
-    lam = bbox = partner = None
-    if spec.mix != "none":
-        nb = spec.num_batches
-        alpha = spec.cutmix_alpha if spec.mix == "cutmix" else spec.mixup_alpha
-        lam = np.zeros(nb, dtype=np.float32)
-        bbox = np.zeros((nb, 4), dtype=np.int64) if spec.mix == "cutmix" else None
-        partner = np.zeros(n, dtype=np.int64)
-        for b in range(nb):
-            s, e = b * B, min((b + 1) * B, n)
-            partner[s:e] = rng.permutation(e - s)
-            # float32 first: the stored value is the one every later use sees
-            lam[b] = np.float32(rng.beta(alpha, alpha))
-            if spec.mix == "cutmix":
-                bbox[b] = _cut_box(rng, spec.out_size, spec.out_size, float(lam[b]))
-    cdt = _int_dtype(max(spec.src_h, spec.src_w))
-    return EpochViews(
-        order=torch.from_numpy(order).to(torch.int32),
-        boxes=torch.from_numpy(boxes).to(cdt),
-        flips=torch.from_numpy(flips),
-        lam=None if lam is None else torch.from_numpy(lam),
-        bbox=None if bbox is None else torch.from_numpy(bbox).to(_int_dtype(spec.out_size)),
-        partner=None if partner is None else torch.from_numpy(partner).to(_int_dtype(B)),
-        batch_size=B, out_size=spec.out_size, mix=spec.mix)
-
-
-def dense_from_topk(values: Tensor, indices: Tensor, num_classes: int) -> Tensor:
-    """(n, k) top-k logits -> (n, num_classes) float32 logits, -inf outside the top k."""
-    out = torch.full((values.shape[0], num_classes), float("-inf"), dtype=torch.float32,
-                     device=values.device)
-    return out.scatter_(1, indices.long(), values.float())
-
-
-# --------------------------------------------------------------------------- inputs
-
-def _fingerprint_tensor(t: Tensor) -> str:
-    """A cheap identity for a large tensor: shape, dtype, float64 sum and a strided sample."""
-    t = t.detach().cpu().contiguous()
-    flat = t.reshape(-1)
-    step = max(1, flat.numel() // 1_000_000)
-    h = hashlib.sha256()
-    h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-    h.update(flat[::step].numpy().tobytes())
-    h.update(repr(float(flat.double().sum())).encode())
-    return h.hexdigest()[:16]
-
-
-def _fingerprint_model(m: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(m.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _resolve_distilled(distilled) -> tuple[dict, str | None]:
-    from guard_fast.distill.common import load_distilled
-
-    if isinstance(distilled, dict):
-        d, path = distilled, None
-    else:
-        d, path = load_distilled(distilled), str(Path(distilled).resolve())
-    for k in ("images", "labels"):
-        if k not in d:
-            raise ValueError(f"the distilled set has no {k!r} entry")
-    x, y = d["images"], d["labels"]
-    if x.dim() != 4:
-        raise ValueError(f"distilled images must be (N, C, H, W), got {tuple(x.shape)}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"image/label count mismatch: {x.shape[0]} images but labels of shape "
-                         f"{tuple(y.shape)}")
-    return d, path
-
-
-def _arch_of(model: nn.Module) -> dict:
-    """What the student needs to know about a teacher passed as a module (mean/std from the
-    Normalized wrapper, when there is one)."""
-    from guard_fast.models import Normalized
-
-    if isinstance(model, Normalized):
-        return {"model": type(model.model).__name__,
-                "mean": [float(v) for v in model.mean.reshape(-1)],
-                "std": [float(v) for v in model.std.reshape(-1)]}
-    return {"model": type(model).__name__}
-
-
-def _resolve_teacher(teacher, arch: dict | None = None) -> tuple[nn.Module, dict, str | None]:
-    if isinstance(teacher, (str, Path)):
-        from guard_fast.distill.squeeze import load_teacher
-
-        model, a = load_teacher(teacher)
-        return model, dict(a), str(Path(teacher).resolve())
-    if isinstance(teacher, nn.Module):
-        return teacher, dict(arch or _arch_of(teacher)), None
-    raise TypeError(f"teacher must be a path to teacher.pt or an nn.Module, got {type(teacher)}")
-
-
-@torch.no_grad()
-def _num_classes(model: nn.Module, spec: ViewSpec, images: Tensor, device) -> int:
-    """The teacher's output width, from one view of the input size it will see."""
-    x = make_views(spec, 0).inputs(images, 0, torch.tensor([0]), device)
-    return int(model(x).shape[1])
-
-
-@torch.no_grad()
-def _teacher_logits(teacher: nn.Module, x: Tensor, chunk: int | None) -> Tensor:
-    if not chunk or chunk >= len(x):
-        return teacher(x).float()
-    return torch.cat([teacher(x[i:i + chunk]).float() for i in range(0, len(x), chunk)])
-
-
-# --------------------------------------------------------------------------- relabel
-
-_RESUMABLE = {"epochs"}
-
-
-def _check_folder(out: Path, config: dict) -> dict:
-    f = out / "config.json"
-    if not f.exists():
-        return config
-    old = json.loads(f.read_text())
-    a, b = _flat(old), _flat(json.loads(json.dumps(config)))  # json round trip: lists, str keys
-    diff = sorted(k for k in set(a) | set(b) if k not in _RESUMABLE and a.get(k) != b.get(k))
-    if diff:
-        raise ValueError(f"{out} holds a different relabel run (settings differ: {diff}); use "
-                         "the same settings to resume it, or another output folder (nothing "
-                         "was overwritten)")
-    return dict(config, epochs=max(int(old.get("epochs", 0)), int(config["epochs"])))
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _epoch_file(out: Path, epoch: int) -> Path:
-    return Path(out) / f"epoch_{epoch:04d}.pt"
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 def relabel(teacher, distilled, out_dir, epochs: int, batch_size: int, seed: int = 0,
@@ -403,305 +43,114 @@ def relabel(teacher, distilled, out_dir, epochs: int, batch_size: int, seed: int
     (float16 as in the public --use-fp16; bfloat16 or float32 also accepted).
     out_size: the input side (default: the distilled images' height). teacher_chunk: run
     the teacher on at most this many views at a time (memory; default the whole batch).
+    The settings are checked against RelabelConfig's declarations before any work is done.
 
     Returns (and writes to summary.json) the storage per epoch in bytes and what was done.
     """
-    from guard_fast.distill.squeeze import resolve_device
-
     t_start = time.perf_counter()
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
-    dname = {v: k for k, v in _DTYPES.items()}.get(dtype)
-    if dname is None:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype}")
-    if epochs < 1:
-        raise ValueError(f"epochs must be positive, got {epochs}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be positive (or None), got {top_k}")
-    from guard_fast.distill.squeeze import _dist_info
+    dname = dtype_name(dtype)
+    check_relabel(out=str(out_dir), epochs=epochs, batch_size=batch_size, seed=seed, top_k=top_k,
+                  dtype=dname, out_size=out_size, min_scale=min_scale, max_scale=max_scale,
+                  mix=mix, cutmix_alpha=cutmix_alpha, mixup_alpha=mixup_alpha,
+                  teacher_chunk=teacher_chunk, progress=progress)
+    if epochs is None or batch_size is None:
+        raise ValueError("relabel needs epochs and batch_size (guard_fast.config.resolve_relabel "
+                         "takes them from the student preset)")
+    with distributed(resolve_device(device)) as d:  # torchrun: epoch e is made on rank e % world
+        model, arch, tpath = resolve_teacher(teacher, teacher_arch)
+        ds, dpath = resolve_distilled(distilled)
+        images, labels = ds["images"].float(), ds["labels"].long()
+        N, C, H, W = images.shape
+        spec = ViewSpec(n=N, src_h=H, src_w=W, out_size=int(out_size or H),
+                        batch_size=batch_size, seed=seed, min_scale=min_scale,
+                        max_scale=max_scale, mix=mix, cutmix_alpha=cutmix_alpha,
+                        mixup_alpha=mixup_alpha)
+        was_training = model.training
+        model = model.to(d.device).eval()  # BatchNorm running statistics, as the public eval()
+        try:
+            folder, K, k_eff = _run_folder(model, arch, tpath, images, labels, dpath, spec,
+                                           out_dir, epochs, top_k, dname, d)
+            written, skipped = _store_epochs(model, images, spec, folder, epochs, K, k_eff,
+                                             _DTYPES[dname], teacher_chunk, progress, d)
+            summary = storage_summary(folder.out)
+            summary.update(epochs_written=written, epochs_skipped=skipped,
+                           seconds=time.perf_counter() - t_start)
+            if d.is_main:
+                atomic_write_json(folder.path("summary.json"), summary)
+                folder.complete(epochs_stored=summary["epochs_stored"])
+            return summary
+        finally:
+            model.train(was_training)
 
-    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    rank, world, local_rank = _dist_info()
-    we_init = False
-    if world > 1:  # torchrun: the epochs are shared out (epoch e on rank e % world)
-        import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-            we_init = True
-        if dev.type == "cuda":
-            dev = torch.device("cuda", local_rank)
-            torch.cuda.set_device(dev)
-    model, arch, tpath = _resolve_teacher(teacher, teacher_arch)
-    d, dpath = _resolve_distilled(distilled)
-    images, labels = d["images"].float(), d["labels"].long()
+def _run_folder(model, arch, tpath, images, labels, dpath, spec, out_dir, epochs, top_k, dname,
+                d) -> tuple[RunFolder, int, int | None]:
+    """The relabel folder, checked (before anything is written) and started.
+
+    Its config holds every setting the stored files depend on, with fingerprints of the
+    teacher's weights and of the distilled images and labels, so a rerun on another teacher
+    or set is refused (naming e.g. ``teacher.fingerprint``) while the same run continues:
+    only ``epochs`` may differ, and the config keeps the largest number asked for.
+    Returns the folder, the teacher's class count K and the effective top k (None: all)."""
     N, C, H, W = images.shape
-    spec = ViewSpec(n=N, src_h=H, src_w=W, out_size=int(out_size or H), batch_size=batch_size,
-                    seed=seed, min_scale=min_scale, max_scale=max_scale, mix=mix,
-                    cutmix_alpha=cutmix_alpha, mixup_alpha=mixup_alpha)
-    was_training = model.training
-    model = model.to(dev).eval()  # BatchNorm running statistics, as the public code's eval()
-    try:
-        return _relabel(model, arch, tpath, images, labels, dpath, spec, out_dir, epochs,
-                        top_k, dtype, dname, dev, teacher_chunk, progress, t_start, rank, world)
-    finally:
-        model.train(was_training)
-        if we_init:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _relabel(model, arch, tpath, images, labels, dpath, spec, out_dir, epochs, top_k, dtype,
-             dname, dev, teacher_chunk, progress, t_start, rank, world) -> dict:
-    N, C, H, W = images.shape
-    K = _num_classes(model, spec, images, dev)
+    K = num_classes_of(model, spec, images, d.device)
     if int(labels.max()) >= K:
         raise ValueError(f"class count mismatch: the distilled labels go up to {int(labels.max())} "
                          f"but the teacher has {K} classes")
     k_eff = None if top_k is None or top_k >= K else int(top_k)
     config = {
-        "stage": "relabel", "format": FORMAT, "views": spec.to_dict(), "epochs": int(epochs),
+        "format": FORMAT, "views": spec.to_dict(), "epochs": int(epochs),
         "num_classes": K, "in_channels": C, "top_k": k_eff, "dtype": dname,
         "interpolation": "bilinear, align_corners=False, antialias=True",
-        "teacher": {"arch": arch, "path": tpath, "fingerprint": _fingerprint_model(model)},
+        "teacher": {"arch": arch, "path": tpath, "fingerprint": fingerprint_model(model)},
         "distilled": {"path": dpath, "n_images": N, "image_shape": [C, H, W],
-                      "fingerprint": _fingerprint_tensor(images),
-                      "labels_fingerprint": _fingerprint_tensor(labels)},
-        "relabel_device_type": dev.type,
+                      "fingerprint": fingerprint_tensor(images),
+                      "labels_fingerprint": fingerprint_tensor(labels)},
+        "relabel_device_type": d.device.type,
     }
-    out = Path(out_dir)
-    config = _check_folder(out, config)
-    _barrier(world)  # every rank has checked the folder before rank 0 writes to it
-    if rank == 0:
-        atomic_write_json(out / "config.json", config)
+    folder = RunFolder(out_dir, "relabel", config, resume="auto", resumable={"epochs"})
+    old = folder.check()
+    if old is not None:
+        folder.config["epochs"] = max(int(old.get("epochs", 0)), int(epochs))
+    d.barrier()  # every rank has checked the folder before rank 0 writes to it
+    if d.is_main:
+        folder.start()
+    return folder, K, k_eff
 
+
+def _store_epochs(model, images, spec, folder, epochs, K, k_eff, dtype, chunk, progress,
+                  d) -> tuple[list[int], list[int]]:
+    """This rank's epochs (rank, rank + world, ...), one atomic file each; a file that exists
+    is complete and skipped. Returns the epochs written and skipped by all ranks."""
     from tqdm.auto import tqdm
 
     written, skipped = [], []
-    for e in tqdm(range(rank, epochs, world), desc="relabel", disable=not progress or rank != 0,
-                  leave=False):
-        f = _epoch_file(out, e)
+    for e in tqdm(range(d.rank, epochs, d.world), desc="relabel",
+                  disable=not progress or not d.is_main, leave=False):
+        f = epoch_file(folder.out, e)
         if f.exists():  # written atomically: present means complete
             skipped.append(e)
             continue
-        views = make_views(spec, e)
-        parts = []
-        for b in range(views.num_batches):
-            parts.append(_teacher_logits(model, views.inputs(images, b, device=dev), teacher_chunk).cpu())
-        logits = torch.cat(parts)
-        payload: dict[str, Any] = {"format": FORMAT, "epoch": e, "views": views.to_dict(),
-                                   "num_classes": K}
-        if k_eff is None:
-            payload["logits"] = logits.to(dtype)
-        else:
-            v, i = logits.topk(k_eff, dim=1)
-            payload["topk_values"] = v.to(dtype)
-            payload["topk_indices"] = i.to(_int_dtype(K))
-        atomic_torch_save(f, payload)
+        atomic_torch_save(f, _epoch_payload(model, images, spec, e, K, k_eff, dtype, chunk,
+                                            d.device))
         written.append(e)
-    if world > 1:  # gather what every rank did
-        import torch.distributed as dist
-
-        _barrier(world)
-        got: list = [None] * world
-        dist.all_gather_object(got, (written, skipped))
-        written = sorted(e for w, _ in got for e in w)
-        skipped = sorted(e for _, sk in got for e in sk)
-    summary = storage_summary(out)
-    summary.update(epochs_written=written, epochs_skipped=skipped,
-                   seconds=time.perf_counter() - t_start)
-    if rank == 0:
-        atomic_write_json(out / "summary.json", summary)
-    return summary
+    d.barrier()
+    got = all_gather_object((written, skipped))
+    return sorted(e for w, _ in got for e in w), sorted(e for _, sk in got for e in sk)
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def storage_summary(out_dir) -> dict:
-    """Bytes on disk per stored epoch (and in total) of a relabel folder, and the tensor
-    payload of one epoch split into soft labels and views (the file adds torch.save's zip
-    headers and 64-byte alignment, a few kB per file)."""
-    out = Path(out_dir)
-    sizes = {}
-    e = 0
-    while _epoch_file(out, e).exists():
-        sizes[e] = _epoch_file(out, e).stat().st_size
-        e += 1
-    tot = sum(sizes.values())
-    res = {"out": str(out), "epochs_stored": len(sizes), "bytes_per_epoch": sizes,
-           "mean_bytes_per_epoch": tot / max(1, len(sizes)), "total_bytes": tot}
-    f = out / "config.json"
-    if f.exists():
-        cfg = json.loads(f.read_text())
-        v = make_views(ViewSpec(**cfg["views"]), 0).to_dict()
-        n, K, k = cfg["views"]["n"], cfg["num_classes"], cfg["top_k"]
-        dsize = _DTYPES[cfg["dtype"]].itemsize
-        res["label_bytes_per_epoch"] = (n * K * dsize if k is None else
-                                        n * k * (dsize + _int_dtype(K).itemsize))
-        res["view_bytes_per_epoch"] = sum(t.nbytes for t in v.values()
-                                          if isinstance(t, torch.Tensor))
-    return res
-
-
-# --------------------------------------------------------------------------- readers
-
-class SoftLabelStore:
-    """Replays a relabel folder: ``batch(epoch, b)`` -> (inputs, target logits).
-
-    images: the distilled images (N, C, H, W); default: loaded from the folder recorded in
-    config.json. They must be the set that was relabelled (count and fingerprint checked).
-    Targets are float32: an exact upcast of the stored fp16 logits; top-k stores give -inf
-    outside the top k (see the module docstring). Inputs are built on ``device``."""
-
-    def __init__(self, path, images: Tensor | None = None, device: str | torch.device = "cpu"):
-        self.path = Path(path)
-        f = self.path / "config.json"
-        if not f.is_file():
-            raise FileNotFoundError(f"{self.path} holds no soft labels (no config.json): run the "
-                                    "relabel stage first")
-        self.config = json.loads(f.read_text())
-        if self.config.get("format") != FORMAT:
-            raise ValueError(f"{f} is not a relabel folder of format {FORMAT}")
-        self.spec = ViewSpec(**self.config["views"])
-        self.num_classes = int(self.config["num_classes"])
-        self.device = torch.device(device)
-        n = 0
-        while _epoch_file(self.path, n).exists():
-            n += 1
-        self.epochs_available = n
-        if images is None:
-            dpath = self.config["distilled"].get("path")
-            if not dpath:
-                raise ValueError(f"{self.path} was relabelled from an in-memory set: pass its "
-                                 "images")
-            from guard_fast.distill.common import load_distilled
-
-            images = load_distilled(dpath)["images"]
-        dd = self.config["distilled"]
-        if images.shape[0] != dd["n_images"] or list(images.shape[1:]) != dd["image_shape"]:
-            raise ValueError(f"image count mismatch: {self.path} was relabelled from "
-                             f"{dd['n_images']} images of shape {dd['image_shape']}, got "
-                             f"{images.shape[0]} of shape {list(images.shape[1:])}")
-        if _fingerprint_tensor(images.float()) != dd["fingerprint"]:
-            raise ValueError(f"these images are not the distilled set {self.path} was "
-                             "relabelled from (fingerprint differs): relabel them first")
-        # kept in host memory (an ImageNet-scale set need not fit the GPU); each batch's
-        # source images are gathered and copied to the device when its views are built
-        self.images = images.float().cpu()
-        self._cache: tuple[int, dict] | None = None
-
-    @property
-    def num_batches(self) -> int:
-        return self.spec.num_batches
-
-    def _load(self, epoch: int) -> dict:
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        if not 0 <= epoch < self.epochs_available:
-            raise ValueError(f"{self.path} stores {self.epochs_available} epochs; epoch {epoch} "
-                             "is not there (relabel more epochs)")
-        d = load_checkpoint(_epoch_file(self.path, epoch))
-        if d.get("format") != FORMAT or int(d.get("epoch", -1)) != epoch:
-            raise ValueError(f"{_epoch_file(self.path, epoch)} is not epoch {epoch} of this store")
-        self._cache = (epoch, d)
-        return d
-
-    def views(self, epoch: int) -> EpochViews:
-        return EpochViews.from_dict(self._load(epoch)["views"])
-
-    def targets(self, epoch: int, b: int, rows: Tensor | None = None) -> Tensor:
-        d = self._load(epoch)
-        v = EpochViews.from_dict(d["views"])
-        s, e = v.span(b)
-        sel = slice(s, e) if rows is None else torch.as_tensor(rows, dtype=torch.long) + s
-        if "logits" in d:
-            t = d["logits"][sel].float()
-        else:
-            t = dense_from_topk(d["topk_values"][sel], d["topk_indices"][sel], self.num_classes)
-        return t.to(self.device)
-
-    def batch(self, epoch: int, b: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x = self.views(epoch).inputs(self.images, b, rows, self.device)
-        return x, self.targets(epoch, b, rows)
-
-
-class OnlineSoftLabels:
-    """The same views made on the fly, the teacher run on them each step; nothing stored.
-    Targets are the teacher's float32 logits (the stored mode keeps them in fp16)."""
-
-    def __init__(self, teacher: nn.Module, images: Tensor, spec: ViewSpec,
-                 device: str | torch.device = "cpu", num_classes: int | None = None):
-        if images.shape[0] != spec.n:
-            raise ValueError(f"image count mismatch: spec has {spec.n}, got {images.shape[0]}")
-        self.device = torch.device(device)
-        self.teacher = teacher.to(self.device).eval()  # runs under no_grad
-        # kept in host memory (an ImageNet-scale set need not fit the GPU); each batch's
-        # source images are gathered and copied to the device when its views are built
-        self.images = images.float().cpu()
-        self.spec = spec
-        self.num_classes = num_classes
-        self._cache: tuple[int, EpochViews] | None = None
-
-    @property
-    def num_batches(self) -> int:
-        return self.spec.num_batches
-
-    def views(self, epoch: int) -> EpochViews:
-        if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, make_views(self.spec, epoch))
-        return self._cache[1]
-
-    def batch(self, epoch: int, b: int, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x = self.views(epoch).inputs(self.images, b, rows, self.device)
-        return x, _teacher_logits(self.teacher, x, None)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m guard_fast.distill.relabel --teacher T --distilled D --out O --epochs E
-    --batch-size B [...]`` (also under torchrun, which shares the epochs out over ranks)."""
-    import argparse
-    import os
-    import sys
-
-    p = argparse.ArgumentParser(prog="python -m guard_fast.distill.relabel",
-                                description="Store FKD soft labels of a distilled set.")
-    p.add_argument("--teacher", required=True, help="teacher.pt from the squeeze stage")
-    p.add_argument("--distilled", required=True, help="distilled-set folder (images.pt)")
-    p.add_argument("--out", required=True, help="relabel folder to write")
-    p.add_argument("--epochs", type=int, required=True, help="epochs of views to store")
-    p.add_argument("--batch-size", type=int, required=True, help="global batch of the student")
-    p.add_argument("--seed", type=int, default=0, help="view seed (default: 0)")
-    p.add_argument("--top-k", type=int, default=None, help="store top-k logits (default: all)")
-    p.add_argument("--dtype", default="float16", choices=list(_DTYPES),
-                   help="stored logits dtype (default: float16)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--out-size", type=int, default=None, help="input side (default: image height)")
-    p.add_argument("--min-scale", type=float, default=0.08, help="crop scale min (default: 0.08)")
-    p.add_argument("--max-scale", type=float, default=1.0, help="crop scale max (default: 1.0)")
-    p.add_argument("--mix", default="cutmix", choices=list(MIXES), help="(default: cutmix)")
-    p.add_argument("--cutmix-alpha", type=float, default=1.0, help="(default: 1.0)")
-    p.add_argument("--mixup-alpha", type=float, default=0.8, help="(default: 0.8)")
-    a = p.parse_args(argv)
-    try:
-        s = relabel(a.teacher, a.distilled, a.out, a.epochs, a.batch_size, seed=a.seed,
-                    top_k=a.top_k, dtype=a.dtype, device=a.device, out_size=a.out_size,
-                    min_scale=a.min_scale, max_scale=a.max_scale, mix=a.mix,
-                    cutmix_alpha=a.cutmix_alpha, mixup_alpha=a.mixup_alpha)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(s))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _epoch_payload(model, images, spec, epoch, K, k_eff, dtype, chunk, device) -> dict:
+    """One epoch file: its views and the teacher's logits on them in position order (all K,
+    or the top k values and their class indices), in the stored dtype."""
+    views = make_views(spec, epoch)
+    logits = torch.cat([teacher_logits(model, views.inputs(images, b, device=device), chunk).cpu()
+                        for b in range(views.num_batches)])
+    payload: dict[str, Any] = {"format": FORMAT, "epoch": epoch, "views": views.to_dict(),
+                               "num_classes": K}
+    if k_eff is None:
+        payload["logits"] = logits.to(dtype)
+    else:
+        v, i = logits.topk(k_eff, dim=1)
+        payload["topk_values"] = v.to(dtype)
+        payload["topk_indices"] = i.to(int_dtype(K))
+    return payload

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from guard_fast.attacks.protocols import TABLE_COLUMNS
-from guard_fast.runio import atomic_write_bytes
+from guard_fast.runtime import atomic_write_bytes
 
 __all__ = ["format_table", "plot_eps_sweep", "write_outputs", "render_report",
            "pipeline_report"]

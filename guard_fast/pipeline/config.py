@@ -6,31 +6,36 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from guard_fast.config import EVAL_PROTOCOL, default_eps
 from guard_fast.pipeline.methods import METHODS, method_spec
 
 __all__ = ["PipelineConfig", "PIPELINE_PRESETS", "SMOKE", "RESUMABLE", "resolve_settings"]
 
+
+def _paper(data: str, eval_examples: int | None = None) -> dict[str, Any]:
+    """The paper's settings on the user's copy of `data`: each stage's own preset for it,
+    IPC 10, the data set's evaluation eps and a PGD sweep around it; eval_examples None:
+    the whole validation set."""
+    return dict(squeeze={}, recover={}, ipc=10, student={}, eval_examples=eval_examples,
+                eps=default_eps(data), sweep=(0.5 / 255, 2 / 255, 4 / 255), square_queries=None)
+
+
 # Per-preset pipeline sizes. mnist: sized to run all stages for two teachers on a 2-core
 # CPU in about 10 minutes (see the README for the measured stage times); the others are
-# the paper's settings on the user's data (squeeze/recover/student presets of each stage).
+# the paper's settings on the user's data.
 PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
     # Square (alone and inside AutoAttack) at 500 queries instead of the paper's 5000: at
     # 5000 robust points cost 5000 forwards each, too slow for the 2-core CPU this preset
     # is sized for.
     "mnist": dict(squeeze=dict(epochs=1, max_train=2000, max_val=500, batch_size=64),
                   recover=dict(iterations=150), ipc=10,
-                  student=dict(epochs=20), eval_examples=100, eps=8 / 255,
+                  student=dict(epochs=20), eval_examples=100, eps=default_eps("mnist"),
                   sweep=(2 / 255, 16 / 255), square_queries=500),
-    "imagenette": dict(squeeze={}, recover={}, ipc=10, student={}, eval_examples=None,
-                       eps=1 / 255, sweep=(0.5 / 255, 2 / 255, 4 / 255), square_queries=None),
-    "tiny-imagenet": dict(squeeze={}, recover={}, ipc=10, student={}, eval_examples=None,
-                          eps=1 / 255, sweep=(0.5 / 255, 2 / 255, 4 / 255), square_queries=None),
-    "imagenet-1k": dict(squeeze={}, recover={}, ipc=10, student={}, eval_examples=5000,
-                        eps=1 / 255, sweep=(0.5 / 255, 2 / 255, 4 / 255), square_queries=None),
-    "cifar10": dict(squeeze={}, recover={}, ipc=10, student={}, eval_examples=None,
-                    eps=1 / 255, sweep=(0.5 / 255, 2 / 255, 4 / 255), square_queries=None),
-    "cifar100": dict(squeeze={}, recover={}, ipc=10, student={}, eval_examples=None,
-                     eps=1 / 255, sweep=(0.5 / 255, 2 / 255, 4 / 255), square_queries=None),
+    "imagenette": _paper("imagenette"),
+    "tiny-imagenet": _paper("tiny-imagenet"),
+    "imagenet-1k": _paper("imagenet-1k", eval_examples=5000),
+    "cifar10": _paper("cifar10"),
+    "cifar100": _paper("cifar100"),
 }
 # The smoke setting (CI): every stage and artifact, minutes less work.
 SMOKE: dict[str, Any] = dict(squeeze=dict(epochs=1, max_train=64, max_val=32, batch_size=64),
@@ -48,8 +53,8 @@ class PipelineConfig:
     methods: tuple = ("sre2l", "guard")
     recover_method: str = "sre2l"  # sre2l | cda
     ipc: int | None = None
-    eps: float | None = None  # [0, 1] pixel units; None: the preset's
-    protocol: str = "paper-code"
+    eps: float | None = None  # [0, 1] pixel units; None: the preset's (default_eps of its data)
+    protocol: str = EVAL_PROTOCOL  # the evaluation rule shared with `evaluate` (guard_fast.config)
     eval_examples: int | None = None  # None: the preset's (None there: the whole val set)
     square_queries: int | None = None  # None: the preset's (None there: the protocol's 5000)
     sweep: tuple | None = None  # PGD eps sweep besides eps; None: the preset's

@@ -19,7 +19,7 @@ import torch
 
 from guard_fast.pipeline.config import PipelineConfig, resolve_settings
 from guard_fast.pipeline.run import run_pipeline
-from guard_fast.runio import atomic_write_bytes, atomic_write_json
+from guard_fast.runtime import atomic_write_bytes, atomic_write_json, resolve_device
 
 __all__ = ["EXPERIMENTS", "BENCH_EXPERIMENTS", "run_experiment"]
 
@@ -60,10 +60,10 @@ def _combine(out: Path, title: str, parts: list[tuple[str, Path]], note: str = "
 def _dc_rows(cfg: PipelineConfig, p: dict, out: Path, log) -> list:
     """DC with and without GUARD on the bundled digits: distill, train DC's ConvNet on the
     synthetic set (hard labels, DC's evaluation), evaluate it like the students."""
+    from guard_fast.config import DCConfig
     from guard_fast.data import fixed_subset, get_data
-    from guard_fast.distill.common import load_distilled
-    from guard_fast.distill.dc import DCConfig, _train_epochs, dc
-    from guard_fast.distill.squeeze import resolve_device
+    from guard_fast.data.distilled import load_distilled
+    from guard_fast.distill.dc import _train_epochs, dc
     from guard_fast.evaluate import robust_eval
     from guard_fast.models import build_model
 

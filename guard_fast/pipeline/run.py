@@ -21,39 +21,23 @@ rerunning the same command after a kill continues where it stopped.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from guard_fast.attacks.protocols import Protocol, get_protocol
 from guard_fast.pipeline.config import RESUMABLE, PipelineConfig, resolve_settings
 from guard_fast.pipeline.methods import method_spec
-from guard_fast.runio import atomic_write_bytes, atomic_write_json
+from guard_fast.runtime import (RunFolder, atomic_write_bytes, atomic_write_json, barrier,
+                                dist_env, distributed, load_classifier, resolve_device)
 
 __all__ = ["run_pipeline", "run_method", "eval_protocol", "check_run_folder"]
-
-
-# ----------------------------------------------------------------------------- torchrun
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _sync() -> None:
-    """A barrier across the torchrun processes (nothing in a single process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _quiet(*args, **kwargs) -> None:
     pass
 
 
-# ----------------------------------------------------------------------------- helpers
 def eval_protocol(name: str, square_queries: int | None) -> Protocol:
     """The evaluation protocol `name`, with Square's query budget (alone and inside
     AutoAttack) set to square_queries when given; every other setting is the protocol's."""
@@ -64,21 +48,12 @@ def eval_protocol(name: str, square_queries: int | None) -> Protocol:
     return prot.with_settings(Square={"n_queries": q}, AutoAttack={"square_queries": q})
 
 
-def check_run_folder(out: Path, cfg: PipelineConfig) -> None:
-    """Refuse a folder that holds another stage's run, or a pipeline run with different
-    settings (naming them); a missing or matching config.json passes."""
-    f = out / "config.json"
-    if not f.exists():
-        return
-    old = json.loads(f.read_text())
-    if old.get("stage") != "pipeline":
-        raise FileExistsError(f"{out} holds a {old.get('stage', 'different')} run; choose another "
-                              "--out (nothing was overwritten)")
-    new = json.loads(json.dumps(dict(asdict(cfg), stage="pipeline")))
-    diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE and old.get(k) != new.get(k))
-    if diff:
-        raise ValueError(f"{out} holds a pipeline run with different settings for {diff}; rerun "
-                         "with the same options to continue it, or choose another --out")
+def check_run_folder(out: Path, cfg: PipelineConfig) -> RunFolder:
+    """The pipeline's run folder, checked: another stage's run there is refused, and so is a
+    pipeline run with different settings (naming them); the same settings continue it."""
+    folder = RunFolder(out, "pipeline", asdict(cfg), resume="auto", resumable=RESUMABLE)
+    folder.check()
+    return folder
 
 
 def _stage_resume(folder: Path, final: str) -> bool | None:
@@ -100,8 +75,6 @@ class _MethodRun:
     times: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        from guard_fast.distill.squeeze import resolve_device
-
         self.folder, self.label, self.sq_over = method_spec(self.name)
         self.root = self.out / self.folder
         # squeeze runs in the shared teachers folder when one is given
@@ -160,7 +133,8 @@ def _student_stage(m: _MethodRun) -> None:
     """Relabel (it keeps the epoch files it already wrote and adds the missing ones), then
     train the student, unless student.pt exists."""
     from guard_fast.distill.relabel import relabel
-    from guard_fast.distill.student import resolve_student, train_student
+    from guard_fast.config import resolve_student
+    from guard_fast.distill.student import train_student
 
     if (m.st_dir / "student.pt").exists():
         return
@@ -183,9 +157,8 @@ def _student_stage(m: _MethodRun) -> None:
 def _load_student(m: _MethodRun):
     """(student on the device in eval mode, the fixed validation subset)."""
     from guard_fast.data import fixed_subset, get_data
-    from guard_fast.distill.squeeze import load_teacher
 
-    student, arch = load_teacher(m.st_dir / "student.pt")
+    student, arch = load_classifier(m.st_dir / "student.pt")
     student.to(m.device).eval()
     data = get_data(arch.get("data", "mnist"), root=m.cfg.data_root, image_size=arch["image_size"])
     return student, fixed_subset(data.val, m.p["eval_examples"], m.cfg.seed)
@@ -202,7 +175,7 @@ def _evaluate_stage(m: _MethodRun, student, val, rank: int) -> dict:
             student, val, protocol=eval_protocol(m.cfg.protocol, m.p["square_queries"]),
             eps=m.p["eps"], batch_size=256, seed=m.cfg.seed, out_dir=str(m.ev_dir),
             device=m.device, progress=m.cfg.progress))
-    _sync()   # under torchrun: rank 0 evaluates, the others wait for its results
+    barrier()   # under torchrun: rank 0 evaluates, the others wait for its results
     return json.loads((m.ev_dir / "results.json").read_text())
 
 
@@ -225,7 +198,7 @@ def _sweep_stage(m: _MethodRun, student, val, res: dict, rank: int) -> dict:
                    "attacks": {"PGD100": res["attacks"]["PGD100"]}}
         points = sorted([*sw["sweep"], main_pt], key=lambda e: e["eps"])
         atomic_write_json(sweep_f, {"sweep": points, "clean": sw["clean"]})
-    _sync()
+    barrier()
     return json.loads(sweep_f.read_text())
 
 
@@ -247,12 +220,12 @@ def run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log=print) ->
     """Every stage of one method (completed stages skipped, interrupted ones resumed);
     p: resolve_settings(cfg). Returns the method's row of the summary."""
     m = _MethodRun(name, cfg, p, Path(out), log)
-    rank = _rank_world()[0]
+    rank = dist_env()[0]
     # torchrun: every process decides on each stage from the same files
     for stage in (_squeeze_stage, _recover_stage, _student_stage):
-        _sync()
+        barrier()
         stage(m)
-    _sync()   # rank 0 has written student.pt
+    barrier()   # rank 0 has written student.pt
     student, val = _load_student(m)
     res = _evaluate_stage(m, student, val, rank)
     sweep = _sweep_stage(m, student, val, res, rank)
@@ -260,43 +233,18 @@ def run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log=print) ->
 
 
 # ----------------------------------------------------------------------------- the pipeline
-def _init_process_group(device: str) -> bool:
-    """Under torchrun (WORLD_SIZE > 1) set up the process group unless it is; True when
-    this call did (and so tears it down)."""
-    import torch.distributed as dist
-
-    from guard_fast.distill.squeeze import resolve_device
-
-    if _rank_world()[1] <= 1 or dist.is_initialized():
-        return False
-    if resolve_device(device).type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return True
-
-
 def run_pipeline(cfg: PipelineConfig | None = None, log=print) -> dict:
     """Run (or continue) the pipeline per cfg; returns the summary written to results.json.
 
     Under torchrun (WORLD_SIZE > 1) every stage shares its work out (squeeze and student
     with DistributedDataParallel, recover by ipc id, relabel by epoch); the robust
     evaluation, the sweep and the report run on rank 0 while the others wait, and only
-    rank 0 logs and writes the run folder's own files."""
+    rank 0 logs and writes the run folder's own files. The process group is created here,
+    once for all stages (each stage leaves a group it did not create alone)."""
     cfg = cfg or PipelineConfig()
     p = resolve_settings(cfg)
-    rank = _rank_world()[0]
-    we_init = _init_process_group(cfg.device)
-    if rank != 0:
-        log = _quiet
-    try:
-        return _run_pipeline(cfg, p, rank, log)
-    finally:
-        if we_init:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    with distributed(resolve_device(cfg.device)) as d:
+        return _run_pipeline(cfg, p, d.rank, log if d.is_main else _quiet)
 
 
 def _summary(cfg: PipelineConfig, p: dict, rows: list, seconds: float) -> dict:
@@ -310,16 +258,15 @@ def _run_pipeline(cfg: PipelineConfig, p: dict, rank: int, log) -> dict:
     from guard_fast.evaluate import render_report
 
     out = Path(cfg.out)
+    folder = None
     if rank == 0:
-        check_run_folder(out, cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", dict(asdict(cfg), stage="pipeline"))
-        atomic_write_json(out / "run.json", {"status": "running", "stage": "pipeline"})
-    _sync()
+        folder = check_run_folder(out, cfg)
+        folder.start()
+    barrier()
     t0 = time.perf_counter()
     rows = [run_method(m, cfg, p, out, log) for m in cfg.methods]
     if rank != 0:
-        _sync()   # rank 0 writes results.json and the report
+        barrier()   # rank 0 writes results.json and the report
         return json.loads((out / "results.json").read_text())
     for r in rows:
         src = out / r["method"] / "recover" / "grid.png"
@@ -328,7 +275,7 @@ def _run_pipeline(cfg: PipelineConfig, p: dict, rank: int, log) -> dict:
     summary = _summary(cfg, p, rows, time.perf_counter() - t0)
     atomic_write_json(out / "results.json", summary)
     text = render_report(out)
-    atomic_write_json(out / "run.json", {"status": "complete", "stage": "pipeline"})
+    folder.complete()
     log(text)
-    _sync()
+    barrier()
     return summary

@@ -1,13 +1,13 @@
 import json, sys, time, torch
 torch.set_num_threads(1)
-from guard_fast.distill.squeeze import load_teacher
+from guard_fast.runtime import load_classifier
 from guard_fast.data import fixed_subset, get_data
 from guard_fast.pipeline import eval_protocol
 from guard_fast.evaluate import robust_eval
 N = 1000
 for name, path in [a.split("=", 1) for a in sys.argv[1:]]:
     t0 = time.time()
-    student, arch = load_teacher(path)
+    student, arch = load_classifier(path)
     student.eval()
     data = get_data(arch.get("data", "mnist"), image_size=arch["image_size"])
     val = fixed_subset(data.val, N, 0)

@@ -22,6 +22,24 @@ Three losses:
   ``fast_is_better_than_free``). These are NOT the algorithms of the TRADES (Zhang et al.
   2019) and FBF (Wong et al. 2020) papers; the quirks reproduced are listed on each class.
 
+The inner attack. All three craft with L-inf signed-gradient steps on the batch-mean CE,
+each followed by the projection onto the eps ball and the clamp to the valid box: the PGD
+step of guard_fast.attacks (``attacks.pgd.pgd_update``, with the box as an argument), on a
+start that is each loss's own (uniform, Gaussian, none). The crafting loop is not
+``attacks.PGD`` itself because training needs three things an evaluation attack does not
+do: the global RNG for the start (so ``torch.manual_seed`` reproduces a run, and each step
+draws anew; an Attack reseeds its own generator per call), a box other than [0, 1]
+(normalized inputs), and crafting in the model's own mode (``bn_mode="model"``, the public
+code's train-mode crafting; an Attack always runs the model in eval mode). The step writes
+the projection as torchattacks does, x + clamp(x_adv - x, -eps, eps); the public code writes
+min(max(x_adv, x - eps), x + eps). Both are the same point whenever x_adv - x is exact in
+floating point (always for pixels x >= 2 eps, by Sterbenz's lemma), else within one
+rounding of each other.
+
+``bn_mode`` is the package's one vocabulary (guard_fast.losses._common): "eval" crafts with
+running statistics and leaves them alone; "model" crafts in the model's own mode and, in
+train mode, updates the running statistics on every crafting forward, as the public code does.
+
 Units. The public code normalizes images in its data pipeline, so its constants (TRADES
 eps 0.031, step 0.007; FBF eps = ``--h`` = 3, step 0.007) and its ``clamp(0, 1)`` act on
 *normalized* tensors. To reproduce it literally, feed normalized images to a model without
@@ -33,21 +51,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["AdvOutput", "PGDATLoss", "TRADESLoss", "FBFLoss", "pgd_at_loss", "trades_at_loss",
-           "fbf_loss", "pgd_examples", "trades_examples", "fbf_examples", "BN_MODES"]
+from guard_fast.attacks.pgd import pgd_update, random_start_linf
+from guard_fast.losses._common import (check_bn_mode, check_inputs, extra_passes, logits_of,
+                                       unwrap)
 
-BN_MODES = ("eval", "model")
-"""How crafting passes run. "eval": every module in eval mode (BN running statistics,
-no dropout), modes restored after; running statistics are not touched. "model": the model
-as it is (in training that is train mode: BN uses batch statistics AND updates its running
-statistics on every crafting forward), which is what the public GUARD code does."""
+__all__ = ["AdvOutput", "PGDATLoss", "TRADESLoss", "FBFLoss", "pgd_at_loss", "trades_at_loss",
+           "fbf_loss", "pgd_examples", "trades_examples", "fbf_examples"]
 
 
 class AdvOutput(NamedTuple):
@@ -70,20 +85,6 @@ class AdvOutput(NamedTuple):
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_inputs(model, x, y) -> None:
-    """The same checks, and messages, as the GUARD losses."""
-    from guard_fast.losses import _check
-
-    _check(model, x, y)
-
-
-def _check_logits(out, n: int) -> Tensor:
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != n:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"model must return logits of shape (N={n}, num_classes), got {shape}")
-    return out
-
-
 def _check_number(name: str, v, *, positive: bool = False, allow_none: bool = False) -> None:
     if v is None and allow_none:
         return
@@ -95,7 +96,13 @@ def _check_number(name: str, v, *, positive: bool = False, allow_none: bool = Fa
         raise ValueError(f"{name} must be >= 0, got {v!r}")
 
 
+def _check_smoothing(label_smoothing) -> None:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+
+
 def _check_common(eps, alpha, steps, clip, bn_mode, label_smoothing) -> tuple[float, float]:
+    """The options every adversarial loss has; returns the box (lo, hi)."""
     _check_number("eps", eps)
     _check_number("alpha", alpha, positive=True, allow_none=True)
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
@@ -105,51 +112,41 @@ def _check_common(eps, alpha, steps, clip, bn_mode, label_smoothing) -> tuple[fl
     lo, hi = float(clip[0]), float(clip[1])
     if not lo < hi:
         raise ValueError(f"clip must have min < max, got {clip!r}")
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    check_bn_mode(bn_mode, aliases=False)  # these losses never spelled "model" otherwise
+    _check_smoothing(label_smoothing)
     return lo, hi
 
 
-# ----------------------------------------------------------------------------- helpers
+def _options(obj: nn.Module) -> str:
+    return ", ".join(f"{k}={v}" for k, v in obj.kw.items())
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Crafting passes bypass DistributedDataParallel (input gradients only, no all-reduce)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+# ----------------------------------------------------------------------------- crafting
 
 
-@contextmanager
-def _crafting_mode(model: nn.Module, bn_mode: str):
-    if bn_mode == "model":
-        yield
-        return
-    saved = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in saved:
-            m.training = t
-
-
-def _input_grad(net: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:
-    """d mean_i CE(net(x_adv)_i, y_i) / d x_adv, without touching any parameter's .grad."""
-    x_adv = x_adv.detach().requires_grad_(True)
-    loss = F.cross_entropy(_check_logits(net(x_adv), x_adv.shape[0]), y)
-    return torch.autograd.grad(loss, [x_adv])[0]
-
-
-def _sign_steps(net, x, y, x_adv, alpha, eps, steps, lo, hi) -> Tensor:
-    """`steps` times: x_adv += alpha * sign(grad); project onto the L-inf eps ball around x
-    (min/max, as both the public code and Madry's code do); clamp to [lo, hi]."""
-    for _ in range(steps):
-        g = _input_grad(net, x_adv, y)
-        x_adv = x_adv.detach() + alpha * g.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
-        x_adv = x_adv.clamp(lo, hi)
+def _craft(model, x, y, start, *, alpha, eps, steps, lo, hi, bn_mode) -> Tensor:
+    """`steps` PGD steps from `start(x)` (drawn inside the crafting mode, as the public code
+    draws it after model.train()): x_adv <- pgd_update(x_adv, x, grad of the mean CE), the
+    attacks' L-inf step, projected onto the eps ball around x and clamped to [lo, hi].
+    Input gradients only (torch.autograd.grad), on the module under DDP."""
+    check_inputs(model, x, y)
+    net = unwrap(model)
+    x, y = x.detach(), y.long()
+    with torch.enable_grad(), extra_passes(net, bn_mode, update_running_stats=True):
+        x_adv = start(x)
+        for _ in range(steps):
+            xa = x_adv.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(logits_of(net, xa), y), xa)
+            x_adv = pgd_update(x_adv.detach(), x, g, alpha, eps, lo=lo, hi=hi)
     return x_adv.detach()
+
+
+def _ce_output(model, x, y, x_adv, label_smoothing, return_parts):
+    """CE(model(x_adv), y) in the model's own mode; robust = 0."""
+    loss = F.cross_entropy(logits_of(model, x_adv), y.long(), label_smoothing=label_smoothing)
+    if return_parts:
+        return AdvOutput(loss, loss.detach(), loss.new_zeros(()).detach(), x_adv)
+    return loss
 
 
 # ----------------------------------------------------------------------------- PGD-AT
@@ -158,20 +155,19 @@ def _sign_steps(net, x, y, x_adv, alpha, eps, steps, lo, hi) -> Tensor:
 def pgd_examples(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 1 / 255,
                  alpha: float | None = None, steps: int = 7, random_start: bool = True,
                  clip: tuple[float, float] = (0.0, 1.0), bn_mode: str = "eval") -> Tensor:
-    """L-inf PGD (Madry et al. 2018) examples for training: uniform start in the eps ball,
-    clamped to clip, then `steps` signed-gradient steps of alpha (default eps / 4) on the
-    mean CE. Returns a detached tensor with ||x_adv - x||_inf <= eps and values in clip."""
-    _check_inputs(model, x, y)
+    """L-inf PGD (Madry et al. 2018) examples for training: uniform start in the eps ball
+    (global RNG), clamped to clip, then `steps` signed-gradient steps of alpha (default
+    eps / 4) on the mean CE. Returns a detached tensor with ||x_adv - x||_inf <= eps and
+    values in clip."""
     lo, hi = _check_common(eps, alpha, steps, clip, bn_mode, 0.0)
     alpha = eps / 4 if alpha is None else alpha
-    net = _unwrap(model)
-    x = x.detach()
-    with torch.enable_grad(), _crafting_mode(net, bn_mode):
-        if random_start and eps > 0:
-            x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(lo, hi)
-        else:
-            x_adv = x.clone()
-        return _sign_steps(net, x, y, x_adv, alpha, eps, steps, lo, hi)
+    if random_start and eps > 0:
+        def start(x0):
+            return random_start_linf(x0, eps, None, lo=lo, hi=hi)
+    else:
+        start = torch.clone
+    return _craft(model, x, y, start, alpha=alpha, eps=eps, steps=steps, lo=lo, hi=hi,
+                  bn_mode=bn_mode)
 
 
 def pgd_at_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 1 / 255,
@@ -180,15 +176,10 @@ def pgd_at_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 1 / 255,
                 label_smoothing: float = 0.0, return_parts: bool = False):
     """Madry PGD adversarial training: CE(model(x_adv), y) with x_adv = pgd_examples(...).
     See PGDATLoss."""
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    _check_smoothing(label_smoothing)
     x_adv = pgd_examples(model, x, y, eps=eps, alpha=alpha, steps=steps,
                          random_start=random_start, clip=clip, bn_mode=bn_mode)
-    logits = _check_logits(model(x_adv), x.shape[0])
-    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    if return_parts:
-        return AdvOutput(loss, loss.detach(), loss.new_zeros(()).detach(), x_adv)
-    return loss
+    return _ce_output(model, x, y, x_adv, label_smoothing, return_parts)
 
 
 class PGDATLoss(nn.Module):
@@ -223,8 +214,7 @@ class PGDATLoss(nn.Module):
     def forward(self, model: nn.Module, x: Tensor, y: Tensor, return_parts: bool = False):
         return pgd_at_loss(model, x, y, return_parts=return_parts, **self.kw)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.kw.items())
+    extra_repr = _options
 
 
 # ----------------------------------------------------------------------------- TRADES (public code)
@@ -237,14 +227,10 @@ def trades_examples(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 0.03
     then `steps` signed-gradient steps of alpha on the mean CE (not the KL of TRADES),
     each followed by the eps-ball projection and the clamp. The first RNG draw is
     ``torch.randn_like(x)``, as in the public code, so seeded runs match it."""
-    _check_inputs(model, x, y)
     lo, hi = _check_common(eps, alpha, steps, clip, bn_mode, 0.0)
     _check_number("init_std", init_std)
-    net = _unwrap(model)
-    x = x.detach()
-    with torch.enable_grad(), _crafting_mode(net, bn_mode):
-        x_adv = x + init_std * torch.randn_like(x)
-        x_adv = _sign_steps(net, x, y, x_adv, alpha, eps, steps, lo, hi)
+    x_adv = _craft(model, x, y, lambda x0: x0 + init_std * torch.randn_like(x0), alpha=alpha,
+                   eps=eps, steps=steps, lo=lo, hi=hi, bn_mode=bn_mode)
     # the training loop's extra torch.clamp(image_adv, 0, 1): a no-op after the last step's
     # clamp (steps >= 1), kept for the record
     return x_adv.clamp(lo, hi)
@@ -260,19 +246,17 @@ def trades_at_loss(model: nn.Module, x: Tensor, y: Tensor, *, beta: float = 1e-4
     _check_number("beta", beta)
     x_adv = trades_examples(model, x, y, eps=eps, alpha=alpha, steps=steps, init_std=init_std,
                             clip=clip, bn_mode=bn_mode)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    n = x.shape[0]
+    _check_smoothing(label_smoothing)
+    y = y.long()
     # Three forwards in the public code's order: adv (for the CE), natural, adv again
     # (inside trades_loss). In train mode each updates the BN running statistics; the two
     # adv forwards give the same logits (same batch statistics) unless the model has dropout.
-    out_adv = _check_logits(model(x_adv), n)
-    ce = F.cross_entropy(out_adv, y, label_smoothing=label_smoothing)
-    nat = _check_logits(model(x), n)
-    adv2 = _check_logits(model(x_adv), n)
+    ce = F.cross_entropy(logits_of(model, x_adv), y, label_smoothing=label_smoothing)
+    nat = logits_of(model, x)
+    adv2 = logits_of(model, x_adv)
     # F.kl_div(log q, p, "sum") / N = sum_i KL(p_i || q_i) / N with p = softmax(nat): both
     # branches carry gradient (the natural logits are not detached, as in TRADES).
-    kl = F.kl_div(F.log_softmax(adv2, dim=1), F.softmax(nat, dim=1), reduction="sum") / n
+    kl = F.kl_div(F.log_softmax(adv2, dim=1), F.softmax(nat, dim=1), reduction="sum") / x.shape[0]
     loss = ce + beta * kl
     if return_parts:
         return AdvOutput(loss, ce.detach(), kl.detach(), x_adv)
@@ -293,8 +277,10 @@ class TRADESLoss(nn.Module):
     2. Attack constants are hard-coded there: eps = 0.031, step 0.007, 10 steps (TRADES's
        CIFAR values); they are not command-line arguments, and in that code they are in
        normalized units (see the module docstring).
-    3. Each step projects with min/max onto the eps ball, then clamps to [0, 1] (in that
-       code, a clamp of *normalized* images); the loop clamps once more (a no-op).
+    3. Each step projects onto the eps ball (the public code with min/max; here the attacks'
+       PGD step, the same point up to one rounding: see the module docstring), then clamps
+       to [0, 1] (in that code, a clamp of *normalized* images); the loop clamps once more
+       (a no-op).
     4. The model stays in train mode while crafting (train_one_epoch calls model.train()):
        BatchNorm uses batch statistics and updates its running statistics on every one of
        the 10 crafting forwards. bn_mode="model" (default) reproduces this; "eval" crafts
@@ -328,8 +314,7 @@ class TRADESLoss(nn.Module):
     def forward(self, model: nn.Module, x: Tensor, y: Tensor, return_parts: bool = False):
         return trades_at_loss(model, x, y, return_parts=return_parts, **self.kw)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.kw.items())
+    extra_repr = _options
 
 
 # ----------------------------------------------------------------------------- FBF (public code)
@@ -340,28 +325,20 @@ def fbf_examples(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 3.0,
                  clip: tuple[float, float] = (0.0, 1.0), bn_mode: str = "model") -> Tensor:
     """The public code's ``fast_is_better_than_free`` attack: start at x itself, then
     `steps` signed-gradient steps of alpha on the mean CE, each followed by the eps-ball
-    clamp and the [lo, hi] clamp."""
-    _check_inputs(model, x, y)
+    projection and the [lo, hi] clamp."""
     lo, hi = _check_common(eps, alpha, steps, clip, bn_mode, 0.0)
-    net = _unwrap(model)
-    x = x.detach()
-    with torch.enable_grad(), _crafting_mode(net, bn_mode):
-        return _sign_steps(net, x, y, x.clone(), alpha, eps, steps, lo, hi)
+    return _craft(model, x, y, torch.clone, alpha=alpha, eps=eps, steps=steps, lo=lo, hi=hi,
+                  bn_mode=bn_mode)
 
 
 def fbf_loss(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 3.0, alpha: float = 0.007,
              steps: int = 10, clip: tuple[float, float] = (0.0, 1.0), bn_mode: str = "model",
              label_smoothing: float = 0.0, return_parts: bool = False):
     """CE(model(x_adv), y) with the public code's FBF examples. See FBFLoss."""
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    _check_smoothing(label_smoothing)
     x_adv = fbf_examples(model, x, y, eps=eps, alpha=alpha, steps=steps, clip=clip,
                          bn_mode=bn_mode)
-    logits = _check_logits(model(x_adv), x.shape[0])
-    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    if return_parts:
-        return AdvOutput(loss, loss.detach(), loss.new_zeros(()).detach(), x_adv)
-    return loss
+    return _ce_output(model, x, y, x_adv, label_smoothing, return_parts)
 
 
 class FBFLoss(nn.Module):
@@ -379,7 +356,8 @@ class FBFLoss(nn.Module):
        the perturbation never exceeds 0.07, so the eps ball never binds at the default:
        the only effective constraints are steps * alpha and the clamp.
     3. Each step clamps to [x - eps, x + eps] and then to [0, 1] (in that code, a clamp of
-       *normalized* images; see the module docstring).
+       *normalized* images; see the module docstring; here the attacks' PGD step, the same
+       point up to one rounding).
     4. The model stays in train mode while crafting: BatchNorm uses batch statistics and
        updates its running statistics on all 10 crafting forwards (bn_mode="model",
        default), then once more in the training forward.
@@ -411,5 +389,4 @@ class FBFLoss(nn.Module):
     def forward(self, model: nn.Module, x: Tensor, y: Tensor, return_parts: bool = False):
         return fbf_loss(model, x, y, return_parts=return_parts, **self.kw)
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.kw.items())
+    extra_repr = _options

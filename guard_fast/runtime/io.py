@@ -1,4 +1,4 @@
-"""Run folders: atomic writes, resolved configs, JSON-lines metrics.
+"""Atomic writes, weights-only checkpoint loads, JSON-lines metrics.
 
 Everything a stage writes goes through a temporary file in the same folder and os.replace,
 so a killed run never leaves a half-written checkpoint or result; a stage's final artifact
@@ -6,42 +6,26 @@ is written last, so a folder without it is visibly incomplete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def atomic_torch_save(path: str | Path, obj: Any) -> None:
+@contextlib.contextmanager
+def _atomic_target(path: str | Path) -> Iterator[str]:
+    """A temporary file beside path to write into; on success it is fsynced and renamed
+    over path (atomic on POSIX), on any failure removed, leaving path as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,6 +33,20 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with _atomic_target(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    with _atomic_target(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -1,4 +1,4 @@
-"""GUARD's curvature-regularized loss, the gradient-norm baseline, as drop-in losses.
+"""GUARD's curvature-regularized loss as a drop-in loss.
 
 GUARD (Xue et al., AAAI 2025, Eq. 11) trains a classifier with
 
@@ -25,9 +25,11 @@ and the custom ops in guard_fast.ops underneath. Modes:
 
 As published, the penalty passes run with the model in eval mode (BatchNorm running
 statistics, dropout off) while the CE term runs in the model's own mode (``bn_mode="eval"``).
-``bn_mode="train"`` runs the penalty passes with batch statistics instead; then the CE term
-reuses the first penalty pass, running statistics are updated once (by that pass), and the
-step costs one forward pass less.
+``bn_mode="model"`` (older spelling: "train") runs the penalty passes in the model's own mode
+too, so in training with batch statistics; then, in the exact and official-cifar modes, the CE
+term reuses the first penalty pass, running statistics are updated once (by that pass, as a
+plain CE step would), and the step costs one forward pass less. The vocabulary is the one of
+every loss in guard_fast.losses (see _common).
 
 Gradients. The penalty's gradient flows to the model's parameters; ``x`` is data (the CE
 term's gradient still reaches ``x`` if it requires grad). With ``fused=True`` (default) the
@@ -41,115 +43,23 @@ keeps one autograd graph (needed only for higher-order gradients of the loss its
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guard_fast import ops
+from guard_fast.losses._common import TINY as _TINY
+from guard_fast.losses._common import (GuardOutput, check_bn_mode, check_finite_input,
+                                       check_inputs, extra_passes, flat_norm,
+                                       logits_of, raise_nonfinite, stable_cross_entropy,
+                                       unwrap)
 
-__all__ = ["GuardLoss", "guard_loss", "GradNormLoss", "grad_norm_loss", "GuardOutput",
-           "guard_penalty_reference", "compile_guard_step", "stable_cross_entropy", "MODES"]
+__all__ = ["GuardLoss", "guard_loss", "guard_penalty_reference", "compile_guard_step", "MODES"]
 
 MODES = ("exact", "fd", "official-cifar", "official-imagenet")
-BN_MODES = ("eval", "train")
-_TINY = 1e-12
 _OFFICIAL_EPS = 1e-7  # the public code's z = h (g + 1e-7) / (||g|| + 1e-7)
-
-
-class GuardOutput(NamedTuple):
-    """loss = ce + penalty (differentiable); the parts are detached."""
-
-    loss: Tensor
-    ce: Tensor
-    penalty: Tensor
-    grad_norm: Tensor  # mean over the batch of ||grad_x l(x_i)||, per-sample CE gradients
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Penalty passes bypass DistributedDataParallel: their gradients reach the parameters
-    through the returned loss's backward, where DDP's hooks see them like any other."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-@contextmanager
-def _penalty_mode(model: nn.Module, bn_mode: str):
-    """eval: every module in eval mode (running BN statistics, no dropout), restored after.
-    train: modules keep their mode, but BatchNorm layers stop updating running statistics."""
-    if bn_mode == "eval":
-        saved = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            yield
-        finally:
-            for m, t in saved:
-                m.training = t
-    else:
-        with _frozen_running_stats(model):
-            yield
-
-
-def stable_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """Per-sample cross-entropy whose gradient keeps full relative precision when the model
-    is confident.
-
-    F.cross_entropy's gradient for the true class is p_y - 1, which float32 rounds to 0 once
-    p_y > 1 - 6e-8: on a trained teacher the input gradients of well-classified samples then
-    lose their main component, and z = g/||g|| points the wrong way. Written as
-        l = M + log1p(expm1(-M) + sum_{j != y} exp(a_j - M)),  a = logits - logits_y,
-    M = max_j a_j (detached: l does not depend on it), autograd produces the true-class
-    gradient as -sum_{j != y} p_j, accurate to float32 rounding, and double backprop works.
-    Same value as F.cross_entropy(reduction="none") up to rounding; fp16/bf16 logits are
-    computed in fp32, as autocast does for cross_entropy.
-    """
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    a = logits - logits.gather(1, y[:, None])
-    m = a.max(dim=1, keepdim=True).values.detach()
-    e = torch.exp(a - m).scatter(1, y[:, None], 0.0)
-    m = m.squeeze(1)
-    return m + torch.log1p(torch.expm1(-m) + e.sum(dim=1))
-
-
-def _check(model, x, y) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module classifier, got {type(model).__name__}")
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got "
-                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-    if x.dim() < 2 or x.shape[0] < 1:
-        raise ValueError(f"x must have shape (N, ...) with N >= 1, got {tuple(x.shape)}")
-    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16,
-                                                    torch.int8, torch.uint8):
-        raise TypeError(f"y must be an integer tensor of class indices, got "
-                        f"{y.dtype if isinstance(y, Tensor) else type(y).__name__}")
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
-    if y.device != x.device:
-        raise ValueError(f"x is on {x.device} but y is on {y.device}")
-
-
-def _logits(model: nn.Module, inp: Tensor, n: int, y: Tensor, check: bool) -> Tensor:
-    out = model(inp)
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != n:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"model must return logits of shape (N={n}, num_classes); got {shape}: "
-                         "is it a classifier?")
-    if check:  # one host sync: labels in range (CUDA would device-assert otherwise)
-        lo, hi = torch.aminmax(y)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= out.shape[1]:
-            raise ValueError(f"labels y must lie in [0, {out.shape[1]}), got min {lo}, max {hi}")
-    return out
-
-
-def _flat_norm(t: Tensor) -> Tensor:
-    return t.flatten(1).float().norm(dim=1) if t.dtype != torch.float64 else t.flatten(1).norm(dim=1)
 
 
 class _InjectGrads(torch.autograd.Function):
@@ -196,18 +106,12 @@ def _owned(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
     return out
 
 
-def _raise_nonfinite(ce, pen, gn, x, mode):
-    raise FloatingPointError(
-        f"GUARD penalty is not finite (mode={mode}): ce={float(ce):.6g}, penalty={float(pen):.6g}, "
-        f"mean ||grad_x l||={float(gn):.6g}, max|x|={float(x.detach().abs().max()):.6g}, "
-        f"batch={x.shape[0]}. Lower lam or h, or the learning rate, or use fp32.")
-
-
 # ----------------------------------------------------------------------------- penalty passes
 
 
 def _penalty_ce(logits: Tensor, y: Tensor) -> Tensor:
-    """Summed CE of the penalty passes of our own modes: precise gradients (see above)."""
+    """Summed CE of the penalty passes of our own modes: precise gradients
+    (stable_cross_entropy)."""
     return stable_cross_entropy(logits, y).sum()
 
 
@@ -223,7 +127,7 @@ def _step_point(x: Tensor, g0: Tensor, h: float, official_cifar: bool, total_n: 
         # z = h (g + 1e-7) / (||g|| + 1e-7) with the 1e-7s exactly where the code has them.
         gb = g0 / total_n
         nb = gb.flatten(1).norm(dim=1).view((-1,) + (1,) * (gb.dim() - 1))
-        return x + h * (gb + _OFFICIAL_EPS) / (nb + _OFFICIAL_EPS), _flat_norm(g0)
+        return x + h * (gb + _OFFICIAL_EPS) / (nb + _OFFICIAL_EPS), flat_norm(g0)
     return ops.perturb(x, g0, h, _TINY)
 
 
@@ -238,11 +142,11 @@ def _exact_chunk(net, xc, yc, h, lam, official_cifar, total_n, create_graph):
     where pen_sum is this chunk's share of the batch-mean penalty (already / total_n)."""
     ce = _official_ce if official_cifar else _penalty_ce
     xa = xc.detach().requires_grad_(True)
-    l0 = ce(_logits(net, xa, xc.shape[0], yc, False), yc)
+    l0 = ce(logits_of(net, xa), yc)
     (g0,) = torch.autograd.grad(l0, xa, create_graph=create_graph)
     xp, n0 = _step_point(xa.detach(), g0.detach(), h, official_cifar, total_n)
     xp.requires_grad_(True)
-    l1 = ce(_logits(net, xp, xc.shape[0], yc, False), yc)
+    l1 = ce(logits_of(net, xp), yc)
     (g1,) = torch.autograd.grad(l1, xp, create_graph=create_graph)
     per = _per_sample(ops.sqdiff_norm(g1, g0), official_cifar, total_n)
     return lam * per.sum() / total_n, n0.sum()
@@ -258,11 +162,11 @@ def _fd_chunk(net, xc, yc, h, lam, total_n, need_grads, params, fd_eps, fd_schem
     fd_eps * sqrt(D), i.e. an RMS per-element step of fd_eps in input units."""
     n = xc.shape[0]
     xa = xc.detach().requires_grad_(True)
-    l0 = stable_cross_entropy(_logits(net, xa, n, yc, False), yc)
+    l0 = stable_cross_entropy(logits_of(net, xa), yc)
     (g0,) = torch.autograd.grad(l0.sum(), xa, retain_graph=need_grads and fd_scheme == "forward")
     xp, n0 = ops.perturb(xa.detach(), g0, h, _TINY)
     xp.requires_grad_(True)
-    l1 = stable_cross_entropy(_logits(net, xp, n, yc, False), yc)
+    l1 = stable_cross_entropy(logits_of(net, xp), yc)
     (g1,) = torch.autograd.grad(l1.sum(), xp, retain_graph=need_grads and fd_scheme == "forward")
     sq = ops.sqdiff_norm(g1, g0)
     pen = lam * sq.sum() / total_n
@@ -298,14 +202,14 @@ def _official_imagenet(net, x, y, h, beta, need_grads, params):
     code runs x three times: once for z, again for the loss)."""
     n = x.shape[0]
     xa = x.detach().requires_grad_(True)
-    lm0 = F.cross_entropy(_logits(net, xa, n, y, False), y)
+    lm0 = F.cross_entropy(logits_of(net, xa), y)
     (g,) = torch.autograd.grad(lm0, xa, retain_graph=True)
     g = g.detach()
     ng = g.flatten(1).norm(dim=1).view((-1,) + (1,) * (g.dim() - 1))
     xp = xa.detach() + h * (g + _OFFICIAL_EPS) / (ng + _OFFICIAL_EPS)
     lm1 = F.cross_entropy(net(xp), y)
     reg = beta * (lm1 - lm0).abs()
-    gn = _flat_norm(g).sum() * n  # per-sample CE gradients = n * gradients of the mean
+    gn = flat_norm(g).sum() * n  # per-sample CE gradients = n * gradients of the mean
     grads = torch.autograd.grad(reg, params, allow_unused=True) if need_grads else None
     return reg, gn, grads
 
@@ -318,8 +222,7 @@ def _resolve(*, h, lam, mode, bn_mode, fused, chunk_size, beta, fd_eps, fd_schem
     function so that a bad option fails at construction, naming the option."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    bn_mode = check_bn_mode(bn_mode, aliases=True)
     if not (isinstance(h, (int, float)) and math.isfinite(h) and h >= 0):
         raise ValueError(f"h must be a finite number >= 0, got {h!r}")
     if mode == "official-imagenet":
@@ -371,7 +274,8 @@ def guard_loss(model: nn.Module, x: Tensor, y: Tensor, *, h: float = 3.0,
         h: step along the normalized input gradient, in x's units (paper: 3).
         lam: penalty weight (paper: 100). Not used by "official-imagenet".
         mode: "exact" | "fd" | "official-cifar" | "official-imagenet".
-        bn_mode: "eval" (published) or "train" for the penalty passes.
+        bn_mode: module mode of the penalty passes: "eval" (published) or "model" (the
+            model's own; "train" is accepted as its older spelling).
         fused: compute the penalty's parameter gradients now and free its graph.
         chunk_size: penalty passes in chunks of this many samples (fused, bn_mode="eval";
             exact, official-cifar, fd). Same value and gradients, less memory.
@@ -383,14 +287,15 @@ def guard_loss(model: nn.Module, x: Tensor, y: Tensor, *, h: float = 3.0,
     """
     o = _resolve(h=h, lam=lam, mode=mode, bn_mode=bn_mode, fused=fused, chunk_size=chunk_size,
                  beta=beta, fd_eps=fd_eps, fd_scheme=fd_scheme)
-    lam, beta, fd_eps, fd_scheme = o["lam"], o["beta"], o["fd_eps"], o["fd_scheme"]
-    _check(model, x, y)
+    lam, beta, bn_mode = o["lam"], o["beta"], o["bn_mode"]
+    fd_eps, fd_scheme = o["fd_eps"], o["fd_scheme"]
+    check_inputs(model, x, y)
     y = y.long()
     n = x.shape[0]
-    if check and not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or inf")
+    if check:
+        check_finite_input(x)
 
-    net = _unwrap(model)
+    net = unwrap(model)
     params = [p for p in net.parameters() if p.requires_grad]
     need = torch.is_grad_enabled() and len(params) > 0
     chunk = n if chunk_size is None else min(chunk_size, n)
@@ -402,17 +307,17 @@ def guard_loss(model: nn.Module, x: Tensor, y: Tensor, *, h: float = 3.0,
     x_grad_wanted = inject and x.requires_grad
     ce, ce_grads = None, None
     if bn_mode == "eval" or mode in ("fd", "official-imagenet"):
-        ce = F.cross_entropy(_logits(model, x, n, y, check), y)
+        ce = F.cross_entropy(logits_of(model, x, y if check else None), y)
         if inject:
             ce_grads = torch.autograd.grad(ce, params + [x] * x_grad_wanted, allow_unused=True)
             ce = ce.detach()
 
     grads = None
-    if bn_mode == "train" and mode in ("exact", "official-cifar"):
+    if bn_mode == "model" and mode in ("exact", "official-cifar"):
         # The CE term is the first penalty pass (same inputs, same batch statistics): one
         # forward fewer. That pass updates the running statistics, once, as a CE pass would.
         with torch.enable_grad():  # input gradients are needed even for the value
-            pen, gn, ce = _exact_train_bn(net, x, y, h, lam, mode == "official-cifar", n, need,
+            pen, gn, ce = _exact_model_mode(net, x, y, h, lam, mode == "official-cifar", n, need,
                                           check)
         if inject:
             xa = torch.autograd.grad(ce, x, retain_graph=True) if x_grad_wanted else ()
@@ -420,7 +325,7 @@ def guard_loss(model: nn.Module, x: Tensor, y: Tensor, *, h: float = 3.0,
             ce_grads = (None,) * len(params) + tuple(xa)
             ce, pen = ce.detach(), pen.detach()
     else:
-        with _penalty_mode(net, bn_mode), torch.enable_grad():
+        with extra_passes(net, bn_mode, update_running_stats=False), torch.enable_grad():
             grads, pen, gn = _penalty(net, x, y, mode, h, lam, beta, n, chunk, need, fused,
                                       params, fd_eps, fd_scheme)
     gn = gn / n
@@ -432,7 +337,7 @@ def guard_loss(model: nn.Module, x: Tensor, y: Tensor, *, h: float = 3.0,
     else:
         loss = ce + pen
     if check and not bool(torch.isfinite(pen.detach())):
-        _raise_nonfinite(ce.detach(), pen.detach(), gn, x, mode)
+        raise_nonfinite(ce.detach(), pen.detach(), gn, x, mode)
     if return_parts:
         return GuardOutput(loss, ce.detach(), pen.detach(), gn.detach())
     return loss
@@ -462,20 +367,6 @@ def _penalty(net, x, y, mode, h, lam, beta, n, chunk, need, fused, params, fd_ep
     return grads, pen, gn
 
 
-@contextmanager
-def _frozen_running_stats(net: nn.Module):
-    """BatchNorm layers in train mode use batch statistics but leave running stats alone."""
-    bns = [m for m in net.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in bns:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in bns:
-            m.track_running_stats = True
-
-
 def _add(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> list[Tensor | None]:
     """a + b elementwise over gradient lists, accumulating in place into a's tensors, which
     must be owned (_owned): no third copy of the parameter gradients."""
@@ -484,16 +375,16 @@ def _add(a: Sequence[Tensor | None], b: Sequence[Tensor | None]) -> list[Tensor 
     return [v if u is None else (u if v is None else u.add_(v)) for u, v in zip(a, b)]
 
 
-def _exact_train_bn(net, x, y, h, lam, official_cifar, n, create_graph, check):
-    """bn_mode='train': the first penalty pass is also the CE pass (it updates running
+def _exact_model_mode(net, x, y, h, lam, official_cifar, n, create_graph, check):
+    """bn_mode='model': the first penalty pass is also the CE pass (it updates running
     statistics once); the pass at x + h z uses batch statistics without updating them."""
     xa = x if x.requires_grad else x.detach().requires_grad_(True)
     ce = _official_ce if official_cifar else _penalty_ce
-    l0 = ce(_logits(net, xa, n, y, check), y)
+    l0 = ce(logits_of(net, xa, y if check else None), y)
     (g0,) = torch.autograd.grad(l0, xa, create_graph=create_graph, retain_graph=True)
     xp, n0 = _step_point(x.detach(), g0.detach(), h, official_cifar, n)
     xp.requires_grad_(True)
-    with _frozen_running_stats(net):
+    with extra_passes(net, "model", update_running_stats=False):
         l1 = ce(net(xp), y)
     (g1,) = torch.autograd.grad(l1, xp, create_graph=create_graph)
     per = _per_sample(ops.sqdiff_norm(g1, g0), official_cifar, n)
@@ -526,66 +417,6 @@ class GuardLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kw.items() if v is not None)
-
-
-# ----------------------------------------------------------------------------- gradient norm
-
-
-def grad_norm_loss(model: nn.Module, x: Tensor, y: Tensor, *, lam: float = 1e-2,
-                   mode: str = "exact", bn_mode: str = "eval", check: bool = True,
-                   return_parts: bool = False):
-    """CE + lam * mean_i ||grad_x l(x_i)||: gradient-norm regularization (GR), the paper's
-    Table 3 ablation (lambda_g from 1e-4 to 1).
-
-    mode="exact": per-sample CE gradients, the penalty differentiated by double backprop.
-    mode="official": what the public code computes: the gradient of the batch-MEAN CE (each
-    norm carries 1/B), read through ``.grad.data`` and so DETACHED: the term adds a constant to
-    the loss and contributes no gradient (the public GR runs train like plain CE).
-    """
-    if mode not in ("exact", "official"):
-        raise ValueError(f"mode must be 'exact' or 'official', got {mode!r}")
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam}")
-    _check(model, x, y)
-    y = y.long()
-    n = x.shape[0]
-    if check and not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or inf")
-    ce = F.cross_entropy(_logits(model, x, n, y, check), y)
-    net = _unwrap(model)
-    need = torch.is_grad_enabled() and mode == "exact"
-    with _penalty_mode(net, bn_mode):
-        xa = x.detach().requires_grad_(True)
-        l0 = (stable_cross_entropy(net(xa), y).sum() if mode == "exact"
-              else F.cross_entropy(net(xa), y))
-        (g,) = torch.autograd.grad(l0, xa, create_graph=need)
-    norms = ops.sqdiff_norm(g, torch.zeros_like(g)).clamp_min(_TINY * _TINY).sqrt()
-    pen = lam * norms.mean()
-    if mode == "official":
-        pen = pen.detach()
-    loss = ce + pen
-    if check and not bool(torch.isfinite(pen.detach())):
-        _raise_nonfinite(ce.detach(), pen.detach(), norms.mean(), x, "gr-" + mode)
-    if return_parts:
-        gn = norms.mean() * (n if mode == "official" else 1)
-        return GuardOutput(loss, ce.detach(), pen.detach(), gn.detach())
-    return loss
-
-
-class GradNormLoss(nn.Module):
-    """CE + lam * mean ||grad_x l||; see :func:`grad_norm_loss`."""
-
-    def __init__(self, lam: float = 1e-2, mode: str = "exact", *, bn_mode: str = "eval",
-                 check: bool = True):
-        super().__init__()
-        if mode not in ("exact", "official"):
-            raise ValueError(f"mode must be 'exact' or 'official', got {mode!r}")
-        self.kw = dict(lam=lam, mode=mode, bn_mode=bn_mode, check=check)
-
-    def forward(self, model: nn.Module, x: Tensor, y: Tensor, return_parts: bool = False):
-        return grad_norm_loss(model, x, y, return_parts=return_parts, **self.kw)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -624,7 +455,7 @@ def compile_guard_step(model: nn.Module, criterion: nn.Module, **compile_kwargs)
     double backward) and so only serves the first-order modes ("fd", "official-imagenet").
     The first call compiles (tens of seconds on a CPU for a ResNet-18); later calls replay.
     """
-    params = [p for p in _unwrap(model).parameters() if p.requires_grad]
+    params = [p for p in unwrap(model).parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameters that require grad")
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from guard_fast.runio import atomic_torch_save, atomic_write_bytes, load_checkpoint
+from guard_fast.runtime import atomic_torch_save, atomic_write_bytes, load_checkpoint
 
 __all__ = ["save_distilled", "load_distilled", "write_grid", "to_png_bytes", "safe_class_dir"]
 
