@@ -88,31 +88,10 @@ def _evaluate_parser(sub) -> None:
 
 
 def _all_options(p: argparse.ArgumentParser) -> None:
-    from guard_fast.pipeline import EXPERIMENTS, METHODS, PIPELINE_PRESETS
+    from guard_fast.pipeline import EXPERIMENTS
 
-    p.add_argument("--preset", default="mnist", help=f"{' | '.join(PIPELINE_PRESETS)} (default: "
-                   "mnist, the bundled digits; the others need --data)")
-    p.add_argument("--data", dest="data_root", default=None, help="your copy of the data set")
-    p.add_argument("--out", default=None, help="run folder (default: runs/pipeline, or "
-                   "runs/<experiment>)")
-    p.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)}, "
-                   "gr:<lambda_g>, or a method with teacher settings such as guard:lam=10 or "
-                   "sre2l:epochs=3 (default: sre2l,guard)")
-    p.add_argument("--recover-method", default="sre2l", help="sre2l | cda (default: sre2l)")
-    p.add_argument("--ipc", type=int, default=None, help="images per class (default: the preset's)")
-    p.add_argument("--eps", type=C.parse_fraction, default=None, help="evaluation L-inf radius in "
-                   "[0,1] pixel units, e.g. 8/255 (default: 8/255 bundled digits, 1/255 others)")
-    p.add_argument("--protocol", default=C.EVAL_PROTOCOL, choices=C.PROTOCOL_CHOICES,
-                   help=f"attack settings (default: {C.EVAL_PROTOCOL}, the public GUARD evaluation)")
-    p.add_argument("--eval-examples", type=int, default=None, help="validation images attacked "
-                   "(default: the preset's)")
+    C.add_options(p, C.PipelineConfig, fractions=("eps",))
     p.add_argument("--experiment", default=None, help=f"a paper experiment: {', '.join(EXPERIMENTS)}")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes: every stage and file in a "
-                   "couple of minutes (CI)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="progress bars (default: on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,25 +248,12 @@ def _run_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _pipeline_config(ns: argparse.Namespace):
-    from guard_fast.pipeline import PipelineConfig
-
-    kw = dict(preset=ns.preset, data_root=ns.data_root, recover_method=ns.recover_method,
-              ipc=ns.ipc, eps=ns.eps, protocol=ns.protocol, eval_examples=ns.eval_examples,
-              smoke=ns.smoke, device=ns.device, seed=ns.seed, progress=ns.progress)
-    if ns.methods:
-        kw["methods"] = tuple(m.strip() for m in ns.methods.split(","))
-    if ns.out:
-        kw["out"] = ns.out
-    return PipelineConfig(**kw)
-
-
 def _run_all(ns: argparse.Namespace) -> int:
     from guard_fast.pipeline import run_experiment, run_pipeline
     from guard_fast.runtime import resolve_device
 
-    resolve_device(ns.device)  # a CUDA device on a machine without one: say so first
-    cfg = _pipeline_config(ns)
+    cfg = C.validate(C.PipelineConfig(**C.overrides_from(ns, C.PipelineConfig)), "cli")
+    resolve_device(cfg.device)  # a CUDA device on a machine without one: say so first
     if ns.experiment:
         run_experiment(ns.experiment, cfg, out=ns.out)
     else:

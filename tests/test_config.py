@@ -81,21 +81,24 @@ def test_a_field_added_to_a_stage_config_appears_in_train_help(monkeypatch, caps
 
 
 def test_every_stage_field_is_documented():
-    for cls in (C.SqueezeConfig, C.RecoverConfig, C.EvaluateConfig):
+    for cls in (C.SqueezeConfig, C.RecoverConfig, C.RelabelConfig, C.StudentConfig, C.DCConfig,
+                C.EvaluateConfig, C.PipelineConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
 
 
 def test_evaluate_and_all_share_the_evaluation_defaults():
     from guard_fast import train
-    from guard_fast.pipeline import PIPELINE_PRESETS, PipelineConfig
-
     parser = train.build_parser()
     ev = parser.parse_args(["evaluate", "--model", "x.pt"])
     al = parser.parse_args(["all"])
     cfg_ev = C.EvaluateConfig(**C.overrides_from(ev, C.EvaluateConfig))
-    assert cfg_ev.protocol == al.protocol == PipelineConfig().protocol == C.EVAL_PROTOCOL
-    assert ev.eps is None and al.eps is None  # both fall back to the data set's radius
-    for preset, values in PIPELINE_PRESETS.items():
+    cfg_al = C.PipelineConfig(**C.overrides_from(al, C.PipelineConfig))
+    assert cfg_ev.protocol == cfg_al.protocol == C.EVAL_PROTOCOL
+    assert cfg_ev.eps is None and cfg_al.eps is None  # both fall back to the data set's radius
+    for text in (parser._subparsers._group_actions[0].choices["evaluate"].format_help(),
+                 parser._subparsers._group_actions[0].choices["all"].format_help()):
+        assert C.EVAL_RULE[1:] in " ".join(text.split())  # the rule is stated in both --helps
+    for preset, values in C.PIPELINE_PRESETS.items():
         assert values["eps"] == C.default_eps(preset), preset
     assert C.default_eps("mnist") == 8 / 255 and C.default_eps("imagenette") == 1 / 255

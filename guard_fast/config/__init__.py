@@ -7,6 +7,8 @@ from guard_fast.config.evaluate import (EVAL_PROTOCOL, EVAL_RULE, PROTOCOL_CHOIC
                                         EvaluateConfig, default_eps)
 from guard_fast.config.dc import (DC_DATASETS, DC_GUARD_MODES, DC_H_SPACES, DC_INITS, DC_LOOPS,
                                   DC_REGULARIZERS, DCConfig, get_loops, resolve_dc)
+from guard_fast.config.methods import METHODS, method_spec
+from guard_fast.config.pipeline import PIPELINE_PRESETS, PipelineConfig, resolve_settings
 from guard_fast.config.recover import (CDA_MODES, RECOVER_METHODS, RECOVER_PRESETS,
                                        RecoverConfig, resolve_recover)
 from guard_fast.config.relabel import (DTYPES, PRESET_FIELDS, RelabelConfig, check_relabel,
@@ -20,6 +22,7 @@ from guard_fast.config.student import (LOSS_SCALES, MIXES, OPTIMIZERS, STUDENT_P
 
 __all__ = ["opt", "resolve", "validate", "add_options", "overrides_from", "flag_of", "to_dict",
            "parse_fraction",
+           "PipelineConfig", "PIPELINE_PRESETS", "resolve_settings", "METHODS", "method_spec",
            "EvaluateConfig", "EVAL_PROTOCOL", "EVAL_RULE", "PROTOCOL_CHOICES", "default_eps",
            "SqueezeConfig", "SQUEEZE_PRESETS", "PRESETS_NEEDING_DATA", "REGULARIZERS",
            "GUARD_MODES", "resolve_squeeze", "field_help",

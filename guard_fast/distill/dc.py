@@ -257,7 +257,7 @@ def _sgd_epoch(net: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
         opt.step()
 
 
-def _train_epochs(net, x, y, epochs, batch, lr, momentum, wd, gen, decay_at=None):
+def train_epochs(net, x, y, epochs, batch, lr, momentum, wd, gen, decay_at=None):
     """DC's evaluation training: SGD(lr, momentum, wd) for ``epochs`` epochs; from epoch
     decay_at on, a fresh optimizer at lr * 0.1 (DC restarts it: momentum buffers cleared)."""
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
@@ -304,7 +304,7 @@ def evaluate_synset(images: Tensor, labels: Tensor, test, *, mean: Sequence[floa
     net = build_model(model, nc, images.shape[1], mean, std, image_size=images.shape[-1],
                       width=width, depth=depth, norm=norm).to(device)
     gen = torch.Generator().manual_seed(mix_seed(seed, 0xE7A2))
-    _train_epochs(net, images.detach().float().to(device), labels.long().to(device), epochs,
+    train_epochs(net, images.detach().float().to(device), labels.long().to(device), epochs,
                   batch, lr, momentum, weight_decay, gen, decay_at=epochs // 2)
     return _accuracy(net, tx.float().to(device), ty.long().to(device))
 

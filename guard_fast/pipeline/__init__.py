@@ -3,16 +3,15 @@ teacher regularizer (plain SRe2L and GUARD by default) squeeze -> recover -> rel
 student -> robust evaluation, then the paper's Table 2 layout, the distilled-image grids
 (Figure 1) and an accuracy-vs-eps plot.
 
-methods.py      the compared methods (METHODS, method_spec)
-config.py       PipelineConfig, PIPELINE_PRESETS, resolve_settings
+Its settings (PipelineConfig, PIPELINE_PRESETS, the method strings) are guard_fast.config's.
 run.py          running the stages per method and the whole pipeline (run folder, torchrun)
 experiments.py  the paper's experiments (run_experiment, EXPERIMENTS)
 The report (results.md, eps_sweep.png) is guard_fast.evaluate.report's render_report.
 """
 from guard_fast.evaluate.report import render_report
-from guard_fast.pipeline.config import PIPELINE_PRESETS, PipelineConfig, resolve_settings
+from guard_fast.config.pipeline import PIPELINE_PRESETS, PipelineConfig, resolve_settings
 from guard_fast.pipeline.experiments import BENCH_EXPERIMENTS, EXPERIMENTS, run_experiment
-from guard_fast.pipeline.methods import METHODS, method_spec
+from guard_fast.config.methods import METHODS, method_spec
 from guard_fast.pipeline.run import check_run_folder, eval_protocol, run_method, run_pipeline
 
 __all__ = ["PipelineConfig", "run_pipeline", "render_report", "run_experiment", "METHODS",

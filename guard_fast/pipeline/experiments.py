@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from guard_fast.pipeline.config import PipelineConfig, resolve_settings
+from guard_fast.config.pipeline import PipelineConfig, resolve_settings
 from guard_fast.pipeline.run import run_pipeline
 from guard_fast.runtime import atomic_write_bytes, atomic_write_json, resolve_device
 
@@ -63,7 +63,7 @@ def _dc_rows(cfg: PipelineConfig, p: dict, out: Path, log) -> list:
     from guard_fast.config import DCConfig
     from guard_fast.data import fixed_subset, get_data
     from guard_fast.data.distilled import load_distilled
-    from guard_fast.distill.dc import _train_epochs, dc
+    from guard_fast.distill.dc import train_epochs, dc
     from guard_fast.evaluate import robust_eval
     from guard_fast.models import build_model
 
@@ -87,7 +87,7 @@ def _dc_rows(cfg: PipelineConfig, p: dict, out: Path, log) -> list:
                               image_size=s["images"].shape[-1], width=32).to(device)
             gen = torch.Generator().manual_seed(cfg.seed)
             epochs = 5 if small else 300
-            _train_epochs(net, s["images"].to(device), s["labels"].to(device), epochs, 256,
+            train_epochs(net, s["images"].to(device), s["labels"].to(device), epochs, 256,
                           0.01, 0.9, 5e-4, gen, decay_at=epochs // 2)
             net.eval()
             val = fixed_subset(data.val, p["eval_examples"], cfg.seed)

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from guard_fast.attacks.protocols import Protocol, get_protocol
-from guard_fast.pipeline.config import RESUMABLE, PipelineConfig, resolve_settings
-from guard_fast.pipeline.methods import method_spec
+from guard_fast.config.pipeline import RESUMABLE, PipelineConfig, resolve_settings
+from guard_fast.config.methods import method_spec
 from guard_fast.runtime import (RunFolder, atomic_write_bytes, atomic_write_json, barrier,
                                 dist_env, distributed, load_classifier, resolve_device)
 

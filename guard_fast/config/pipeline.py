@@ -3,11 +3,12 @@ sizes per data set) and resolve_settings (preset, smoke sizes, then the config's
 checked), which every pipeline run and the paper's experiments start from."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from guard_fast.config import EVAL_PROTOCOL, default_eps
-from guard_fast.pipeline.methods import METHODS, method_spec
+from guard_fast.config.base import opt, validate
+from guard_fast.config.evaluate import EVAL_PROTOCOL, PROTOCOL_CHOICES, default_eps
+from guard_fast.config.methods import METHODS, method_spec
 
 __all__ = ["PipelineConfig", "PIPELINE_PRESETS", "SMOKE", "RESUMABLE", "resolve_settings"]
 
@@ -47,25 +48,39 @@ RESUMABLE = frozenset({"progress", "device"})
 
 @dataclass
 class PipelineConfig:
-    preset: str = "mnist"
-    data_root: str | None = None
-    out: str = "runs/pipeline"
-    methods: tuple = ("sre2l", "guard")
-    recover_method: str = "sre2l"  # sre2l | cda
-    ipc: int | None = None
-    eps: float | None = None  # [0, 1] pixel units; None: the preset's (default_eps of its data)
-    protocol: str = EVAL_PROTOCOL  # the evaluation rule shared with `evaluate` (guard_fast.config)
-    eval_examples: int | None = None  # None: the preset's (None there: the whole val set)
-    square_queries: int | None = None  # None: the preset's (None there: the protocol's 5000)
-    sweep: tuple | None = None  # PGD eps sweep besides eps; None: the preset's
-    smoke: bool = False
-    squeeze: dict = field(default_factory=dict)  # extra squeeze overrides (all methods)
-    recover: dict = field(default_factory=dict)
-    student: dict = field(default_factory=dict)
-    device: str = "auto"
-    seed: int = 0
-    progress: bool = True
-    teachers: str | None = None  # folder of squeeze runs shared between pipelines (experiments)
+    """``all``: squeeze -> recover -> relabel -> student -> robust evaluation for each method,
+    then the report. None fields take the preset's size (PIPELINE_PRESETS)."""
+
+    preset: str = opt("mnist", help="data set and sizes (the others need --data)",
+                      choices=tuple(PIPELINE_PRESETS))
+    data_root: str | None = opt(None, flag="--data", help="your copy of the data set")
+    out: str = opt("runs/pipeline", help="run folder (with --experiment: runs/<experiment>)")
+    methods: tuple = opt(("sre2l", "guard"), help="comma list of " + ", ".join(METHODS) + ", "
+                         "gr:<lambda_g>, or a method with teacher settings such as guard:lam=10 "
+                         "or sre2l:epochs=3")
+    recover_method: str = opt("sre2l", help="sre2l | cda", choices=("sre2l", "cda"))
+    ipc: int | None = opt(None, help="images per class", min=1, default_note="the preset's")
+    eps: float | None = opt(None, help="evaluation L-inf radius, e.g. 8/255",
+                            unit="[0,1] pixel units", min=0, max=1,
+                            default_note="8/255 bundled digits, 1/255 other data sets")
+    protocol: str = opt(EVAL_PROTOCOL, help="attack settings: paper-code (the public GUARD "
+                        "evaluation) | standard", choices=PROTOCOL_CHOICES)
+    eval_examples: int | None = opt(None, help="validation images attacked", unit="images",
+                                    min=1, default_note="the preset's")
+    square_queries: int | None = opt(None, help="Square's queries (alone and in AutoAttack)",
+                                     min=1, default_note="the preset's")
+    sweep: tuple | None = opt(None, help="PGD eps sweep besides eps (comma list)",
+                              default_note="the preset's", cli=False)
+    smoke: bool = opt(False, help="tiny sizes: every stage and file in a couple of minutes (CI)")
+    squeeze: dict = opt(help="extra squeeze settings for every method", cli=False,
+                        default_factory=dict)
+    recover: dict = opt(help="extra recover settings", cli=False, default_factory=dict)
+    student: dict = opt(help="extra student settings", cli=False, default_factory=dict)
+    device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
+    seed: int = opt(0, help="seed", min=0)
+    progress: bool = opt(True, help="progress bars (--no-progress to silence)")
+    teachers: str | None = opt(None, help="folder of squeeze runs shared between pipelines "
+                               "(experiments)", cli=False)
 
 
 def _check_choices(cfg: PipelineConfig) -> None:
@@ -87,6 +102,7 @@ def resolve_settings(cfg: PipelineConfig) -> dict:
     overrides; keys squeeze/recover/student (stage overrides), ipc, eps, eval_examples,
     square_queries and sweep (the PGD eps sweep without eps, ascending). Names a bad value."""
     _check_choices(cfg)
+    validate(cfg)
     p = {k: (dict(v) if isinstance(v, dict) else v) for k, v in PIPELINE_PRESETS[cfg.preset].items()}
     if cfg.smoke:
         for k, v in SMOKE.items():
