@@ -36,81 +36,76 @@ def _print_json(d: dict) -> None:
 
 # ----------------------------------------------------------------------------- parsers
 
-def _squeeze_parser(sub) -> None:
-    sq = sub.add_parser("squeeze", help="train the (GUARD) teacher",
-                        description="Train the teacher. With no options: a GUARD teacher on the "
-                                    "bundled MNIST digits, on this machine's CPU, in a few minutes.")
-    C.add_options(sq, C.SqueezeConfig, note="presets may change it")
+_RULE = C.EVAL_RULE[0].upper() + C.EVAL_RULE[1:]
+
+# stage -> (one-line help, description, its config dataclass's name in guard_fast.config,
+# add_options keywords). The options are generated from the dataclass: a new field appears
+# in the stage's --help by itself.
+_STAGES: dict[str, tuple[str, str, str | None, dict]] = {
+    "squeeze": ("train the (GUARD) teacher",
+                "Train the teacher. With no options: a GUARD teacher on the bundled MNIST digits, "
+                "on this machine's CPU, in a few minutes.",
+                "SqueezeConfig", dict(note="presets may change it")),
+    "evaluate": ("train a student on a distilled set, then evaluate it under attack (or "
+                 "evaluate a checkpoint with --model)",
+                 f"Robust evaluation. {_RULE} (the same rule as the pipeline's).",
+                 "EvaluateConfig", dict(fractions=("eps",))),
+    "recover": ("synthesize the distilled images from a teacher",
+                "Synthesize the distilled set from a squeezed teacher (SRe2L; --method cda adds "
+                "CDA's crop curriculum; --method dc distills by gradient matching on real data). "
+                "Options left unset take the preset of the teacher's data set.",
+                "RecoverConfig", {}),
+    "relabel": ("store the teacher's soft labels on the student's views",
+                "FKD relabel: for every epoch of student training, the crop, flip and CutMix of "
+                "each view and the teacher's logits on it. Unset view settings take the student "
+                "preset of the distilled set's data set.",
+                "RelabelConfig", {}),
+    "student": ("train a student on a distilled set (FKD soft labels)",
+                "Train a fresh student on a distilled set, replaying a relabel folder's views and "
+                "soft labels (--soft-labels) or running the teacher online (--teacher). Works "
+                "under torchrun.",
+                "StudentConfig", dict(note="presets may change it")),
+    "all": ("the whole pipeline (what no arguments run)",
+            "squeeze -> recover -> relabel -> student -> robust evaluation for a plain SRe2L and a "
+            "GUARD teacher, then the Table 2 layout, the distilled-image grids and the eps plot. "
+            f"{_RULE}.",
+            "PipelineConfig", dict(fractions=("eps",))),
+    "report": ("re-render a pipeline run's tables and plots", "", None, {}),
+}
 
 
-def _recover_parser(sub) -> None:
-    rc = sub.add_parser("recover", help="synthesize the distilled images from a teacher",
-                        description="Synthesize the distilled set from a squeezed teacher "
-                                    "(SRe2L; --method cda adds CDA's crop curriculum; --method dc "
-                                    "distills by gradient matching on real data). Options left "
-                                    "unset take the preset of the teacher's data set.")
-    C.add_options(rc, C.RecoverConfig)
-    rc.add_argument("--dataset", dest="dc_dataset", default=None,
-                    help="--method dc only: real data set, mnist (bundled) | cifar10 | cifar100")
-    rc.add_argument("--data", dest="dc_data_root", default=None,
-                    help="--method dc only: path of the CIFAR pickles")
-    rc.add_argument("--regularizer", dest="dc_regularizer", default=None,
-                    help="--method dc only: none | guard (GUARD on the real-data gradient)")
+def _extra_options(stage: str, p: argparse.ArgumentParser) -> None:
+    """The few options that are not fields of the stage's config."""
+    if stage == "recover":
+        p.add_argument("--dataset", dest="dc_dataset", default=None,
+                       help="--method dc only: real data set, mnist (bundled) | cifar10 | cifar100")
+        p.add_argument("--data", dest="dc_data_root", default=None,
+                       help="--method dc only: path of the CIFAR pickles")
+        p.add_argument("--regularizer", dest="dc_regularizer", default=None,
+                       help="--method dc only: none | guard (GUARD on the real-data gradient)")
+    elif stage == "student":
+        p.add_argument("--config", dest="config_file", default=None, help="a JSON file of "
+                       "student settings (the fields below); flags given as well override it")
+        p.add_argument("--stop-after", type=int, default=None, help="end after this many epochs "
+                       "(checkpoint kept, no student.pt): --resume continues it")
+    elif stage == "all":
+        from guard_fast.pipeline import EXPERIMENTS
 
-
-def _relabel_parser(sub) -> None:
-    rl = sub.add_parser("relabel", help="store the teacher's soft labels on the student's views",
-                        description="FKD relabel: for every epoch of student training, the crop, "
-                                    "flip and CutMix of each view and the teacher's logits on it. "
-                                    "Unset view settings take the student preset of the distilled "
-                                    "set's data set.")
-    C.add_options(rl, C.RelabelConfig)
-
-
-def _student_parser(sub) -> None:
-    st = sub.add_parser("student", help="train a student on a distilled set (FKD soft labels)",
-                        description="Train a fresh student on a distilled set, replaying a relabel "
-                                    "folder's views and soft labels (--soft-labels) or running the "
-                                    "teacher online (--teacher). Works under torchrun.")
-    st.add_argument("--config", dest="config_file", default=None, help="a JSON file of student "
-                    "settings (the fields below); flags given as well override it")
-    st.add_argument("--stop-after", type=int, default=None, help="end after this many epochs "
-                    "(checkpoint kept, no student.pt): --resume continues it")
-    C.add_options(st, C.StudentConfig, note="presets may change it")
-
-
-def _evaluate_parser(sub) -> None:
-    ev = sub.add_parser("evaluate", help="train a student on a distilled set, then evaluate it "
-                        "under attack (or evaluate a checkpoint with --model)",
-                        description="Robust evaluation. " + C.EVAL_RULE[0].upper() + C.EVAL_RULE[1:]
-                        + " (the same rule as the pipeline's).")
-    C.add_options(ev, C.EvaluateConfig, fractions=("eps",))
-
-
-def _all_options(p: argparse.ArgumentParser) -> None:
-    from guard_fast.pipeline import EXPERIMENTS
-
-    C.add_options(p, C.PipelineConfig, fractions=("eps",))
-    p.add_argument("--experiment", default=None, help=f"a paper experiment: {', '.join(EXPERIMENTS)}")
+        p.add_argument("--experiment", default=None,
+                       help=f"a paper experiment: {', '.join(EXPERIMENTS)}")
+    elif stage == "report":
+        p.add_argument("run_dir", help="the pipeline's --out folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m guard_fast.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="stage", metavar="STAGE")
-    _squeeze_parser(sub)
-    _evaluate_parser(sub)
-    _recover_parser(sub)
-    _relabel_parser(sub)
-    _student_parser(sub)
-    al = sub.add_parser("all", help="the whole pipeline (what no arguments run)",
-                        description="squeeze -> recover -> relabel -> student -> robust evaluation "
-                                    "for a plain SRe2L and a GUARD teacher, then the Table 2 "
-                                    "layout, the distilled-image grids and the eps plot. "
-                                    + C.EVAL_RULE[0].upper() + C.EVAL_RULE[1:] + ".")
-    _all_options(al)
-    rp = sub.add_parser("report", help="re-render a pipeline run's tables and plots")
-    rp.add_argument("run_dir", help="the pipeline's --out folder")
+    for stage, (help_, description, cls, kw) in _STAGES.items():
+        sp = sub.add_parser(stage, help=help_, description=description or None)
+        _extra_options(stage, sp)
+        if cls is not None:
+            C.add_options(sp, getattr(C, cls), **kw)
     return p
 
 

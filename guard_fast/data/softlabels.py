@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from guard_fast.config.relabel import DTYPES, check_relabel
 from guard_fast.config.student import MIXES
+from guard_fast.data.transforms import rrc_fallback
 from guard_fast.runtime import load_checkpoint, load_classifier
 
 __all__ = ["FORMAT", "MIXES", "ViewSpec", "EpochViews", "make_views", "dense_from_topk",
@@ -133,15 +134,7 @@ def _rrc_boxes(rng: np.random.Generator, n: int, H: int, W: int, scale, ratio=(3
     j = np.floor(uj * (W - ww + 1)).astype(np.int64)
     miss = ~ok.any(1)
     if miss.any():  # torchvision's fallback: the central crop at the nearest allowed ratio
-        in_ratio = W / H
-        if in_ratio < min(ratio):
-            fw, fh = W, int(round(W / min(ratio)))
-        elif in_ratio > max(ratio):
-            fh, fw = H, int(round(H * max(ratio)))
-        else:
-            fw, fh = W, H
-        hh[miss], ww[miss] = fh, fw
-        i[miss], j[miss] = (H - fh) // 2, (W - fw) // 2
+        i[miss], j[miss], hh[miss], ww[miss] = rrc_fallback(H, W, ratio)
     return np.stack([i, j, hh, ww], 1)
 
 

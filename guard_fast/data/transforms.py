@@ -57,6 +57,19 @@ class RepeatChannels(torch.nn.Module):
         return f"channels={self.channels}"
 
 
+def rrc_fallback(height: int, width: int, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop's box when its 10 tries fail: the central crop at the
+    nearest allowed aspect ratio, as (top, left, h, w)."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 def build_transform(kind: str, image_size: int, train: bool, *, native_size: int | None = None,
                     channels: int | None = None) -> v2.Compose:
     """The transform of one dataset kind and split.

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from guard_fast.config import CDA_MODES, RecoverConfig, resolve_recover
 from guard_fast.data.loader import mix_seed
+from guard_fast.data.transforms import rrc_fallback
 from guard_fast.runtime import (RunFolder, atomic_torch_save, distributed, load_checkpoint,
                                 load_classifier, resolve_device)
 
@@ -108,14 +109,7 @@ def rrc_params(rng: random.Random, height: int, width: int, scale: Sequence[floa
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    return rrc_fallback(height, width, ratio)
 
 
 @dataclass(frozen=True)
