@@ -1,10 +1,13 @@
-"""Triton kernels for the per-step tensor work of the L-inf attacks (PGD, MI-FGSM, APGD).
+"""Triton kernels for the per-step tensor work of the L-inf attacks (PGD, MI-FGSM, APGD,
+Square), each beside its plain-PyTorch reference.
 
 Each step reads a few (N, ...) tensors once and writes the new iterate (and, for MI-FGSM, the
-new momentum) once; eager PyTorch makes 5-10 passes for the same work. A plain-PyTorch
-``*_ref`` sits beside every kernel: it is the eager step of guard_fast.attacks (same
-operation order, so bit-identical with torchattacks / fra31 at every dtype) written without
-touching its inputs. Tests and benches compare the kernels against it.
+new momentum) once; eager PyTorch makes 5-10 passes for the same work. The ``*_ref``
+functions are the one Python statement of each step's math: the "torch" backend of
+guard_fast.ops runs them, the attacks call them directly when that backend is chosen, and
+tests and benches compare every kernel against them. They follow torchattacks' and fra31's
+operation order, so they are bit-identical with those codes at every dtype, and they never
+write into their inputs.
 
 Math, per element j of sample i (s = sign, clamp(v, lo, hi) = min(max(v, lo), hi)):
   pgd_step:   v = x_adv + alpha * s(g);  out = clamp(x + clamp(v - x, -eps, eps), 0, 1)
@@ -52,8 +55,10 @@ __all__ = [
 
 def pgd_step_ref(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, alpha: float,
                  eps: float) -> torch.Tensor:
-    """clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), 0, 1), in the order of
-    guard_fast.attacks.pgd.pgd_update (torchattacks 3.5.1)."""
+    """One L-inf PGD step: clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), 0, 1),
+    in torchattacks 3.5.1's operation order (so the points agree bit for bit).
+
+    x_adv, x, grad: (N, ...) tensors of one shape; returns the new iterate."""
     out = torch.sign(grad).mul_(alpha).add_(x_adv)
     return out.sub_(x).clamp_(-eps, eps).add_(x).clamp_(0.0, 1.0)
 
@@ -61,8 +66,13 @@ def pgd_step_ref(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, alpha
 def mim_step_ref(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
                  momentum: torch.Tensor, alpha: float, eps: float, decay: float,
                  per_sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(new x_adv, new momentum), in the order of guard_fast.attacks.mim.mim_update:
-    per_sample=True is torchattacks 3.5.1's MIFGSM, False GUARD's public mim_attack."""
+    """One MI-FGSM step: (new x_adv, new momentum), in the operation order of
+    torchattacks 3.5.1's MIFGSM (per_sample=True: each sample's gradient divided by its mean
+    |g|) or of GUARD's public mim_attack (False: the batch's by one L1 norm).
+
+    x_adv, x, grad, momentum: (N, ...) tensors of one shape; grad is the gradient of the
+    batch-mean cross-entropy. A zero gradient is divided by finfo.tiny instead of 0, so it
+    adds nothing to the momentum (both reference codes produce NaN there)."""
     tiny = torch.finfo(grad.dtype).tiny
     if per_sample:
         dims = tuple(range(1, grad.dim()))
@@ -80,8 +90,13 @@ def mim_step_ref(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
 
 def apgd_step_ref(x_adv: torch.Tensor, x_adv_old: torch.Tensor, grad: torch.Tensor,
                   step_size: torch.Tensor, x: torch.Tensor, eps: float, a: float) -> torch.Tensor:
-    """One APGD L-inf momentum step in fra31's order (guard_fast.attacks.apgd.apgd_update,
-    with lo = max(x - eps, 0), hi = min(x + eps, 1)); step_size has N elements."""
+    """One APGD L-inf momentum step: z = P(x_adv + step_size * sign(grad)), then
+    P(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_adv_old)), P = clamp to [lo, hi],
+    lo = max(x - eps, 0), hi = min(x + eps, 1) (the values of fra31's clamp to the eps-ball
+    then to [0, 1]), with fra31's grouping, so results agree bit for bit.
+
+    step_size holds N values (shape (N,) or (N, 1, ..., 1)); a is 1.0 at the first step and
+    0.75 after."""
     view = (-1,) + (1,) * (x.dim() - 1)
     lo = (x - eps).clamp_(min=0.0)
     hi = (x + eps).clamp_(max=1.0)
@@ -94,9 +109,9 @@ def apgd_step_ref(x_adv: torch.Tensor, x_adv_old: torch.Tensor, grad: torch.Tens
 
 def square_window_ref(x_best: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                       signs: torch.Tensor, vh: int, vw: int, s: int, step: float) -> torch.Tensor:
-    """Square attack's candidate (guard_fast.attacks.square.Square._candidate): a copy of
-    x_best (N, C, H, W) whose window [vh, vh + s) x [vw, vw + s) becomes
-    clamp(x_best + step * signs[c], lo, hi); signs has C values."""
+    """Square attack's candidate: a contiguous copy of x_best (N, C, H, W) whose window
+    [vh, vh + s) x [vw, vw + s) becomes clamp(x_best + step * signs[c], lo, hi) (the
+    per-pixel box); signs has C values. Outside the window x_best already lies in the box."""
     out = x_best.contiguous().clone()
     win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
     out[win] = torch.clamp(out[win] + step * signs.reshape(1, -1, 1, 1), lo[win], hi[win])
