@@ -13,7 +13,7 @@ correctness check:
               each stage's seconds; plus the opt-in row with APGD-T's targets batched.
   steps       kernel level: one call of each attack-step op (pgd_step, mim_step per-sample
               and batch, apgd_step) at (250, 3, 32, 32) and (64, 3, 224, 224), fp32, eager
-              torch (the in-place *_update functions the "torch" backend runs) vs each
+              torch (the ops' *_ref references, which the "torch" backend runs) vs each
               backend: cpp / cuda (torch.ops.guard_fast_C directly), op (the registered
               guard_fast:: custom op, registry overhead included), triton (on CUDA; on CPU
               only with --triton-interpret, and then it times the interpreter) and
@@ -136,11 +136,9 @@ STEP_TRAFFIC = {"pgd_step": 4, "mim_step/per_sample": 7, "mim_step/batch": 7, "a
 
 def step_cases(shape, device, seed=0):
     """({name: (eager step taking the gradient buffer, op args)}, gradient) for one shape.
-    The eager *_update functions overwrite the gradient, which is harmless for timing (their
-    cost does not depend on the values) but not for checking: checks get fresh copies."""
-    from guard_fast.attacks.apgd import apgd_update
-    from guard_fast.attacks.mim import mim_update
-    from guard_fast.attacks.pgd import pgd_update
+    The eager steps are the ops' references (what the attacks run with the "torch"
+    backend); they leave their inputs alone."""
+    from guard_fast.kernels import attack_steps as ks
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     eps, alpha = 8 / 255, 2 / 255
@@ -157,21 +155,16 @@ def step_cases(shape, device, seed=0):
     signs = torch.tensor([1.0, -1.0, 1.0][:c], device=device)
     vh, vw = (hh - side) // 3, (ww - side) // 2
 
-    def square_eager(_gr):   # Square._candidate's eager form
-        out = xa.clone()
-        win = (slice(None), slice(None), slice(vh, vh + side), slice(vw, vw + side))
-        out[win] = torch.clamp(out[win] + (2 * eps) * signs.view(c, 1, 1), lo[win], hi[win])
-        return out
-
     return {
-        "pgd_step": (lambda gr: pgd_update(xa, x, gr, alpha, eps), (xa, x, grad, alpha, eps)),
-        "square_window": (square_eager, (xa, lo, hi, signs, vh, vw, side, 2 * eps)),
-        "mim_step/per_sample": (
-            lambda gr: mim_update(xa, x, gr, mom, alpha, eps, 1.0, "per_sample"),
-            (xa, x, grad, mom, alpha, eps, 1.0, True)),
-        "mim_step/batch": (lambda gr: mim_update(xa, x, gr, mom, alpha, eps, 1.0, "batch"),
+        "pgd_step": (lambda gr: ks.pgd_step_ref(xa, x, gr, alpha, eps), (xa, x, grad, alpha, eps)),
+        "square_window": (lambda _gr: ks.square_window_ref(xa, lo, hi, signs, vh, vw, side,
+                                                           2 * eps),
+                          (xa, lo, hi, signs, vh, vw, side, 2 * eps)),
+        "mim_step/per_sample": (lambda gr: ks.mim_step_ref(xa, x, gr, mom, alpha, eps, 1.0, True),
+                                (xa, x, grad, mom, alpha, eps, 1.0, True)),
+        "mim_step/batch": (lambda gr: ks.mim_step_ref(xa, x, gr, mom, alpha, eps, 1.0, False),
                            (xa, x, grad, mom, alpha, eps, 1.0, False)),
-        "apgd_step": (lambda gr: apgd_update(xa, xo, gr, step, lo, hi, 0.75),
+        "apgd_step": (lambda gr: ks.apgd_step_ref(xa, xo, gr, step, x, eps, 0.75),
                       (xa, xo, grad, step.view(n), x, eps, 0.75)),
     }, grad
 
@@ -204,8 +197,8 @@ def bench_steps(device, quick, reps, base, results_dir, append_result, time_fn,
             "square_window": ks.square_window_ref}
     # On CPU, glibc hands blocks above its mmap threshold (<= 32 MB) back to the OS when they
     # are freed, so every fresh 38 MB output at (64, 3, 224, 224) pays first-touch page
-    # faults that the in-place eager steps do not; MALLOC_MMAP_THRESHOLD_=4000000000 (with
-    # MALLOC_TRIM_THRESHOLD_ likewise) keeps such blocks and shows the kernels' own time.
+    # faults; MALLOC_MMAP_THRESHOLD_=4000000000 (with MALLOC_TRIM_THRESHOLD_ likewise) keeps
+    # such blocks and shows the steps' own time.
     base = {**base, "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     print(f"[steps] device {device}, threads {torch.get_num_threads()}, backends "
           f"{', '.join(impls)}; registry picks {ops.backend_for(device.type)!r}")

@@ -17,9 +17,10 @@ fp32 for fp32/bf16/fp16 inputs and fp64 for fp64):
   guard_fast::sqdiff_norm(a, b) -> ||a - b||^2          (differentiable, twice)
   guard_fast::sqdiff_norm_backward(go, a, b) -> (2(a-b)go, -2(a-b)go)
 
-Attack steps (kernels/attack_steps.py has the math; all tensors (N, ...) of one shape and
-dtype; fp32/fp64 results equal the eager steps of guard_fast.attacks bit for bit, except
-mim_step's reduction, which may sum in another order). They are not differentiable: attack
+Attack steps (kernels/attack_steps.py has the math and the *_ref references that the
+attacks run with the "torch" backend; all tensors (N, ...) of one shape and dtype; fp32/fp64
+results equal the references bit for bit, except mim_step's reduction, which may sum in
+another order). They are not differentiable: attack
 steps run on detached tensors, and calling one with an input that requires grad (with grad
 mode on) raises.
   guard_fast::pgd_step(x_adv, x, grad, alpha, eps) -> new x_adv              (PGD, torchattacks)

@@ -109,13 +109,14 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _split(n: int, d: int, device: torch.device) -> tuple[int, int]:
+def _split(n: int, d: int, device: torch.device, block: int = _BLOCK) -> tuple[int, int]:
+    """(S, chunk): S programs per row, each owning chunk columns (a multiple of block)."""
     if device.type == "cuda":
         target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:  # interpreter: every program instance costs ~1 ms, keep grids tiny
         target = 1
-    s = max(1, min(triton.cdiv(d, _BLOCK), triton.cdiv(target, n)))
-    chunk = triton.cdiv(triton.cdiv(d, s), _BLOCK) * _BLOCK
+    s = max(1, min(triton.cdiv(d, block), triton.cdiv(target, n)))
+    chunk = triton.cdiv(triton.cdiv(d, s), block) * block
     s = triton.cdiv(d, chunk)
     return s, chunk
 
@@ -123,9 +124,10 @@ def _split(n: int, d: int, device: torch.device) -> tuple[int, int]:
 if HAS_TRITON:
 
     @triton.jit
-    def _rowsq_partial_kernel(a_ptr, b_ptr, out_ptr, D, chunk, S, HAS_B: tl.constexpr,
-                              F64: tl.constexpr, BLOCK: tl.constexpr):
-        # out[i, s] = sum over this program's columns of (a - b)^2 (or a^2 without b).
+    def _row_partial_kernel(a_ptr, b_ptr, out_ptr, D, chunk, S, MODE: tl.constexpr,
+                            F64: tl.constexpr, BLOCK: tl.constexpr):
+        # out[i, s] = sum over this program's columns of row i of (a - b)^2 (MODE 0), a^2
+        # (MODE 1, b unused) or |a| (MODE 2, b unused); see _MODES.
         i = tl.program_id(0)
         s = tl.program_id(1)
         row = i.to(tl.int64) * D
@@ -138,9 +140,12 @@ if HAS_TRITON:
             cols = start + off + tl.arange(0, BLOCK)
             m = cols < D
             v = tl.load(a_ptr + row + cols, mask=m, other=0.0).to(acc.dtype)
-            if HAS_B:
+            if MODE == 0:
                 v = v - tl.load(b_ptr + row + cols, mask=m, other=0.0).to(acc.dtype)
-            acc += v * v
+            if MODE == 2:
+                acc += tl.abs(v)
+            else:
+                acc += v * v
         tl.store(out_ptr + i * S + s, tl.sum(acc, axis=0))
 
     @triton.jit
@@ -177,13 +182,21 @@ if HAS_TRITON:
             tl.store(db_ptr + row + cols, (-d).to(db_ptr.dtype.element_ty), mask=m)
 
 
-def _row_sumsq(a2: torch.Tensor, b2: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
+# what _row_partial_kernel sums per row
+_MODES = {"sqdiff": 0, "sq": 1, "abs": 2}
+
+
+def row_partials(a2: torch.Tensor, b2: torch.Tensor | None, mode: str, acc: torch.dtype,
+                 block: int = _BLOCK) -> torch.Tensor:
+    """(N, S) partial sums over the rows of the (N, D) views a2 (and b2, for "sqdiff") of
+    (a - b)^2, a^2 or |a| (mode "sqdiff", "sq", "abs"), in acc; their row sums are the
+    per-sample reductions, summed by torch so that the result is deterministic."""
     n, d = a2.shape
-    s, chunk = _split(n, d, a2.device)
+    s, chunk = _split(n, d, a2.device, block)
     part = torch.empty((n, s), dtype=acc, device=a2.device)
-    _rowsq_partial_kernel[(n, s)](a2, b2 if b2 is not None else a2, part, d, chunk, s,
-                                  HAS_B=b2 is not None, F64=acc == torch.float64, BLOCK=_BLOCK)
-    return part.sum(dim=1)
+    _row_partial_kernel[(n, s)](a2, b2 if b2 is not None else a2, part, d, chunk, s,
+                                MODE=_MODES[mode], F64=acc == torch.float64, BLOCK=block)
+    return part
 
 
 def perturb_triton(x: torch.Tensor, g: torch.Tensor, h: float, tiny: float = 1e-12):
@@ -192,7 +205,7 @@ def perturb_triton(x: torch.Tensor, g: torch.Tensor, h: float, tiny: float = 1e-
     out = torch.empty_like(x)
     x2, g2, o2 = rows(x, layout), rows(g, layout), rows(out, layout)
     n, d = x2.shape
-    norm = _row_sumsq(g2, None, acc).sqrt_()
+    norm = row_partials(g2, None, "sq", acc).sum(dim=1).sqrt_()
     scale = h / norm.clamp_min(tiny)
     s, chunk = _split(n, d, x.device)
     _axpy_rows_kernel[(n, s)](x2, g2, scale, o2, d, chunk, BLOCK=_BLOCK)
@@ -201,7 +214,7 @@ def perturb_triton(x: torch.Tensor, g: torch.Tensor, h: float, tiny: float = 1e-
 
 def sqdiff_norm_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (a, b), layout = _prepare(a, b)
-    return _row_sumsq(rows(a, layout), rows(b, layout), acc_dtype(a.dtype))
+    return row_partials(rows(a, layout), rows(b, layout), "sqdiff", acc_dtype(a.dtype)).sum(dim=1)
 
 
 def sqdiff_norm_backward_triton(go: torch.Tensor, a: torch.Tensor, b: torch.Tensor):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import guard_fast._C as _C  # noqa: F401  (a missing extension must fail, not skip)
+from guard_fast.kernels import guard_penalty as gp
 
 OPS = torch.ops.guard_fast_C
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -120,24 +121,19 @@ def assert_close_acc(out, ref, dtype, what):
 # ----------------------------------------------------------------------------- references
 
 
-def perturb_ref(x, g, h, tiny):
-    g64 = g.double()
-    n = g64.reshape(len(g), -1).pow(2).sum(1).sqrt()
-    return x.double() + h * g64 / n.clamp_min(tiny).view(view_shape(g)), n
+def _in_f64(ref):
+    """An op's reference (guard_fast.kernels.guard_penalty) run on float64 copies."""
+    return lambda *args: ref(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+
+
+perturb_ref = _in_f64(gp.perturb_ref)
+sqdiff_ref = _in_f64(gp.sqdiff_norm_ref)
+sqdiff_backward_ref = _in_f64(gp.sqdiff_norm_backward_ref)
 
 
 def perturb_eager(x, g, h, tiny):  # the same math in x.dtype, as eager torch does it
     n = torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1)
     return x + h * g / n.clamp_min(tiny).view(view_shape(g))
-
-
-def sqdiff_ref(a, b):
-    return (a.double() - b.double()).reshape(len(a), -1).pow(2).sum(1)
-
-
-def sqdiff_backward_ref(go, a, b):
-    d = 2 * (a.double() - b.double()) * go.double().view(view_shape(a))
-    return d, -d
 
 
 # ----------------------------------------------------------------------------- forward grid

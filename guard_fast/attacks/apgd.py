@@ -35,33 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops as _ops
+from ..kernels.attack_steps import apgd_step_ref
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
 from .graphs import StepLoop, want_cuda_graph
 from .pgd import fused_steps
 
-__all__ = ["APGD", "APGDT", "apgd_update", "dlr_loss", "dlr_loss_targeted"]
+__all__ = ["APGD", "APGDT", "dlr_loss", "dlr_loss_targeted"]
 
 VARIANTS = ("fra31", "torchattacks")
-
-
-def apgd_update(x_adv: torch.Tensor, x_adv_old: torch.Tensor, grad: torch.Tensor,
-                step_size: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                a: float) -> torch.Tensor:
-    """One APGD L-inf momentum step.
-
-    z = P(x_adv + step_size * sign(grad)); returns
-    P(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_adv_old)), P = clamp to [lo, hi],
-    lo = max(x - eps, 0), hi = min(x + eps, 1) (the same values as fra31's clamp to the
-    eps-ball then to [0, 1]). step_size: (N, 1, ...) per point; a: 1.0 at the first step,
-    0.75 after. Operation order is fra31's, so results agree bit for bit. This is the
-    eager step; APGD runs guard_fast.ops.apgd_step (the same arithmetic in one pass, with
-    lo and hi computed from x and eps on the fly) instead unless the backend is "torch".
-    """
-    z = torch.sign(grad).mul_(step_size).add_(x_adv)
-    z = torch.clamp(z, lo, hi)
-    z.sub_(x_adv).mul_(a).add_(x_adv)
-    z.add_((x_adv - x_adv_old).mul_(1.0 - a))
-    return torch.clamp(z, lo, hi)
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -172,14 +153,15 @@ class APGD(Attack):
         view = (-1,) + (1,) * (x.dim() - 1)
         eps = self.eps
         graph = want_cuda_graph(self.cuda_graph, x.device, n_iter)
-        fused = fused_steps(x.device)   # the fused step derives lo, hi from x and eps itself
+        # the step (fused, or its reference) derives the box [max(x - eps, 0), min(x + eps, 1)]
+        # from x and eps itself
+        update = _ops.direct.apgd_step if fused_steps(x.device) else apgd_step_ref
 
         out_adv = torch.empty_like(x)
         out_acc = torch.empty(n, dtype=torch.bool, device=x.device)
         x_adv = self._random_start(x, g) if x_start is None else x_start
         grad, logits, loss_indiv = self._grad(x_adv, y, y_target)
-        st = dict(x=x, y=y, lo=(x - eps).clamp_(min=0.0), hi=(x + eps).clamp_(max=1.0),
-                  idx=torch.arange(n, device=x.device),
+        st = dict(x=x, y=y, idx=torch.arange(n, device=x.device),
                   x_adv=x_adv, x_adv_old=x_adv.clone(), x_best_adv=x_adv.clone(),
                   x_best=x_adv.clone(), grad=grad, grad_best=grad.clone(),
                   acc=logits.argmax(1) == y, loss_best=loss_indiv.clone(),
@@ -194,12 +176,8 @@ class APGD(Attack):
 
         def step(a: float = 0.75) -> None:
             """One APGD iteration, every state tensor updated in place."""
-            if fused:
-                x_new = _ops.direct.apgd_step(st["x_adv"], st["x_adv_old"], st["grad"],
-                                              st["step_size"], st["x"], eps, a)
-            else:
-                x_new = apgd_update(st["x_adv"], st["x_adv_old"], st["grad"], st["step_size"],
-                                    st["lo"], st["hi"], a)
+            x_new = update(st["x_adv"], st["x_adv_old"], st["grad"], st["step_size"], st["x"],
+                           eps, a)
             st["x_adv_old"].copy_(st["x_adv"])
             st["x_adv"].copy_(x_new)
             gr, lg, loss = self._grad(st["x_adv"].detach(), st["y"], st.get("y_target"))

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
 from .. import ops as _ops
-from .pgd import fused_steps, pgd_update, random_start_linf
+from ..kernels.attack_steps import pgd_step_ref
+from .pgd import fused_steps, random_start_linf
 
 __all__ = ["CW", "CWLinf", "cw_margin", "MARGINS"]
 
@@ -154,7 +155,7 @@ class CWLinf(Attack):
         best = x_adv.clone()                              # first fooling iterate (active rows)
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         view = (-1,) + (1,) * (x.dim() - 1)
-        update = _ops.direct.pgd_step if fused_steps(x.device) else pgd_update
+        update = _ops.direct.pgd_step if fused_steps(x.device) else pgd_step_ref
         for step in range(self.steps + 1):
             last = step == self.steps
             x_adv.requires_grad_(not last)

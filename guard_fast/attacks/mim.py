@@ -32,42 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops as _ops
+from ..kernels.attack_steps import mim_step_ref
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
 from .graphs import run_steps, want_cuda_graph
 from .pgd import fused_steps
 
-__all__ = ["MIM", "mim_update", "GRAD_NORMS"]
+__all__ = ["MIM", "GRAD_NORMS"]
 
 GRAD_NORMS = ("per_sample", "batch")
-
-
-def mim_update(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
-               momentum: torch.Tensor, alpha: float, eps: float, decay: float,
-               grad_norm: str = "per_sample"):
-    """One MI-FGSM step. Returns (new x_adv, new momentum).
-
-    x_adv, x, grad, momentum: (N, ...) tensors of one shape; `grad` is the gradient of the
-    batch-mean cross-entropy and is overwritten (its storage becomes the new momentum).
-    This is the eager step; MIM runs guard_fast.ops.mim_step (the same arithmetic in two
-    passes, its |g| sums in another order) instead unless the backend is "torch".
-    """
-    tiny = torch.finfo(grad.dtype).tiny
-    if grad_norm == "per_sample":
-        dims = tuple(range(1, grad.dim()))
-        scale = grad.abs().mean(dim=dims, keepdim=True).clamp_min_(tiny)
-        m = grad.div_(scale)                              # g_i / mean|g_i|
-        m.add_(momentum if decay == 1.0 else momentum * decay)
-        x_new = torch.sign(m).mul_(alpha).add_(x_adv)
-        x_new = x_new.sub_(x).clamp_(-eps, eps).add_(x).clamp_(0.0, 1.0)
-    elif grad_norm == "batch":
-        scale = torch.linalg.vector_norm(grad, ord=1).clamp_min(tiny)   # one L1 over the batch
-        m = grad.div_(scale)
-        m.add_(momentum if decay == 1.0 else decay * momentum)
-        x_new = torch.sign(m).mul_(alpha).add_(x_adv)
-        x_new = torch.clamp(x_new, x - eps, x + eps).clamp_(0.0, 1.0)
-    else:
-        raise ValueError(f"grad_norm must be one of {GRAD_NORMS}, got {grad_norm!r}")
-    return x_new, m
 
 
 @register_attack("mim", "mifgsm", "mi-fgsm")
@@ -98,9 +70,8 @@ class MIM(Attack):
     def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         momentum = torch.zeros_like(x)
         x_adv = x.clone()
-        fused = fused_steps(x.device)
+        update = _ops.direct.mim_step if fused_steps(x.device) else mim_step_ref
         per_sample = self.grad_norm == "per_sample"
-
         graph = want_cuda_graph(self.cuda_graph, x.device, self.steps)
 
         def step():
@@ -108,12 +79,8 @@ class MIM(Attack):
             xa = x_adv.detach().requires_grad_(True)
             loss = F.cross_entropy(self.get_logits(xa), y)   # batch mean in both codes
             grad = self.input_grad(loss, xa)
-            if fused:
-                new_x, new_m = _ops.direct.mim_step(x_adv, x, grad, momentum, self.alpha,
-                                                    self.eps, self.decay, per_sample)
-            else:
-                new_x, new_m = mim_update(x_adv, x, grad, momentum, self.alpha, self.eps,
-                                          self.decay, self.grad_norm)
+            new_x, new_m = update(x_adv, x, grad, momentum, self.alpha, self.eps, self.decay,
+                                  per_sample)
             if graph:   # a replayed graph reads and writes fixed buffers
                 momentum.copy_(new_m)
                 x_adv.copy_(new_x)

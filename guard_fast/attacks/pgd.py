@@ -6,10 +6,11 @@ Semantics are torchattacks 3.5.1's `PGD` (the attack GUARD's public evaluation r
 steps on the batch-mean cross-entropy, each followed by projection onto the eps-ball and
 the [0, 1] box; the last iterate is returned. Every point runs every step (that is the
 semantics), so the active set does not apply; the step itself is made cheap instead: one
-fused kernel per step (guard_fast::pgd_step, through the backend registry; the "torch"
-backend runs `pgd_update` below, which reuses the gradient's storage), no host syncs in
-the loop, and on a GPU the step captured once in a CUDA graph and replayed (graphs.py;
-`cuda_graph=`), which gives the same points.
+fused kernel per step (guard_fast::pgd_step, through the backend registry; with the
+"torch" backend the loop calls the op's plain-PyTorch reference, pgd_step_ref in
+guard_fast.kernels.attack_steps), no host syncs in the loop, and on a GPU the step
+captured once in a CUDA graph and replayed (graphs.py; `cuda_graph=`), which gives the
+same points.
 """
 from __future__ import annotations
 
@@ -18,33 +19,20 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops as _ops
+from ..kernels.attack_steps import pgd_step_ref
 from .base import Attack, check_eps, check_steps, register_attack
 from .graphs import run_steps, want_cuda_graph
 
-__all__ = ["PGD", "pgd_update", "fused_steps"]
+__all__ = ["PGD", "fused_steps"]
 
 
 def fused_steps(device: torch.device) -> bool:
     """Whether the attacks' per-step tensor work goes to the fused guard_fast ops on this
     device: yes unless the registry chose (or was told) the plain-PyTorch backend, in which
-    case the eager *_update functions run. Decided once per attack call, not per step."""
+    case the attacks call the ops' references (guard_fast.kernels.attack_steps, *_step_ref
+    and square_window_ref: eager torch in torchattacks' and fra31's operation order)
+    directly, without the ops' argument checks. Decided once per attack call, not per step."""
     return _ops.backend_for(torch.device(device).type) != "torch"
-
-
-def pgd_update(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, alpha: float,
-               eps: float, *, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
-    """One L-inf PGD step: clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), lo, hi).
-
-    x_adv, x, grad: (N, ...) tensors of one shape; returns the new iterate. The arithmetic
-    is the order torchattacks 3.5.1 uses, so results agree bit for bit. The update is
-    written into `grad`'s storage (the caller no longer needs the gradient). This is the
-    eager step; PGD runs guard_fast.ops.pgd_step (the same arithmetic, one pass) instead
-    unless the backend is "torch". [lo, hi] is the valid box: [0, 1] pixels for the
-    attacks; the adversarial-training losses (guard_fast.losses.adversarial) also craft in
-    a normalized box.
-    """
-    out = grad.sign_().mul_(alpha).add_(x_adv)     # x_adv + alpha * sign(g)
-    return out.sub_(x).clamp_(-eps, eps).add_(x).clamp_(lo, hi)
 
 
 def random_start_linf(x: torch.Tensor, eps: float, generator: torch.Generator | None, *,
@@ -89,7 +77,7 @@ class PGD(Attack):
     def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         eps, alpha = self.eps, self.alpha
         x_adv = random_start_linf(x, eps, self._generator()) if self.random_start else x.clone()
-        update = _ops.direct.pgd_step if fused_steps(x.device) else pgd_update
+        update = _ops.direct.pgd_step if fused_steps(x.device) else pgd_step_ref
         graph = want_cuda_graph(self.cuda_graph, x.device, self.steps)
 
         def step():

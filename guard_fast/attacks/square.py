@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops as _ops
+from ..kernels.attack_steps import square_window_ref
 from .base import Attack, check_eps, check_positive, check_steps, register_attack
 from .graphs import StepLoop, want_cuda_graph
 from .pgd import fused_steps
@@ -273,15 +274,10 @@ class Square(Attack):
         else:
             s, vh, vw, signs = self._window(i_iter, g, n_features, c, h, w)
             signs = signs.to(xb.device, xb.dtype)
-        # Only the window changes: outside it x_best already lies inside [lo, hi].
-        if fused_steps(xb.device):   # copy + window update in one pass
-            return _ops.direct.square_window(xb, lo, hi, signs.reshape(c), vh, vw, s,
-                                             2.0 * self.eps)
-        x_new = xb.clone()
-        win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
-        x_new[win] = torch.clamp(x_new[win] + (2.0 * self.eps) * signs.reshape(c, 1, 1),
-                                 lo[win], hi[win])
-        return x_new
+        # Only the window changes: outside it x_best already lies inside [lo, hi]. The fused
+        # op does the copy and the window update in one pass.
+        candidate = _ops.direct.square_window if fused_steps(xb.device) else square_window_ref
+        return candidate(xb, lo, hi, signs.reshape(c), vh, vw, s, 2.0 * self.eps)
 
     def _loop_all(self, x_best, margin_min, loss_min, y, lo, hi, g, pre=None):
         """Reference loop without the active set: every point is queried every iteration,

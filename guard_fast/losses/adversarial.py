@@ -24,7 +24,7 @@ Three losses:
 
 The inner attack. All three craft with L-inf signed-gradient steps on the batch-mean CE,
 each followed by the projection onto the eps ball and the clamp to the valid box: the PGD
-step of guard_fast.attacks (``attacks.pgd.pgd_update``, with the box as an argument), on a
+step of guard_fast.attacks (``kernels.attack_steps.pgd_step_ref``, the PGD step's one reference, with the box as an argument), on a
 start that is each loss's own (uniform, Gaussian, none). The crafting loop is not
 ``attacks.PGD`` itself because training needs three things an evaluation attack does not
 do: the global RNG for the start (so ``torch.manual_seed`` reproduces a run, and each step
@@ -57,7 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guard_fast.attacks.pgd import pgd_update, random_start_linf
+from guard_fast.attacks.pgd import random_start_linf
+from guard_fast.kernels.attack_steps import pgd_step_ref
 from guard_fast.losses._common import (check_bn_mode, check_inputs, extra_passes, logits_of,
                                        unwrap)
 
@@ -126,7 +127,7 @@ def _options(obj: nn.Module) -> str:
 
 def _craft(model, x, y, start, *, alpha, eps, steps, lo, hi, bn_mode) -> Tensor:
     """`steps` PGD steps from `start(x)` (drawn inside the crafting mode, as the public code
-    draws it after model.train()): x_adv <- pgd_update(x_adv, x, grad of the mean CE), the
+    draws it after model.train()): x_adv <- pgd_step_ref(x_adv, x, grad of the mean CE), the
     attacks' L-inf step, projected onto the eps ball around x and clamped to [lo, hi].
     Input gradients only (torch.autograd.grad), on the module under DDP."""
     check_inputs(model, x, y)
@@ -137,7 +138,7 @@ def _craft(model, x, y, start, *, alpha, eps, steps, lo, hi, bn_mode) -> Tensor:
         for _ in range(steps):
             xa = x_adv.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(F.cross_entropy(logits_of(net, xa), y), xa)
-            x_adv = pgd_update(x_adv.detach(), x, g, alpha, eps, lo=lo, hi=hi)
+            x_adv = pgd_step_ref(x_adv.detach(), x, g, alpha, eps, lo=lo, hi=hi)
     return x_adv.detach()
 
 
