@@ -2,10 +2,10 @@
 // guard_fast.h and kernels/attack_steps.py).
 //
 // Each step is one elementwise pass over the flat range [0, N*M) of per-sample
-// blocks (dense_all in common.cpp), split with at::parallel_for; mim_step first
-// sums |g| per sample (over samples, or over chunks of samples when there are
-// fewer samples than threads, as rowwise_sum_sq in ops_cpu.cpp does).
+// blocks, split over threads as cpu_utils.h describes; mim_step first sums |g|
+// per sample with cpu_utils.h's split reduction.
 //
+// The per-element math is attack_steps.h's, shared with the CUDA kernels.
 // Bit-exactness with eager PyTorch (fp32/fp64): every operation is a separate
 // IEEE operation in acc_t, in eager's order. A compiler that fuses a*b + c into
 // an FMA would break that (GCC does so by default where the target has FMA), so
@@ -18,7 +18,10 @@
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
+#define GUARD_FAST_FP_CONTRACT_OFF  // for attack_steps.h
 
+#include "attack_steps.h"
+#include "cpu_utils.h"
 #include "guard_fast.h"
 
 #include <ATen/ATen.h>
@@ -34,39 +37,9 @@
 namespace guard_fast {
 namespace {
 
-constexpr int64_t kGrain = 32768;     // elements per parallel task (ATen's default)
-constexpr int64_t kMinChunk = 8192;   // smallest piece of one sample in a split reduction
-constexpr int64_t kCascade = 4096;    // inner block of the two-level |g| sum
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// torch.sign: 1, -1, or 0 (for +-0 and NaN).
-template <typename T>
-inline T sign_of(T v) {
-  return static_cast<T>(static_cast<int>(T(0) < v) - static_cast<int>(v < T(0)));
-}
-
-// torch.clamp(v, lo, hi) = min(max(v, lo), hi), NaN passing through.
-template <typename T>
-inline T clamp_to(T v, T lo, T hi) {
-  v = v < lo ? lo : v;
-  return hi < v ? hi : v;
-}
-
-// f(i, offset, len) for every maximal run of one sample i in [0, N*M), in parallel.
-template <typename F>
-void for_each_row_segment(int64_t N, int64_t M, const F& f) {
-  at::parallel_for(0, N * M, kGrain, [&](int64_t begin, int64_t end) {
-    int64_t i = begin / M;
-    int64_t pos = begin;
-    while (pos < end) {
-      const int64_t stop = std::min(end, (i + 1) * M);
-      f(i, pos, stop - pos);
-      pos = stop;
-      ++i;
-    }
-  });
-}
+using cpu::for_each_row_segment;
+using cpu::kCascade;
+using cpu::kGrain;
 
 // sum_j |g_j| over n elements in acc_t: 16 independent lanes (vectorizable), restarted
 // every kCascade elements into an outer sum, so the rounding error grows with
@@ -101,38 +74,9 @@ at::opmath_type<scalar_t> sum_abs(const scalar_t* g, int64_t n) {
 // out[i] = sum_j |g_ij| for N samples of M elements.
 template <typename scalar_t>
 void rowwise_sum_abs(const scalar_t* g, int64_t N, int64_t M, at::opmath_type<scalar_t>* out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t threads = at::get_num_threads();
-  int64_t chunks = 1;
-  if (N < threads) {
-    chunks = std::max<int64_t>(1, std::min(ceil_div(threads, N), M / kMinChunk));
-  }
-  if (chunks == 1) {
-    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1));
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        out[i] = sum_abs(g + i * M, M);
-      }
-    });
-    return;
-  }
-  const int64_t chunk = ceil_div(M, chunks);
-  chunks = ceil_div(M, chunk);
-  std::vector<acc_t> partial(N * chunks);
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t i = t / chunks;
-      const int64_t start = i * M + (t % chunks) * chunk;
-      partial[t] = sum_abs(g + start, std::min(chunk, (i + 1) * M - start));
-    }
+  cpu::rowwise_reduce(N, M, out, [&](int64_t start, int64_t len) {
+    return sum_abs(g + start, len);
   });
-  for (int64_t i = 0; i < N; ++i) {
-    acc_t s = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      s += partial[i * chunks + c];
-    }
-    out[i] = s;
-  }
 }
 
 // Row kernels: plain loops over `len` elements with __restrict__ pointers, so that GCC
@@ -143,11 +87,9 @@ void pgd_row(const scalar_t* __restrict__ xa, const scalar_t* __restrict__ xs,
              at::opmath_type<scalar_t> al, at::opmath_type<scalar_t> ep) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t j = 0; j < len; ++j) {
-    const acc_t xv = static_cast<acc_t>(xs[j]);
-    // torchattacks: x_adv + alpha*sign(g), then x + clamp(. - x, -eps, eps), then [0, 1]
-    acc_t v = sign_of(static_cast<acc_t>(gs[j])) * al + static_cast<acc_t>(xa[j]);
-    v = clamp_to(v - xv, -ep, ep) + xv;
-    o[j] = static_cast<scalar_t>(clamp_to(v, acc_t(0), acc_t(1)));
+    const acc_t v = attack::pgd(static_cast<acc_t>(xa[j]), static_cast<acc_t>(xs[j]),
+                                static_cast<acc_t>(gs[j]), al, ep);
+    o[j] = static_cast<scalar_t>(v);
   }
 }
 
@@ -159,17 +101,12 @@ void mim_row(const scalar_t* __restrict__ xa, const scalar_t* __restrict__ xs,
              at::opmath_type<scalar_t> ep, at::opmath_type<scalar_t> de) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t j = 0; j < len; ++j) {
-    const scalar_t m =
-        static_cast<scalar_t>(static_cast<acc_t>(gs[j]) / c + static_cast<acc_t>(ms[j]) * de);
+    const scalar_t m = static_cast<scalar_t>(
+        attack::mim_momentum(static_cast<acc_t>(gs[j]), static_cast<acc_t>(ms[j]), c, de));
     mo[j] = m;
-    const acc_t xv = static_cast<acc_t>(xs[j]);
-    acc_t v = sign_of(static_cast<acc_t>(m)) * al + static_cast<acc_t>(xa[j]);
-    if constexpr (kPerSample) {  // torchattacks' projection
-      v = clamp_to(v - xv, -ep, ep) + xv;
-    } else {                     // GUARD code's projection
-      v = clamp_to(v, xv - ep, xv + ep);
-    }
-    o[j] = static_cast<scalar_t>(clamp_to(v, acc_t(0), acc_t(1)));
+    const acc_t v = attack::mim<kPerSample>(static_cast<acc_t>(xa[j]), static_cast<acc_t>(xs[j]),
+                                            static_cast<acc_t>(m), al, ep);
+    o[j] = static_cast<scalar_t>(v);
   }
 }
 
@@ -180,17 +117,11 @@ void apgd_row(const scalar_t* __restrict__ xa, const scalar_t* __restrict__ xo,
               at::opmath_type<scalar_t> ep, at::opmath_type<scalar_t> aa,
               at::opmath_type<scalar_t> bb) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < len; ++j) {
-    const acc_t xv = static_cast<acc_t>(xs[j]);
-    const acc_t xav = static_cast<acc_t>(xa[j]);
-    const acc_t lo = clamp_to(xv - ep, acc_t(0), inf);
-    const acc_t hi = clamp_to(xv + ep, -inf, acc_t(1));
-    // fra31: z = P(x + step*sign(g)); P(x + a (z - x) + (1 - a)(x - x_old)), this grouping
-    acc_t z = clamp_to(sign_of(static_cast<acc_t>(gs[j])) * step + xav, lo, hi);
-    z = (z - xav) * aa + xav;
-    z = z + (xav - static_cast<acc_t>(xo[j])) * bb;
-    o[j] = static_cast<scalar_t>(clamp_to(z, lo, hi));
+    const acc_t v = attack::apgd(static_cast<acc_t>(xa[j]), static_cast<acc_t>(xo[j]),
+                                 static_cast<acc_t>(gs[j]), static_cast<acc_t>(xs[j]), step, ep,
+                                 aa, bb);
+    o[j] = static_cast<scalar_t>(v);
   }
 }
 
@@ -198,20 +129,16 @@ void apgd_row(const scalar_t* __restrict__ xa, const scalar_t* __restrict__ xo,
 
 at::Tensor pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
                         double alpha, double eps) {
-  check_pair("pgd_step", "x_adv", x_adv, "x", x);
-  check_pair("pgd_step", "x_adv", x_adv, "grad", grad);
-  const std::vector<at::Tensor> d = dense_all({x_adv, x, grad});
-  at::Tensor out = empty_same_layout(d[0]);
-  const int64_t total = out.numel();
-  if (total == 0) {
+  check_pgd_step(x_adv, x, grad);
+  const Blocks d = dense_blocks({x_adv, x, grad});
+  at::Tensor out = d.new_output();
+  if (d.empty()) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "pgd_step_cpu",
-                                  [&] {
+  const int64_t total = d.N * d.M;
+  GUARD_FAST_DISPATCH_FLOATING(x_adv.scalar_type(), "pgd_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xa = d[0].const_data_ptr<scalar_t>();
-    const scalar_t* xs = d[1].const_data_ptr<scalar_t>();
-    const scalar_t* gs = d[2].const_data_ptr<scalar_t>();
+    const auto [xa, xs, gs] = d.data<scalar_t, 3>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const acc_t al = static_cast<acc_t>(alpha);
     const acc_t ep = static_cast<acc_t>(eps);
@@ -226,24 +153,17 @@ std::tuple<at::Tensor, at::Tensor> mim_step_cpu(const at::Tensor& x_adv, const a
                                                 const at::Tensor& grad, const at::Tensor& momentum,
                                                 double alpha, double eps, double decay,
                                                 bool per_sample) {
-  check_pair("mim_step", "x_adv", x_adv, "x", x);
-  check_pair("mim_step", "x_adv", x_adv, "grad", grad);
-  check_pair("mim_step", "x_adv", x_adv, "momentum", momentum);
-  const std::vector<at::Tensor> d = dense_all({x_adv, x, grad, momentum});
-  at::Tensor out = empty_same_layout(d[0]);
-  at::Tensor m_out = empty_same_layout(d[0]);
-  const int64_t N = x_adv.size(0);
-  const int64_t M = N > 0 ? out.numel() / N : 0;
-  if (N == 0 || M == 0) {
+  check_mim_step(x_adv, x, grad, momentum);
+  const Blocks d = dense_blocks({x_adv, x, grad, momentum});
+  at::Tensor out = d.new_output();
+  at::Tensor m_out = d.new_output();
+  if (d.empty()) {
     return {out, m_out};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "mim_step_cpu",
-                                  [&] {
+  const int64_t N = d.N, M = d.M;
+  GUARD_FAST_DISPATCH_FLOATING(x_adv.scalar_type(), "mim_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xa = d[0].const_data_ptr<scalar_t>();
-    const scalar_t* xs = d[1].const_data_ptr<scalar_t>();
-    const scalar_t* gs = d[2].const_data_ptr<scalar_t>();
-    const scalar_t* ms = d[3].const_data_ptr<scalar_t>();
+    const auto [xa, xs, gs, ms] = d.data<scalar_t, 4>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     scalar_t* mo = m_out.mutable_data_ptr<scalar_t>();
     // c_i = max(mean |g_i|, tiny) or c = max(sum |g|, tiny); tiny = finfo(dtype).tiny keeps a
@@ -277,34 +197,25 @@ std::tuple<at::Tensor, at::Tensor> mim_step_cpu(const at::Tensor& x_adv, const a
 at::Tensor apgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
                          const at::Tensor& grad, const at::Tensor& step_size, const at::Tensor& x,
                          double eps, double a) {
-  check_pair("apgd_step", "x_adv", x_adv, "x_adv_old", x_adv_old);
-  check_pair("apgd_step", "x_adv", x_adv, "grad", grad);
-  check_pair("apgd_step", "x_adv", x_adv, "x", x);
-  check_step_size(step_size, x_adv);
-  const std::vector<at::Tensor> d = dense_all({x_adv, x_adv_old, grad, x});
-  at::Tensor out = empty_same_layout(d[0]);
-  const int64_t N = x_adv.size(0);
-  const int64_t M = N > 0 ? out.numel() / N : 0;
-  if (N == 0 || M == 0) {
+  check_apgd_step(x_adv, x_adv_old, grad, step_size, x);
+  const Blocks d = dense_blocks({x_adv, x_adv_old, grad, x});
+  at::Tensor out = d.new_output();
+  if (d.empty()) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "apgd_step_cpu",
-                                  [&] {
+  GUARD_FAST_DISPATCH_FLOATING(x_adv.scalar_type(), "apgd_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // N step sizes in any float dtype / stride; eager multiplies by them in x's dtype, and
     // x's dtype converts exactly to acc_t, so round them to scalar_t first.
     const at::Tensor st = step_size.to(x_adv.scalar_type()).to(acc_dtype(x_adv.scalar_type()))
                               .contiguous();
     const acc_t* steps = st.const_data_ptr<acc_t>();
-    const scalar_t* xa = d[0].const_data_ptr<scalar_t>();
-    const scalar_t* xo = d[1].const_data_ptr<scalar_t>();
-    const scalar_t* gs = d[2].const_data_ptr<scalar_t>();
-    const scalar_t* xs = d[3].const_data_ptr<scalar_t>();
+    const auto [xa, xo, gs, xs] = d.data<scalar_t, 4>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const acc_t ep = static_cast<acc_t>(eps);
     const acc_t aa = static_cast<acc_t>(a);
     const acc_t bb = static_cast<acc_t>(1.0 - a);  // (1 - a) in double, as Python computes it
-    for_each_row_segment(N, M, [&](int64_t i, int64_t off, int64_t len) {
+    for_each_row_segment(d.N, d.M, [&](int64_t i, int64_t off, int64_t len) {
       apgd_row(xa + off, xo + off, gs + off, xs + off, o + off, len, steps[i], ep, aa, bb);
     });
   });
@@ -322,8 +233,7 @@ at::Tensor square_window_cpu(const at::Tensor& x_best, const at::Tensor& lo, con
   if (out.numel() == 0) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xb.scalar_type(), "square_window_cpu",
-                                  [&] {
+  GUARD_FAST_DISPATCH_FLOATING(xb.scalar_type(), "square_window_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* ls = l.const_data_ptr<scalar_t>();
     const scalar_t* hs = h.const_data_ptr<scalar_t>();
@@ -334,13 +244,13 @@ at::Tensor square_window_cpu(const at::Tensor& x_best, const at::Tensor& lo, con
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(s * s, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const acc_t d = static_cast<acc_t>(ss[p % C]) * st;
+        const acc_t sign = static_cast<acc_t>(ss[p % C]);
         for (int64_t r = vh; r < vh + s; ++r) {
           const int64_t row = (p * H + r) * W;
           for (int64_t q = vw; q < vw + s; ++q) {
             const int64_t j = row + q;
-            const acc_t v = clamp_to(static_cast<acc_t>(o[j]) + d, static_cast<acc_t>(ls[j]),
-                                     static_cast<acc_t>(hs[j]));
+            const acc_t v = attack::square(static_cast<acc_t>(o[j]), sign, st,
+                                           static_cast<acc_t>(ls[j]), static_cast<acc_t>(hs[j]));
             o[j] = static_cast<scalar_t>(v);
           }
         }

@@ -1,142 +1,34 @@
-// CUDA kernels for the attack steps pgd_step, mim_step and apgd_step (math in
-// guard_fast.h and kernels/attack_steps.py).
+// CUDA kernels for the attack steps pgd_step, mim_step, apgd_step and
+// square_window (math in guard_fast.h and kernels/attack_steps.py; launch and
+// check helpers in cuda_utils.cuh).
 //
 //   pgd_step_kernel, apgd_step_kernel, mim_apply_kernel
-//       grid-stride elementwise passes over the N*M per-sample blocks (dense_all
-//       in common.cpp), moving 16-byte packs when M and the pointers allow it
-//       (a pack never straddles two samples then); apgd's step size and mim's
-//       scale are looked up per sample at row = j / M.
+//       grid-stride elementwise passes over the N*M per-sample blocks, in
+//       16-byte packs where possible (cuda_utils.cuh); apgd's step size and
+//       mim's scale are looked up per sample at row = j / M.
 //   abs_sum_partial_kernel + mim_scale_kernel
 //       mim_step's reduction: block (i, c) sums |g| over chunk c of sample i
 //       into partial[i * chunks + c] (no atomics, so results are deterministic),
 //       then one block per sample (per_sample) or one block for the batch adds
 //       the partials and writes c_i = max(sum / M, tiny) or c = max(sum, tiny).
 //
-// Bit-exactness with eager PyTorch (fp32/fp64): arithmetic goes through the
-// __f*_rn / __d*_rn intrinsics, which nvcc never contracts into FMAs (it does
-// contract plain a * b + c by default), one IEEE operation each, in eager's order.
-//
-// Only light c10 headers are included, as in ops_cuda.cu.
+// The per-element math is attack_steps.h's, shared with the CPU kernels; on the
+// device its operations are the __f*_rn / __d*_rn intrinsics, which nvcc never
+// contracts into FMAs, so fp32/fp64 results equal eager PyTorch's bit for bit.
+#include "attack_steps.h"
+#include "cuda_utils.cuh"
 #include "guard_fast.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <initializer_list>
 #include <limits>
-#include <string>
-#include <type_traits>
-#include <vector>
 
 namespace guard_fast {
 namespace {
 
-constexpr int kThreads = 256;  // threads per block, a multiple of 32
-constexpr int kPackBytes = 16;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int sm_count(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];
-  if (device >= 0 && device < kMaxDevices) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) {
-      return cached;
-    }
-  }
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < kMaxDevices) {
-    cache[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T>
-constexpr int pack_width() {
-  return kPackBytes / static_cast<int>(sizeof(T));
-}
-
-template <typename scalar_t>
-bool packs_ok(int64_t M, std::initializer_list<const void*> ptrs) {
-  if (M % pack_width<scalar_t>() != 0) {
-    return false;
-  }
-  for (const void* p : ptrs) {
-    if (reinterpret_cast<uintptr_t>(p) % kPackBytes != 0) {
-      return false;
-    }
-  }
-  return true;
-}
-
-int elementwise_blocks(int64_t total, int V, int device) {
-  const int64_t packs = ceil_div(total, V);
-  const int64_t cap = static_cast<int64_t>(sm_count(device)) * 8;
-  return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(packs, kThreads), cap)));
-}
-
-// One IEEE-rounded operation each, never fused into an FMA.
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-
-template <typename T>
-__device__ __forceinline__ T sign_of(T v) {  // torch.sign: 0 for +-0 and NaN
-  return static_cast<T>(static_cast<int>(T(0) < v) - static_cast<int>(v < T(0)));
-}
-
-template <typename T>
-__device__ __forceinline__ T clamp_to(T v, T lo, T hi) {  // min(max(v, lo), hi), NaN kept
-  v = v < lo ? lo : v;
-  return hi < v ? hi : v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    v += __shfl_down_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T block_sum(T v) {
-  __shared__ T warp_totals[kThreads / 32];
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  v = warp_sum(v);
-  if (lane == 0) {
-    warp_totals[warp] = v;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kThreads / 32 ? warp_totals[lane] : T(0);
-    v = warp_sum(v);
-  }
-  return v;
-}
+using namespace gpu;
 
 // ---- pgd_step --------------------------------------------------------------
 
@@ -147,23 +39,18 @@ __global__ void __launch_bounds__(kThreads)
                     at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t> eps) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = kPacked ? pack_width<scalar_t>() : 1;
-  using P = Pack<scalar_t, V>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * V;
-  for (int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V; j < total;
-       j += stride) {
-    const P pa = *reinterpret_cast<const P*>(xa + j);
-    const P px = *reinterpret_cast<const P*>(x + j);
-    const P pg = *reinterpret_cast<const P*>(g + j);
-    P po;
+  for (int64_t stride = pack_stride<V>(), j = first_pack<V>(); j < total; j += stride) {
+    const auto pa = load_pack<V>(xa, j);
+    const auto px = load_pack<V>(x, j);
+    const auto pg = load_pack<V>(g, j);
+    Pack<scalar_t, V> po;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const acc_t xv = static_cast<acc_t>(px.v[k]);
-      acc_t v = add_rn(mul_rn(sign_of(static_cast<acc_t>(pg.v[k])), alpha),
-                       static_cast<acc_t>(pa.v[k]));
-      v = add_rn(clamp_to(sub_rn(v, xv), -eps, eps), xv);
-      po.v[k] = static_cast<scalar_t>(clamp_to(v, acc_t(0), acc_t(1)));
+      po.v[k] = static_cast<scalar_t>(attack::pgd(static_cast<acc_t>(pa.v[k]),
+                                                  static_cast<acc_t>(px.v[k]),
+                                                  static_cast<acc_t>(pg.v[k]), alpha, eps));
     }
-    *reinterpret_cast<P*>(out + j) = po;
+    store_pack(out, j, po);
   }
 }
 
@@ -178,31 +65,21 @@ __global__ void __launch_bounds__(kThreads)
                      at::opmath_type<scalar_t> b) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = kPacked ? pack_width<scalar_t>() : 1;
-  using P = Pack<scalar_t, V>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * V;
-  for (int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V; j < total;
-       j += stride) {
-    const P pa = *reinterpret_cast<const P*>(xa + j);
-    const P po_ = *reinterpret_cast<const P*>(xo + j);
-    const P pg = *reinterpret_cast<const P*>(g + j);
-    const P px = *reinterpret_cast<const P*>(x + j);
-    P pout;
+  for (int64_t stride = pack_stride<V>(), j = first_pack<V>(); j < total; j += stride) {
+    const auto pa = load_pack<V>(xa, j);
+    const auto po_ = load_pack<V>(xo, j);
+    const auto pg = load_pack<V>(g, j);
+    const auto px = load_pack<V>(x, j);
+    Pack<scalar_t, V> pout;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       // packs stay inside one sample when kPacked (M % V == 0); else V == 1
       const acc_t step = steps[(j + k) / M];
-      const acc_t xv = static_cast<acc_t>(px.v[k]);
-      const acc_t xav = static_cast<acc_t>(pa.v[k]);
-      acc_t lo = sub_rn(xv, eps);
-      lo = lo < acc_t(0) ? acc_t(0) : lo;
-      acc_t hi = add_rn(xv, eps);
-      hi = acc_t(1) < hi ? acc_t(1) : hi;
-      acc_t z = clamp_to(add_rn(mul_rn(sign_of(static_cast<acc_t>(pg.v[k])), step), xav), lo, hi);
-      z = add_rn(mul_rn(sub_rn(z, xav), a), xav);
-      z = add_rn(z, mul_rn(sub_rn(xav, static_cast<acc_t>(po_.v[k])), b));
-      pout.v[k] = static_cast<scalar_t>(clamp_to(z, lo, hi));
+      pout.v[k] = static_cast<scalar_t>(
+          attack::apgd(static_cast<acc_t>(pa.v[k]), static_cast<acc_t>(po_.v[k]),
+                       static_cast<acc_t>(pg.v[k]), static_cast<acc_t>(px.v[k]), step, eps, a, b));
     }
-    *reinterpret_cast<P*>(out + j) = pout;
+    store_pack(out, j, pout);
   }
 }
 
@@ -243,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   s = block_sum(s);
   if (threadIdx.x == 0) {
-    const acc_t c = div == acc_t(1) ? s : div_rn(s, div);
+    const acc_t c = div == acc_t(1) ? s : attack::div_rn(s, div);
     scale[blockIdx.x] = c < tiny ? tiny : c;
   }
 }
@@ -258,198 +135,29 @@ __global__ void __launch_bounds__(kThreads)
                      at::opmath_type<scalar_t> eps, at::opmath_type<scalar_t> decay) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = kPacked ? pack_width<scalar_t>() : 1;
-  using P = Pack<scalar_t, V>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * V;
-  for (int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V; j < total;
-       j += stride) {
-    const P pa = *reinterpret_cast<const P*>(xa + j);
-    const P px = *reinterpret_cast<const P*>(x + j);
-    const P pg = *reinterpret_cast<const P*>(g + j);
-    const P pm = *reinterpret_cast<const P*>(mom + j);
-    P po, pmo;
+  for (int64_t stride = pack_stride<V>(), j = first_pack<V>(); j < total; j += stride) {
+    const auto pa = load_pack<V>(xa, j);
+    const auto px = load_pack<V>(x, j);
+    const auto pg = load_pack<V>(g, j);
+    const auto pm = load_pack<V>(mom, j);
+    Pack<scalar_t, V> po, pmo;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const acc_t c = scale[per_sample ? (j + k) / M : 0];
-      const scalar_t m = static_cast<scalar_t>(
-          add_rn(div_rn(static_cast<acc_t>(pg.v[k]), c), mul_rn(static_cast<acc_t>(pm.v[k]), decay)));
+      const scalar_t m = static_cast<scalar_t>(attack::mim_momentum(
+          static_cast<acc_t>(pg.v[k]), static_cast<acc_t>(pm.v[k]), c, decay));
       pmo.v[k] = m;
-      const acc_t xv = static_cast<acc_t>(px.v[k]);
-      acc_t v = add_rn(mul_rn(sign_of(static_cast<acc_t>(m)), alpha), static_cast<acc_t>(pa.v[k]));
-      if (per_sample) {
-        v = add_rn(clamp_to(sub_rn(v, xv), -eps, eps), xv);
-      } else {
-        v = clamp_to(v, sub_rn(xv, eps), add_rn(xv, eps));
-      }
-      po.v[k] = static_cast<scalar_t>(clamp_to(v, acc_t(0), acc_t(1)));
+      const acc_t xav = static_cast<acc_t>(pa.v[k]), xv = static_cast<acc_t>(px.v[k]);
+      po.v[k] = static_cast<scalar_t>(
+          per_sample ? attack::mim<true>(xav, xv, static_cast<acc_t>(m), alpha, eps)
+                     : attack::mim<false>(xav, xv, static_cast<acc_t>(m), alpha, eps));
     }
-    *reinterpret_cast<P*>(out + j) = po;
-    *reinterpret_cast<P*>(m_out + j) = pmo;
+    store_pack(out, j, po);
+    store_pack(m_out, j, pmo);
   }
 }
 
-}  // namespace
-
-at::Tensor pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
-                         double alpha, double eps) {
-  check_pair("pgd_step", "x_adv", x_adv, "x", x);
-  check_pair("pgd_step", "x_adv", x_adv, "grad", grad);
-  TORCH_CHECK(x_adv.is_cuda(), "pgd_step: x_adv must be a CUDA tensor here, got ", x_adv.device());
-  const c10::cuda::CUDAGuard guard(x_adv.device());
-  const std::vector<at::Tensor> d = dense_all({x_adv, x, grad});
-  at::Tensor out = empty_same_layout(d[0]);
-  const int64_t total = out.numel();
-  const int64_t N = x_adv.size(0);
-  if (total == 0) {
-    return out;
-  }
-  const int device = x_adv.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "pgd_step_cuda",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xa = d[0].const_data_ptr<scalar_t>();
-    const scalar_t* xs = d[1].const_data_ptr<scalar_t>();
-    const scalar_t* gs = d[2].const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const bool packed = packs_ok<scalar_t>(total / N, {xa, xs, gs, o});
-    const int V = packed ? pack_width<scalar_t>() : 1;
-    const int blocks = elementwise_blocks(total, V, device);
-    const acc_t al = static_cast<acc_t>(alpha);
-    const acc_t ep = static_cast<acc_t>(eps);
-    if (packed) {
-      pgd_step_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(xa, xs, gs, o, total, al, ep);
-    } else {
-      pgd_step_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(xa, xs, gs, o, total, al, ep);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> mim_step_cuda(const at::Tensor& x_adv, const at::Tensor& x,
-                                                 const at::Tensor& grad, const at::Tensor& momentum,
-                                                 double alpha, double eps, double decay,
-                                                 bool per_sample) {
-  check_pair("mim_step", "x_adv", x_adv, "x", x);
-  check_pair("mim_step", "x_adv", x_adv, "grad", grad);
-  check_pair("mim_step", "x_adv", x_adv, "momentum", momentum);
-  TORCH_CHECK(x_adv.is_cuda(), "mim_step: x_adv must be a CUDA tensor here, got ", x_adv.device());
-  const c10::cuda::CUDAGuard guard(x_adv.device());
-  const std::vector<at::Tensor> d = dense_all({x_adv, x, grad, momentum});
-  at::Tensor out = empty_same_layout(d[0]);
-  at::Tensor m_out = empty_same_layout(d[0]);
-  const int64_t N = x_adv.size(0);
-  const int64_t M = N > 0 ? out.numel() / N : 0;
-  if (N == 0 || M == 0) {
-    return {out, m_out};
-  }
-  const int device = x_adv.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "mim_step_cuda",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xa = d[0].const_data_ptr<scalar_t>();
-    const scalar_t* xs = d[1].const_data_ptr<scalar_t>();
-    const scalar_t* gs = d[2].const_data_ptr<scalar_t>();
-    const scalar_t* ms = d[3].const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    scalar_t* mo = m_out.mutable_data_ptr<scalar_t>();
-    // reduction: ~4 blocks per SM, chunks of >= 4 elements per thread
-    const int64_t target_blocks = static_cast<int64_t>(sm_count(device)) * 4;
-    int64_t chunks = 1;
-    if (N < target_blocks) {
-      chunks = std::max<int64_t>(1, std::min(ceil_div(target_blocks, N), M / (kThreads * 4)));
-    }
-    const int64_t chunk = ceil_div(M, chunks);
-    chunks = ceil_div(M, chunk);
-    TORCH_CHECK(N * chunks <= std::numeric_limits<int32_t>::max(),
-                "mim_step: batch too large for the CUDA reduction grid (N = ", std::to_string(N),
-                ")");
-    const auto acc_opts = x_adv.options().dtype(acc_dtype(x_adv.scalar_type()));
-    at::Tensor partial = at::empty({N * chunks}, acc_opts);
-    at::Tensor scale = at::empty({per_sample ? N : 1}, acc_opts);
-    acc_t* pp = partial.mutable_data_ptr<acc_t>();
-    acc_t* sp = scale.mutable_data_ptr<acc_t>();
-    abs_sum_partial_kernel<scalar_t>
-        <<<static_cast<unsigned>(N * chunks), kThreads, 0, stream>>>(gs, M, chunk, chunks, pp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const acc_t tiny = static_cast<acc_t>(std::numeric_limits<scalar_t>::min());
-    if (per_sample) {
-      mim_scale_kernel<acc_t><<<static_cast<unsigned>(N), kThreads, 0, stream>>>(
-          pp, chunks, static_cast<acc_t>(M), tiny, sp);
-    } else {
-      mim_scale_kernel<acc_t><<<1, kThreads, 0, stream>>>(pp, N * chunks, acc_t(1), tiny, sp);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t total = N * M;
-    const bool packed = packs_ok<scalar_t>(M, {xa, xs, gs, ms, o, mo});
-    const int V = packed ? pack_width<scalar_t>() : 1;
-    const int blocks = elementwise_blocks(total, V, device);
-    const acc_t al = static_cast<acc_t>(alpha);
-    const acc_t ep = static_cast<acc_t>(eps);
-    const acc_t de = static_cast<acc_t>(decay);
-    if (packed) {
-      mim_apply_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
-          xa, xs, gs, ms, sp, per_sample, o, mo, M, total, al, ep, de);
-    } else {
-      mim_apply_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
-          xa, xs, gs, ms, sp, per_sample, o, mo, M, total, al, ep, de);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {out, m_out};
-}
-
-at::Tensor apgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
-                          const at::Tensor& grad, const at::Tensor& step_size, const at::Tensor& x,
-                          double eps, double a) {
-  check_pair("apgd_step", "x_adv", x_adv, "x_adv_old", x_adv_old);
-  check_pair("apgd_step", "x_adv", x_adv, "grad", grad);
-  check_pair("apgd_step", "x_adv", x_adv, "x", x);
-  check_step_size(step_size, x_adv);
-  TORCH_CHECK(x_adv.is_cuda(), "apgd_step: x_adv must be a CUDA tensor here, got ", x_adv.device());
-  const c10::cuda::CUDAGuard guard(x_adv.device());
-  const std::vector<at::Tensor> d = dense_all({x_adv, x_adv_old, grad, x});
-  at::Tensor out = empty_same_layout(d[0]);
-  const int64_t N = x_adv.size(0);
-  const int64_t M = N > 0 ? out.numel() / N : 0;
-  if (N == 0 || M == 0) {
-    return out;
-  }
-  const int device = x_adv.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_adv.scalar_type(), "apgd_step_cuda",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    // rounded to x's dtype first, as eager multiplies by step sizes of x's dtype
-    const at::Tensor st =
-        step_size.to(x_adv.scalar_type()).to(acc_dtype(x_adv.scalar_type())).contiguous();
-    const scalar_t* xa = d[0].const_data_ptr<scalar_t>();
-    const scalar_t* xo = d[1].const_data_ptr<scalar_t>();
-    const scalar_t* gs = d[2].const_data_ptr<scalar_t>();
-    const scalar_t* xs = d[3].const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const int64_t total = N * M;
-    const bool packed = packs_ok<scalar_t>(M, {xa, xo, gs, xs, o});
-    const int V = packed ? pack_width<scalar_t>() : 1;
-    const int blocks = elementwise_blocks(total, V, device);
-    const acc_t ep = static_cast<acc_t>(eps);
-    const acc_t aa = static_cast<acc_t>(a);
-    const acc_t bb = static_cast<acc_t>(1.0 - a);  // (1 - a) in double, as Python computes it
-    const acc_t* sp = st.const_data_ptr<acc_t>();
-    if (packed) {
-      apgd_step_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
-          xa, xo, gs, sp, xs, o, M, total, ep, aa, bb);
-    } else {
-      apgd_step_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
-          xa, xo, gs, sp, xs, o, M, total, ep, aa, bb);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
-}
-
-namespace {
+// ---- square_window ---------------------------------------------------------
 
 // One thread per element of the contiguous (N, C, H, W) output: window pixels get
 // clamp(x + step * sign_c, lo, hi) (lo/hi/signs read only there), the rest copy x_best.
@@ -461,19 +169,17 @@ __global__ void __launch_bounds__(kThreads)
                          int64_t W, int64_t vh, int64_t vw, int64_t s,
                          at::opmath_type<scalar_t> step) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; j < total;
-       j += stride) {
+  for (int64_t stride = pack_stride<1>(), j = first_pack<1>(); j < total; j += stride) {
     const int64_t w = j % W;
     const int64_t t = j / W;
     const int64_t h = t % H;
     const scalar_t x = xb[j];
     if (h >= vh && h < vh + s && w >= vw && w < vw + s) {
       const int64_t c = (t / H) % C;
-      const acc_t d = mul_rn(static_cast<acc_t>(sg[c]), step);
-      out[j] = static_cast<scalar_t>(clamp_to(add_rn(static_cast<acc_t>(x), d),
-                                              static_cast<acc_t>(lo[j]),
-                                              static_cast<acc_t>(hi[j])));
+      out[j] = static_cast<scalar_t>(attack::square(static_cast<acc_t>(x),
+                                                    static_cast<acc_t>(sg[c]), step,
+                                                    static_cast<acc_t>(lo[j]),
+                                                    static_cast<acc_t>(hi[j])));
     } else {
       out[j] = x;
     }
@@ -482,13 +188,116 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
+at::Tensor pgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
+                         double alpha, double eps) {
+  check_pgd_step(x_adv, x, grad);
+  const DeviceScope scope("pgd_step", "x_adv", x_adv);
+  const Blocks d = dense_blocks({x_adv, x, grad});
+  at::Tensor out = d.new_output();
+  if (d.empty()) {
+    return out;
+  }
+  GUARD_FAST_DISPATCH_FLOATING(x_adv.scalar_type(), "pgd_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto [xa, xs, gs] = d.data<scalar_t, 3>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t total = d.N * d.M;
+    const acc_t al = static_cast<acc_t>(alpha);
+    const acc_t ep = static_cast<acc_t>(eps);
+    launch_elementwise<scalar_t>(scope, d.M, total, {xa, xs, gs, o}, [&](auto packed, int blocks) {
+      pgd_step_kernel<scalar_t, decltype(packed)::value>
+          <<<blocks, kThreads, 0, scope.stream>>>(xa, xs, gs, o, total, al, ep);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mim_step_cuda(const at::Tensor& x_adv, const at::Tensor& x,
+                                                 const at::Tensor& grad, const at::Tensor& momentum,
+                                                 double alpha, double eps, double decay,
+                                                 bool per_sample) {
+  check_mim_step(x_adv, x, grad, momentum);
+  const DeviceScope scope("mim_step", "x_adv", x_adv);
+  const Blocks d = dense_blocks({x_adv, x, grad, momentum});
+  at::Tensor out = d.new_output();
+  at::Tensor m_out = d.new_output();
+  if (d.empty()) {
+    return {out, m_out};
+  }
+  const int64_t N = d.N, M = d.M;
+  GUARD_FAST_DISPATCH_FLOATING(x_adv.scalar_type(), "mim_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto [xa, xs, gs, ms] = d.data<scalar_t, 4>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    scalar_t* mo = m_out.mutable_data_ptr<scalar_t>();
+    // reduction: partial |g| sums per (sample, chunk), then the scale per sample or batch
+    const RowSplit split = split_rows("mim_step", N, M, 1, scope.device);
+    const auto acc_opts = x_adv.options().dtype(acc_dtype(x_adv.scalar_type()));
+    at::Tensor partial = at::empty({N * split.chunks}, acc_opts);
+    at::Tensor scale = at::empty({per_sample ? N : 1}, acc_opts);
+    acc_t* pp = partial.mutable_data_ptr<acc_t>();
+    acc_t* sp = scale.mutable_data_ptr<acc_t>();
+    abs_sum_partial_kernel<scalar_t><<<static_cast<unsigned>(N * split.chunks), kThreads, 0,
+                                       scope.stream>>>(gs, M, split.chunk, split.chunks, pp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const acc_t tiny = static_cast<acc_t>(std::numeric_limits<scalar_t>::min());
+    if (per_sample) {
+      mim_scale_kernel<acc_t><<<static_cast<unsigned>(N), kThreads, 0, scope.stream>>>(
+          pp, split.chunks, static_cast<acc_t>(M), tiny, sp);
+    } else {
+      mim_scale_kernel<acc_t><<<1, kThreads, 0, scope.stream>>>(pp, N * split.chunks, acc_t(1),
+                                                                tiny, sp);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t total = N * M;
+    const acc_t al = static_cast<acc_t>(alpha);
+    const acc_t ep = static_cast<acc_t>(eps);
+    const acc_t de = static_cast<acc_t>(decay);
+    launch_elementwise<scalar_t>(scope, M, total, {xa, xs, gs, ms, o, mo},
+                                 [&](auto packed, int blocks) {
+      mim_apply_kernel<scalar_t, decltype(packed)::value><<<blocks, kThreads, 0, scope.stream>>>(
+          xa, xs, gs, ms, sp, per_sample, o, mo, M, total, al, ep, de);
+    });
+  });
+  return {out, m_out};
+}
+
+at::Tensor apgd_step_cuda(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
+                          const at::Tensor& grad, const at::Tensor& step_size, const at::Tensor& x,
+                          double eps, double a) {
+  check_apgd_step(x_adv, x_adv_old, grad, step_size, x);
+  const DeviceScope scope("apgd_step", "x_adv", x_adv);
+  const Blocks d = dense_blocks({x_adv, x_adv_old, grad, x});
+  at::Tensor out = d.new_output();
+  if (d.empty()) {
+    return out;
+  }
+  GUARD_FAST_DISPATCH_FLOATING(x_adv.scalar_type(), "apgd_step_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // rounded to x's dtype first, as eager multiplies by step sizes of x's dtype
+    const at::Tensor st =
+        step_size.to(x_adv.scalar_type()).to(acc_dtype(x_adv.scalar_type())).contiguous();
+    const auto [xa, xo, gs, xs] = d.data<scalar_t, 4>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t total = d.N * d.M;
+    const acc_t ep = static_cast<acc_t>(eps);
+    const acc_t aa = static_cast<acc_t>(a);
+    const acc_t bb = static_cast<acc_t>(1.0 - a);  // (1 - a) in double, as Python computes it
+    const acc_t* sp = st.const_data_ptr<acc_t>();
+    launch_elementwise<scalar_t>(scope, d.M, total, {xa, xo, gs, xs, o},
+                                 [&](auto packed, int blocks) {
+      apgd_step_kernel<scalar_t, decltype(packed)::value><<<blocks, kThreads, 0, scope.stream>>>(
+          xa, xo, gs, sp, xs, o, d.M, total, ep, aa, bb);
+    });
+  });
+  return out;
+}
+
 at::Tensor square_window_cuda(const at::Tensor& x_best, const at::Tensor& lo,
                               const at::Tensor& hi, const at::Tensor& signs, int64_t vh,
                               int64_t vw, int64_t s, double step) {
   check_square_window(x_best, lo, hi, signs, vh, vw, s);
-  TORCH_CHECK(x_best.is_cuda(), "square_window: x_best must be a CUDA tensor here, got ",
-              x_best.device());
-  const c10::cuda::CUDAGuard guard(x_best.device());
+  const DeviceScope scope("square_window", "x_best", x_best);
   const at::Tensor xb = x_best.contiguous(), l = lo.contiguous(), h = hi.contiguous();
   const at::Tensor sg = signs.contiguous();
   at::Tensor out = at::empty_like(xb);
@@ -496,13 +305,10 @@ at::Tensor square_window_cuda(const at::Tensor& x_best, const at::Tensor& lo,
   if (total == 0) {
     return out;
   }
-  const int device = x_best.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xb.scalar_type(), "square_window_cuda",
-                                  [&] {
+  GUARD_FAST_DISPATCH_FLOATING(xb.scalar_type(), "square_window_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int blocks = elementwise_blocks(total, 1, device);
-    square_window_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    square_window_kernel<scalar_t><<<elementwise_blocks(total, 1, scope.device), kThreads, 0,
+                                     scope.stream>>>(
         xb.const_data_ptr<scalar_t>(), l.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(),
         sg.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), total, xb.size(1),
         xb.size(2), xb.size(3), vh, vw, s, static_cast<acc_t>(step));

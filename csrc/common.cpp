@@ -34,6 +34,20 @@ std::string shape_str(const at::Tensor& t) {
   return out + "]";
 }
 
+// t holds one value per sample of x: floating, shape (N,) with N = x.size(0), on x's device.
+void check_per_sample(const char* op, const char* name, const at::Tensor& t, const char* xname,
+                      const at::Tensor& x) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a defined tensor");
+  TORCH_CHECK(supported_float(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor (float32, float64, bfloat16 or float16), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": device mismatch, ", name, " is on ", t.device(),
+              " but ", xname, " is on ", x.device());
+  TORCH_CHECK(t.dim() == 1 && t.sym_size(0) == x.sym_size(0), op, ": ", name,
+              " must have shape (N,) with N = ", xname, ".size(0), ", xname, " has shape ",
+              shape_str(x), " but ", name, " has shape ", shape_str(t));
+}
+
 }  // namespace
 
 at::ScalarType acc_dtype(at::ScalarType t) {
@@ -56,18 +70,49 @@ void check_pair(const char* op, const char* an, const at::Tensor& a,
               shape_str(a), " but ", bn, " has shape ", shape_str(b));
 }
 
-void check_grad_out(const at::Tensor& grad_out, const at::Tensor& a) {
-  const char* op = "sqdiff_norm_backward";
-  TORCH_CHECK(grad_out.defined(), op, ": grad_out must be a defined tensor");
-  TORCH_CHECK(supported_float(grad_out.scalar_type()), op,
-              ": grad_out must be a floating-point tensor (float32, float64, bfloat16 or "
-              "float16), got ",
-              grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == a.device(), op, ": device mismatch, grad_out is on ",
-              grad_out.device(), " but a is on ", a.device());
-  TORCH_CHECK(grad_out.dim() == 1 && grad_out.sym_size(0) == a.sym_size(0), op,
-              ": grad_out must have shape (N,) with N = a.size(0), a has shape ", shape_str(a),
-              " but grad_out has shape ", shape_str(grad_out));
+void check_sqdiff_norm_backward(const at::Tensor& grad_out, const at::Tensor& a,
+                                const at::Tensor& b) {
+  check_pair("sqdiff_norm_backward", "a", a, "b", b);
+  check_per_sample("sqdiff_norm_backward", "grad_out", grad_out, "a", a);
+}
+
+void check_pgd_step(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad) {
+  check_pair("pgd_step", "x_adv", x_adv, "x", x);
+  check_pair("pgd_step", "x_adv", x_adv, "grad", grad);
+}
+
+void check_mim_step(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
+                    const at::Tensor& momentum) {
+  check_pair("mim_step", "x_adv", x_adv, "x", x);
+  check_pair("mim_step", "x_adv", x_adv, "grad", grad);
+  check_pair("mim_step", "x_adv", x_adv, "momentum", momentum);
+}
+
+void check_apgd_step(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
+                     const at::Tensor& grad, const at::Tensor& step_size, const at::Tensor& x) {
+  check_pair("apgd_step", "x_adv", x_adv, "x_adv_old", x_adv_old);
+  check_pair("apgd_step", "x_adv", x_adv, "grad", grad);
+  check_pair("apgd_step", "x_adv", x_adv, "x", x);
+  check_per_sample("apgd_step", "step_size", step_size, "x_adv", x_adv);
+}
+
+void check_square_window(const at::Tensor& x_best, const at::Tensor& lo, const at::Tensor& hi,
+                         const at::Tensor& signs, int64_t vh, int64_t vw, int64_t s) {
+  const char* op = "square_window";
+  check_pair(op, "x_best", x_best, "lo", lo);
+  check_pair(op, "x_best", x_best, "hi", hi);
+  TORCH_CHECK(x_best.dim() == 4, op, ": x_best must be (N, C, H, W), got shape ",
+              shape_str(x_best));
+  const int64_t C = x_best.size(1), H = x_best.size(2), W = x_best.size(3);
+  TORCH_CHECK(signs.numel() == C && signs.scalar_type() == x_best.scalar_type() &&
+                  signs.device() == x_best.device(),
+              op, ": signs must hold ", std::to_string(C),
+              " values of x_best's dtype and device, got ", std::to_string(signs.numel()), " ",
+              signs.scalar_type(), " values on ", signs.device());
+  TORCH_CHECK(s >= 1 && vh >= 0 && vw >= 0 && vh + s <= H && vw + s <= W, op,
+              ": the window at (", std::to_string(vh), ", ", std::to_string(vw), ") of side ",
+              std::to_string(s), " does not fit images of ", std::to_string(H), " x ",
+              std::to_string(W));
 }
 
 bool batch_dense(const at::Tensor& t) {
@@ -88,13 +133,6 @@ bool batch_dense(const at::Tensor& t) {
   return t.sym_stride(0) == m;
 }
 
-std::pair<at::Tensor, at::Tensor> dense_pair(const at::Tensor& a, const at::Tensor& b) {
-  if (a.sym_strides().equals(b.sym_strides()) && batch_dense(a)) {
-    return {a, b};
-  }
-  return {a.contiguous(), b.contiguous()};
-}
-
 std::vector<at::Tensor> dense_all(at::TensorList ts) {
   bool same = !ts.empty() && batch_dense(ts[0]);
   for (size_t k = 1; same && k < ts.size(); ++k) {
@@ -108,57 +146,53 @@ std::vector<at::Tensor> dense_all(at::TensorList ts) {
   return out;
 }
 
-void check_step_size(const at::Tensor& step_size, const at::Tensor& x) {
-  const char* op = "apgd_step";
-  TORCH_CHECK(step_size.defined(), op, ": step_size must be a defined tensor");
-  TORCH_CHECK(supported_float(step_size.scalar_type()), op,
-              ": step_size must be a floating-point tensor, got ", step_size.scalar_type());
-  TORCH_CHECK(step_size.device() == x.device(), op, ": device mismatch, step_size is on ",
-              step_size.device(), " but x_adv is on ", x.device());
-  TORCH_CHECK(step_size.dim() == 1 && step_size.sym_size(0) == x.sym_size(0), op,
-              ": step_size must have shape (N,) with N = x_adv.size(0), x_adv has shape ",
-              shape_str(x), " but step_size has shape ", shape_str(step_size));
-}
-
 at::Tensor empty_same_layout(const at::Tensor& t) {
   return at::empty_strided_symint(t.sym_sizes(), t.sym_strides(), t.options());
 }
 
+Blocks dense_blocks(at::TensorList ts) {
+  Blocks b{dense_all(ts)};
+  b.N = ts[0].size(0);
+  b.M = b.N > 0 ? ts[0].numel() / b.N : 0;
+  return b;
+}
+
 // ---- Meta kernels: shapes, dtypes and strides only -------------------------
 // Registered for DispatchKey::Meta, which FakeTensor (torch.compile, opcheck)
-// uses when no Python fake impl exists. They mirror the real kernels' choices.
+// uses when no Python fake impl exists. They mirror the real kernels' choices:
+// outputs in dense_all's layout of the inputs (x_adv's strides or contiguous),
+// per-sample results (N,) in the acc dtype.
+
+namespace {
+
+at::Tensor per_sample_meta(const at::Tensor& x) {
+  return at::empty_symint({x.sym_size(0)}, x.options().dtype(acc_dtype(x.scalar_type())));
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> perturb_meta(const at::Tensor& x, const at::Tensor& g,
                                                 double /*h*/, double /*tiny*/) {
   check_pair("perturb", "x", x, "g", g);
-  auto [xd, gd] = dense_pair(x, g);
-  at::Tensor xp = empty_same_layout(xd);
-  at::Tensor norm =
-      at::empty_symint({x.sym_size(0)}, x.options().dtype(acc_dtype(x.scalar_type())));
-  return {xp, norm};
+  return {empty_same_layout(dense_all({x, g})[0]), per_sample_meta(x)};
 }
 
 at::Tensor sqdiff_norm_meta(const at::Tensor& a, const at::Tensor& b) {
   check_pair("sqdiff_norm", "a", a, "b", b);
-  return at::empty_symint({a.sym_size(0)}, a.options().dtype(acc_dtype(a.scalar_type())));
+  return per_sample_meta(a);
 }
 
 std::tuple<at::Tensor, at::Tensor> sqdiff_norm_backward_meta(const at::Tensor& grad_out,
                                                              const at::Tensor& a,
                                                              const at::Tensor& b) {
-  check_pair("sqdiff_norm_backward", "a", a, "b", b);
-  check_grad_out(grad_out, a);
-  auto [ad, bd] = dense_pair(a, b);
-  return {empty_same_layout(ad), empty_same_layout(ad)};
+  check_sqdiff_norm_backward(grad_out, a, b);
+  const at::Tensor d = dense_all({a, b})[0];
+  return {empty_same_layout(d), empty_same_layout(d)};
 }
-
-// Attack steps: every tensor argument has x_adv's shape, dtype and device; the
-// outputs follow dense_all's layout (x_adv's strides or contiguous).
 
 at::Tensor pgd_step_meta(const at::Tensor& x_adv, const at::Tensor& x, const at::Tensor& grad,
                          double /*alpha*/, double /*eps*/) {
-  check_pair("pgd_step", "x_adv", x_adv, "x", x);
-  check_pair("pgd_step", "x_adv", x_adv, "grad", grad);
+  check_pgd_step(x_adv, x, grad);
   return empty_same_layout(dense_all({x_adv, x, grad})[0]);
 }
 
@@ -166,9 +200,7 @@ std::tuple<at::Tensor, at::Tensor> mim_step_meta(const at::Tensor& x_adv, const 
                                                  const at::Tensor& grad, const at::Tensor& momentum,
                                                  double /*alpha*/, double /*eps*/,
                                                  double /*decay*/, bool /*per_sample*/) {
-  check_pair("mim_step", "x_adv", x_adv, "x", x);
-  check_pair("mim_step", "x_adv", x_adv, "grad", grad);
-  check_pair("mim_step", "x_adv", x_adv, "momentum", momentum);
+  check_mim_step(x_adv, x, grad, momentum);
   const at::Tensor d = dense_all({x_adv, x, grad, momentum})[0];
   return {empty_same_layout(d), empty_same_layout(d)};
 }
@@ -176,27 +208,8 @@ std::tuple<at::Tensor, at::Tensor> mim_step_meta(const at::Tensor& x_adv, const 
 at::Tensor apgd_step_meta(const at::Tensor& x_adv, const at::Tensor& x_adv_old,
                           const at::Tensor& grad, const at::Tensor& step_size, const at::Tensor& x,
                           double /*eps*/, double /*a*/) {
-  check_pair("apgd_step", "x_adv", x_adv, "x_adv_old", x_adv_old);
-  check_pair("apgd_step", "x_adv", x_adv, "grad", grad);
-  check_pair("apgd_step", "x_adv", x_adv, "x", x);
-  check_step_size(step_size, x_adv);
+  check_apgd_step(x_adv, x_adv_old, grad, step_size, x);
   return empty_same_layout(dense_all({x_adv, x_adv_old, grad, x})[0]);
-}
-
-void check_square_window(const at::Tensor& x_best, const at::Tensor& lo, const at::Tensor& hi,
-                         const at::Tensor& signs, int64_t vh, int64_t vw, int64_t s) {
-  check_pair("square_window", "x_best", x_best, "lo", lo);
-  check_pair("square_window", "x_best", x_best, "hi", hi);
-  TORCH_CHECK(x_best.dim() == 4, "square_window: x_best must be (N, C, H, W), got ",
-              x_best.sizes());
-  const int64_t C = x_best.size(1), H = x_best.size(2), W = x_best.size(3);
-  TORCH_CHECK(signs.numel() == C && signs.scalar_type() == x_best.scalar_type() &&
-                  signs.device() == x_best.device(),
-              "square_window: signs must hold ", C, " values of x_best's dtype and device, got ",
-              signs.numel(), " ", signs.scalar_type(), " values on ", signs.device());
-  TORCH_CHECK(s >= 1 && vh >= 0 && vw >= 0 && vh + s <= H && vw + s <= W,
-              "square_window: the window at (", vh, ", ", vw, ") of side ", s,
-              " does not fit images of ", H, " x ", W);
 }
 
 at::Tensor square_window_meta(const at::Tensor& x_best, const at::Tensor& lo,

@@ -1,16 +1,9 @@
 // CPU kernels for perturb, sqdiff_norm and sqdiff_norm_backward.
 //
-// Inputs arrive as raw per-sample blocks (see dense_pair in common.cpp):
-// sample i is elements [i*M, (i+1)*M) of each buffer, the same order in every
-// argument and output. Work is split with at::parallel_for:
-//   * reductions (sum of squares per sample): over samples when there are at
-//     least as many samples as threads, otherwise each sample is cut into
-//     chunks (>= kMinChunk elements) whose partial sums are added afterwards,
-//     so a batch of one 3x224x224 image still uses every thread;
-//   * elementwise passes: over the flat range [0, N*M), each thread walking
-//     the row segments its range covers.
-// Vector code uses at::vec::Vectorized on blocks of 2 * Vectorized<acc_t>::size()
+// Inputs arrive as raw per-sample blocks, split over threads as cpu_utils.h
+// describes. Vector code uses at::vec::Vectorized on blocks of 2 * Vectorized<acc_t>::size()
 // elements (fp16/bf16 are widened to float), with a scalar tail.
+#include "cpu_utils.h"
 #include "guard_fast.h"
 
 #include <ATen/ATen.h>
@@ -29,17 +22,8 @@ namespace guard_fast {
 namespace {
 
 using at::vec::Vectorized;
-
-// Elements per parallel task in elementwise passes (ATen's own default).
-constexpr int64_t kGrain = 32768;
-// Smallest chunk of one sample given to a thread in a split reduction.
-constexpr int64_t kMinChunk = 8192;
-// Reductions restart their vector accumulators every kCascade elements and add
-// the block sum into an outer accumulator: a two-level (cascade) sum whose
-// rounding error grows with kCascade + M / kCascade instead of M.
-constexpr int64_t kCascade = 4096;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using cpu::for_each_row_segment;
+using cpu::kCascade;
 
 // Loads / stores kBlock consecutive scalar_t as two Vectorized<acc_t>.
 template <typename scalar_t>
@@ -118,55 +102,8 @@ at::opmath_type<scalar_t> sum_sq(const scalar_t* a, const scalar_t* b, int64_t n
 template <typename scalar_t, bool kDiff>
 void rowwise_sum_sq(const scalar_t* a, const scalar_t* b, int64_t N, int64_t M,
                     at::opmath_type<scalar_t>* out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t threads = at::get_num_threads();
-  int64_t chunks = 1;
-  if (N < threads) {
-    chunks = std::max<int64_t>(1, std::min(ceil_div(threads, N), M / kMinChunk));
-  }
-  if (chunks == 1) {
-    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(M, 1));
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        out[i] = sum_sq<scalar_t, kDiff>(a + i * M, kDiff ? b + i * M : nullptr, M);
-      }
-    });
-    return;
-  }
-  // Two-level reduction: task t = i * chunks + c sums chunk c of sample i.
-  const int64_t chunk = ceil_div(M, chunks);
-  chunks = ceil_div(M, chunk);  // drop chunks that would be empty
-  std::vector<acc_t> partial(N * chunks);
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t i = t / chunks;
-      const int64_t start = i * M + (t % chunks) * chunk;
-      const int64_t len = std::min(chunk, (i + 1) * M - start);
-      partial[t] = sum_sq<scalar_t, kDiff>(a + start, kDiff ? b + start : nullptr, len);
-    }
-  });
-  for (int64_t i = 0; i < N; ++i) {
-    acc_t s = 0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      s += partial[i * chunks + c];
-    }
-    out[i] = s;
-  }
-}
-
-// Calls f(i, offset, len) for every maximal run of elements of one sample i in
-// the flat range [0, N*M), in parallel. Requires M > 0.
-template <typename F>
-void for_each_row_segment(int64_t N, int64_t M, const F& f) {
-  at::parallel_for(0, N * M, kGrain, [&](int64_t begin, int64_t end) {
-    int64_t i = begin / M;
-    int64_t pos = begin;
-    while (pos < end) {
-      const int64_t stop = std::min(end, (i + 1) * M);
-      f(i, pos, stop - pos);
-      pos = stop;
-      ++i;
-    }
+  cpu::rowwise_reduce(N, M, out, [&](int64_t start, int64_t len) {
+    return sum_sq<scalar_t, kDiff>(a + start, kDiff ? b + start : nullptr, len);
   });
 }
 
@@ -175,21 +112,19 @@ void for_each_row_segment(int64_t N, int64_t M, const F& f) {
 std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x, const at::Tensor& g,
                                                double h, double tiny) {
   check_pair("perturb", "x", x, "g", g);
-  auto [xd, gd] = dense_pair(x, g);
-  const int64_t N = x.size(0);
-  const int64_t M = N > 0 ? xd.numel() / N : 0;
-  at::Tensor xp = empty_same_layout(xd);
+  const Blocks d = dense_blocks({x, g});
+  const int64_t N = d.N, M = d.M;
+  at::Tensor xp = d.new_output();
   at::Tensor norm = at::empty({N}, x.options().dtype(acc_dtype(x.scalar_type())));
   if (N == 0) {
     return {xp, norm};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "perturb_cpu", [&] {
+  GUARD_FAST_DISPATCH_FLOATING(x.scalar_type(), "perturb_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using IO = VecIO<scalar_t>;
     using AVec = typename IO::AVec;
     constexpr int64_t B = IO::kBlock;
-    const scalar_t* xs = xd.const_data_ptr<scalar_t>();
-    const scalar_t* gs = gd.const_data_ptr<scalar_t>();
+    const auto [xs, gs] = d.data<scalar_t, 2>();
     scalar_t* out = xp.mutable_data_ptr<scalar_t>();
     acc_t* nrm = norm.mutable_data_ptr<acc_t>();
 
@@ -237,73 +172,63 @@ std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x, const at::Te
 
 at::Tensor sqdiff_norm_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_pair("sqdiff_norm", "a", a, "b", b);
-  auto [ad, bd] = dense_pair(a, b);
-  const int64_t N = a.size(0);
-  const int64_t M = N > 0 ? ad.numel() / N : 0;
-  at::Tensor out = at::empty({N}, a.options().dtype(acc_dtype(a.scalar_type())));
-  if (N == 0) {
+  const Blocks d = dense_blocks({a, b});
+  at::Tensor out = at::empty({d.N}, a.options().dtype(acc_dtype(a.scalar_type())));
+  if (d.N == 0) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "sqdiff_norm_cpu",
-                                  [&] {
-                                    using acc_t = at::opmath_type<scalar_t>;
-                                    rowwise_sum_sq<scalar_t, true>(
-                                        ad.const_data_ptr<scalar_t>(),
-                                        bd.const_data_ptr<scalar_t>(), N, M,
-                                        out.mutable_data_ptr<acc_t>());
-                                  });
+  GUARD_FAST_DISPATCH_FLOATING(a.scalar_type(), "sqdiff_norm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto [as, bs] = d.data<scalar_t, 2>();
+    rowwise_sum_sq<scalar_t, true>(as, bs, d.N, d.M, out.mutable_data_ptr<acc_t>());
+  });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> sqdiff_norm_backward_cpu(const at::Tensor& grad_out,
                                                             const at::Tensor& a,
                                                             const at::Tensor& b) {
-  check_pair("sqdiff_norm_backward", "a", a, "b", b);
-  check_grad_out(grad_out, a);
-  auto [ad, bd] = dense_pair(a, b);
-  const int64_t N = a.size(0);
-  const int64_t M = N > 0 ? ad.numel() / N : 0;
-  at::Tensor grad_a = empty_same_layout(ad);
-  at::Tensor grad_b = empty_same_layout(ad);
-  if (N == 0 || M == 0) {
+  check_sqdiff_norm_backward(grad_out, a, b);
+  const Blocks d = dense_blocks({a, b});
+  at::Tensor grad_a = d.new_output();
+  at::Tensor grad_b = d.new_output();
+  if (d.empty()) {
     return {grad_a, grad_b};
   }
   // grad_out may be any float dtype and strided (e.g. expanded from a scalar);
   // it is only N numbers, so convert it up front.
   at::Tensor go = grad_out.to(acc_dtype(a.scalar_type())).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, a.scalar_type(), "sqdiff_norm_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        using IO = VecIO<scalar_t>;
-        using AVec = typename IO::AVec;
-        constexpr int64_t B = IO::kBlock;
-        const scalar_t* as = ad.const_data_ptr<scalar_t>();
-        const scalar_t* bs = bd.const_data_ptr<scalar_t>();
-        scalar_t* ga = grad_a.mutable_data_ptr<scalar_t>();
-        scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
-        const acc_t* gos = go.const_data_ptr<acc_t>();
-        // d/da sum_j (a_j - b_j)^2 * go_i = 2 * go_i * (a - b); d/db is its negative.
-        for_each_row_segment(N, M, [&](int64_t i, int64_t off, int64_t len) {
-          const acc_t c = acc_t(2) * gos[i];
-          const AVec cv(c);
-          int64_t j = 0;
-          for (; j + B <= len; j += B) {
-            AVec a0, a1, b0, b1;
-            IO::load(as + off + j, a0, a1);
-            IO::load(bs + off + j, b0, b1);
-            const AVec r0 = (a0 - b0) * cv;
-            const AVec r1 = (a1 - b1) * cv;
-            IO::store(ga + off + j, r0, r1);
-            IO::store(gb + off + j, r0.neg(), r1.neg());
-          }
-          for (; j < len; ++j) {
-            const acc_t r =
-                (static_cast<acc_t>(as[off + j]) - static_cast<acc_t>(bs[off + j])) * c;
-            ga[off + j] = static_cast<scalar_t>(r);
-            gb[off + j] = static_cast<scalar_t>(-r);
-          }
-        });
-      });
+  GUARD_FAST_DISPATCH_FLOATING(a.scalar_type(), "sqdiff_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using IO = VecIO<scalar_t>;
+    using AVec = typename IO::AVec;
+    constexpr int64_t B = IO::kBlock;
+    const auto [as, bs] = d.data<scalar_t, 2>();
+    scalar_t* ga = grad_a.mutable_data_ptr<scalar_t>();
+    scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
+    const acc_t* gos = go.const_data_ptr<acc_t>();
+    // d/da sum_j (a_j - b_j)^2 * go_i = 2 * go_i * (a - b); d/db is its negative.
+    for_each_row_segment(d.N, d.M, [&](int64_t i, int64_t off, int64_t len) {
+      const acc_t c = acc_t(2) * gos[i];
+      const AVec cv(c);
+      int64_t j = 0;
+      for (; j + B <= len; j += B) {
+        AVec a0, a1, b0, b1;
+        IO::load(as + off + j, a0, a1);
+        IO::load(bs + off + j, b0, b1);
+        const AVec r0 = (a0 - b0) * cv;
+        const AVec r1 = (a1 - b1) * cv;
+        IO::store(ga + off + j, r0, r1);
+        IO::store(gb + off + j, r0.neg(), r1.neg());
+      }
+      for (; j < len; ++j) {
+        const acc_t r =
+            (static_cast<acc_t>(as[off + j]) - static_cast<acc_t>(bs[off + j])) * c;
+        ga[off + j] = static_cast<scalar_t>(r);
+        gb[off + j] = static_cast<scalar_t>(-r);
+      }
+    });
+  });
   return {grad_a, grad_b};
 }
 

@@ -1,7 +1,5 @@
-// CUDA kernels for perturb, sqdiff_norm and sqdiff_norm_backward.
-//
-// All three ops see their inputs as raw per-sample blocks (dense_pair in
-// common.cpp): sample i is elements [i*M, (i+1)*M) of every buffer.
+// CUDA kernels for perturb, sqdiff_norm and sqdiff_norm_backward (launch and
+// check helpers in cuda_utils.cuh).
 //
 //   rowwise_sum_sq_kernel   grid = N * chunks blocks of kThreads threads; block
 //                           (i, c) sums d^2 over chunk c of sample i (d = a - b,
@@ -12,9 +10,7 @@
 //   sqdiff_backward_kernel  grad_a = 2 * go_i * (a - b), grad_b = -grad_a
 //
 // acc_t = at::opmath_type<scalar_t> (float for fp16/bf16/fp32, double for
-// fp64). When M and every pointer allow it, elements move in 16-byte packs
-// (4 fp32, 2 fp64, 8 fp16/bf16); packs never straddle two samples because M is
-// then a multiple of the pack width.
+// fp64).
 //
 // Split rows (chunks > 1, used only when there are fewer samples than about
 // 4 blocks per SM) add their partial sums with atomicAdd, so the last bits of
@@ -23,79 +19,19 @@
 //
 // Built without --use_fast_math on purpose: sqrt and the division h / norm
 // stay IEEE-rounded so results match the CPU kernels and eager PyTorch.
-//
-// Only light c10 headers are included (not ATen/cuda/CUDAContext.h, which pulls
-// in cuBLAS/cuSPARSE headers): this file compiles with the CUDA toolkit alone.
+#include "cuda_utils.cuh"
 #include "guard_fast.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <initializer_list>
-#include <limits>
-#include <string>
 #include <type_traits>
 
 namespace guard_fast {
 namespace {
 
-constexpr int kThreads = 256;  // threads per block, a multiple of 32
-constexpr int kPackBytes = 16;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Number of SMs of a device, cached (cudaDeviceGetAttribute is cheap but not free).
-int sm_count(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];
-  if (device >= 0 && device < kMaxDevices) {
-    const int cached = cache[device].load(std::memory_order_relaxed);
-    if (cached > 0) {
-      return cached;
-    }
-  }
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < kMaxDevices) {
-    cache[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
-// V elements of T moved as one aligned 16-byte load/store.
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T>
-constexpr int pack_width() {
-  return kPackBytes / static_cast<int>(sizeof(T));
-}
-
-// Packs are usable when every pointer is 16-byte aligned and rows hold a whole
-// number of packs (so row starts stay aligned and packs stay inside one row).
-template <typename scalar_t>
-bool packs_ok(int64_t M, std::initializer_list<const void*> ptrs) {
-  if (M % pack_width<scalar_t>() != 0) {
-    return false;
-  }
-  for (const void* p : ptrs) {
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % kPackBytes != 0) {
-      return false;
-    }
-  }
-  return true;
-}
+using namespace gpu;
 
 template <typename T>
 __device__ __forceinline__ T device_sqrt(T v) {
@@ -104,34 +40,6 @@ __device__ __forceinline__ T device_sqrt(T v) {
   } else {
     return sqrt(v);
   }
-}
-
-// Sum over the 32 lanes of a warp (result valid in lane 0).
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    v += __shfl_down_sync(0xffffffffu, v, offset);
-  }
-  return v;
-}
-
-// Sum over a block of kThreads threads (result valid in thread 0).
-template <typename T>
-__device__ __forceinline__ T block_sum(T v) {
-  __shared__ T warp_totals[kThreads / 32];
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  v = warp_sum(v);
-  if (lane == 0) {
-    warp_totals[warp] = v;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kThreads / 32 ? warp_totals[lane] : T(0);
-    v = warp_sum(v);
-  }
-  return v;
 }
 
 // a, b: N*M scalar_t (b unused unless kDiff). out: (N,) acc_t.
@@ -192,29 +100,26 @@ __global__ void __launch_bounds__(kThreads)
                          at::opmath_type<scalar_t> h, at::opmath_type<scalar_t> tiny) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = kPacked ? pack_width<scalar_t>() : 1;
-  using P = Pack<scalar_t, V>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * V;
-  for (int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V; j < total;
-       j += stride) {
+  for (int64_t stride = pack_stride<V>(), j = first_pack<V>(); j < total; j += stride) {
     const int64_t row = j / M;
     const acc_t n = device_sqrt(ss[row]);
     if (j == row * M) {
       norm[row] = n;
     }
     const acc_t step = n > acc_t(0) ? h / (n > tiny ? n : tiny) : acc_t(0);
-    const P px = *reinterpret_cast<const P*>(x + j);
+    const auto px = load_pack<V>(x, j);
     if (step == acc_t(0)) {
-      *reinterpret_cast<P*>(xp + j) = px;  // zero gradient (or h == 0): copy x bit for bit
+      store_pack(xp, j, px);  // zero gradient (or h == 0): copy x bit for bit
       continue;
     }
-    const P pg = *reinterpret_cast<const P*>(g + j);
-    P po;
+    const auto pg = load_pack<V>(g, j);
+    Pack<scalar_t, V> po;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       po.v[k] = static_cast<scalar_t>(
           fma(static_cast<acc_t>(pg.v[k]), step, static_cast<acc_t>(px.v[k])));
     }
-    *reinterpret_cast<P*>(xp + j) = po;
+    store_pack(xp, j, po);
   }
 }
 
@@ -228,65 +133,41 @@ __global__ void __launch_bounds__(kThreads)
                            int64_t M, int64_t total) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = kPacked ? pack_width<scalar_t>() : 1;
-  using P = Pack<scalar_t, V>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * V;
-  for (int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * V; j < total;
-       j += stride) {
+  for (int64_t stride = pack_stride<V>(), j = first_pack<V>(); j < total; j += stride) {
     const acc_t c = acc_t(2) * go[j / M];
-    const P pa = *reinterpret_cast<const P*>(a + j);
-    const P pb = *reinterpret_cast<const P*>(b + j);
-    P pga, pgb;
+    const auto pa = load_pack<V>(a, j);
+    const auto pb = load_pack<V>(b, j);
+    Pack<scalar_t, V> pga, pgb;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       const acc_t r = (static_cast<acc_t>(pa.v[k]) - static_cast<acc_t>(pb.v[k])) * c;
       pga.v[k] = static_cast<scalar_t>(r);
       pgb.v[k] = static_cast<scalar_t>(-r);
     }
-    *reinterpret_cast<P*>(grad_a + j) = pga;
-    *reinterpret_cast<P*>(grad_b + j) = pgb;
+    store_pack(grad_a, j, pga);
+    store_pack(grad_b, j, pgb);
   }
-}
-
-// Grid for the grid-stride elementwise kernels: enough blocks to cover every
-// pack once, capped at 8 blocks (2048 threads) per SM.
-int elementwise_blocks(int64_t total, int V, int device) {
-  const int64_t packs = ceil_div(total, V);
-  const int64_t cap = static_cast<int64_t>(sm_count(device)) * 8;
-  return static_cast<int>(std::max<int64_t>(1, std::min(ceil_div(packs, kThreads), cap)));
 }
 
 // out[i] = sum_j d_ij^2 for N samples of M > 0 elements; out is (N,) acc_t on
 // the device and is zeroed here when rows are split.
 template <typename scalar_t, bool kDiff>
-void rowwise_sum_sq(const scalar_t* a, const scalar_t* b, int64_t N, int64_t M,
-                    at::Tensor& out, int device, cudaStream_t stream) {
+void rowwise_sum_sq(const char* op, const scalar_t* a, const scalar_t* b, int64_t N, int64_t M,
+                    at::Tensor& out, const DeviceScope& scope) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool packed = packs_ok<scalar_t>(M, {a, b});
-  const int V = packed ? pack_width<scalar_t>() : 1;
-  // Aim for ~4 resident blocks per SM; split samples into chunks only when
-  // there are fewer samples than that, keeping >= 4 packs per thread.
-  const int64_t target_blocks = static_cast<int64_t>(sm_count(device)) * 4;
-  int64_t chunks = 1;
-  if (N < target_blocks) {
-    const int64_t min_chunk = static_cast<int64_t>(kThreads) * V * 4;
-    chunks = std::max<int64_t>(1, std::min(ceil_div(target_blocks, N), M / min_chunk));
-  }
-  int64_t chunk = ceil_div(ceil_div(M, chunks), V) * V;  // whole packs per chunk
-  chunks = ceil_div(M, chunk);
-  TORCH_CHECK(N * chunks <= std::numeric_limits<int32_t>::max(),
-              "guard_fast: batch too large for the CUDA reduction grid (N = ", std::to_string(N),
-              ")");
-  if (chunks > 1) {
+  const RowSplit split = split_rows(op, N, M, packed ? pack_width<scalar_t>() : 1, scope.device);
+  if (split.chunks > 1) {
     out.zero_();
   }
-  const dim3 grid(static_cast<unsigned>(N * chunks));
+  const dim3 grid(static_cast<unsigned>(N * split.chunks));
   acc_t* o = out.mutable_data_ptr<acc_t>();
   if (packed) {
     rowwise_sum_sq_kernel<scalar_t, kDiff, true>
-        <<<grid, kThreads, 0, stream>>>(a, b, M, chunk, chunks, o);
+        <<<grid, kThreads, 0, scope.stream>>>(a, b, M, split.chunk, split.chunks, o);
   } else {
     rowwise_sum_sq_kernel<scalar_t, kDiff, false>
-        <<<grid, kThreads, 0, stream>>>(a, b, M, chunk, chunks, o);
+        <<<grid, kThreads, 0, scope.stream>>>(a, b, M, split.chunk, split.chunks, o);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -296,111 +177,76 @@ void rowwise_sum_sq(const scalar_t* a, const scalar_t* b, int64_t N, int64_t M,
 std::tuple<at::Tensor, at::Tensor> perturb_cuda(const at::Tensor& x, const at::Tensor& g,
                                                 double h, double tiny) {
   check_pair("perturb", "x", x, "g", g);
-  TORCH_CHECK(x.is_cuda(), "perturb: x must be a CUDA tensor here, got ", x.device());
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto [xd, gd] = dense_pair(x, g);
-  const int64_t N = x.size(0);
-  const int64_t M = N > 0 ? xd.numel() / N : 0;
-  at::Tensor xp = empty_same_layout(xd);
+  const DeviceScope scope("perturb", "x", x);
+  const Blocks d = dense_blocks({x, g});
+  at::Tensor xp = d.new_output();
   const auto acc_opts = x.options().dtype(acc_dtype(x.scalar_type()));
-  if (N == 0 || M == 0) {
-    return {xp, at::zeros({N}, acc_opts)};
+  if (d.empty()) {
+    return {xp, at::zeros({d.N}, acc_opts)};
   }
-  at::Tensor norm = at::empty({N}, acc_opts);
-  at::Tensor ss = at::empty({N}, acc_opts);
-  const int device = x.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "perturb_cuda", [&] {
+  at::Tensor norm = at::empty({d.N}, acc_opts);
+  at::Tensor ss = at::empty({d.N}, acc_opts);
+  GUARD_FAST_DISPATCH_FLOATING(x.scalar_type(), "perturb_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xs = xd.const_data_ptr<scalar_t>();
-    const scalar_t* gs = gd.const_data_ptr<scalar_t>();
+    const auto [xs, gs] = d.data<scalar_t, 2>();
     scalar_t* out = xp.mutable_data_ptr<scalar_t>();
-    rowwise_sum_sq<scalar_t, false>(gs, nullptr, N, M, ss, device, stream);
-    const int64_t total = N * M;
-    const bool packed = packs_ok<scalar_t>(M, {xs, gs, out});
-    const int V = packed ? pack_width<scalar_t>() : 1;
-    const int blocks = elementwise_blocks(total, V, device);
+    rowwise_sum_sq<scalar_t, false>("perturb", gs, nullptr, d.N, d.M, ss, scope);
+    const int64_t total = d.N * d.M;
     const acc_t* ssp = ss.const_data_ptr<acc_t>();
     acc_t* np = norm.mutable_data_ptr<acc_t>();
     const acc_t h_acc = static_cast<acc_t>(h);
     const acc_t tiny_acc = static_cast<acc_t>(tiny);
-    if (packed) {
-      perturb_apply_kernel<scalar_t, true>
-          <<<blocks, kThreads, 0, stream>>>(xs, gs, ssp, np, out, M, total, h_acc, tiny_acc);
-    } else {
-      perturb_apply_kernel<scalar_t, false>
-          <<<blocks, kThreads, 0, stream>>>(xs, gs, ssp, np, out, M, total, h_acc, tiny_acc);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_elementwise<scalar_t>(scope, d.M, total, {xs, gs, out}, [&](auto packed, int blocks) {
+      perturb_apply_kernel<scalar_t, decltype(packed)::value>
+          <<<blocks, kThreads, 0, scope.stream>>>(xs, gs, ssp, np, out, d.M, total, h_acc,
+                                                  tiny_acc);
+    });
   });
   return {xp, norm};
 }
 
 at::Tensor sqdiff_norm_cuda(const at::Tensor& a, const at::Tensor& b) {
   check_pair("sqdiff_norm", "a", a, "b", b);
-  TORCH_CHECK(a.is_cuda(), "sqdiff_norm: a must be a CUDA tensor here, got ", a.device());
-  const c10::cuda::CUDAGuard guard(a.device());
-  auto [ad, bd] = dense_pair(a, b);
-  const int64_t N = a.size(0);
-  const int64_t M = N > 0 ? ad.numel() / N : 0;
+  const DeviceScope scope("sqdiff_norm", "a", a);
+  const Blocks d = dense_blocks({a, b});
   const auto acc_opts = a.options().dtype(acc_dtype(a.scalar_type()));
-  if (N == 0 || M == 0) {
-    return at::zeros({N}, acc_opts);
+  if (d.empty()) {
+    return at::zeros({d.N}, acc_opts);
   }
-  at::Tensor out = at::empty({N}, acc_opts);
-  const int device = a.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "sqdiff_norm_cuda",
-                                  [&] {
-                                    rowwise_sum_sq<scalar_t, true>(
-                                        ad.const_data_ptr<scalar_t>(),
-                                        bd.const_data_ptr<scalar_t>(), N, M, out, device,
-                                        stream);
-                                  });
+  at::Tensor out = at::empty({d.N}, acc_opts);
+  GUARD_FAST_DISPATCH_FLOATING(a.scalar_type(), "sqdiff_norm_cuda", [&] {
+    const auto [as, bs] = d.data<scalar_t, 2>();
+    rowwise_sum_sq<scalar_t, true>("sqdiff_norm", as, bs, d.N, d.M, out, scope);
+  });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> sqdiff_norm_backward_cuda(const at::Tensor& grad_out,
                                                              const at::Tensor& a,
                                                              const at::Tensor& b) {
-  check_pair("sqdiff_norm_backward", "a", a, "b", b);
-  check_grad_out(grad_out, a);
-  TORCH_CHECK(a.is_cuda(), "sqdiff_norm_backward: a must be a CUDA tensor here, got ",
-              a.device());
-  const c10::cuda::CUDAGuard guard(a.device());
-  auto [ad, bd] = dense_pair(a, b);
-  const int64_t N = a.size(0);
-  const int64_t M = N > 0 ? ad.numel() / N : 0;
-  at::Tensor grad_a = empty_same_layout(ad);
-  at::Tensor grad_b = empty_same_layout(ad);
-  if (N == 0 || M == 0) {
+  check_sqdiff_norm_backward(grad_out, a, b);
+  const DeviceScope scope("sqdiff_norm_backward", "a", a);
+  const Blocks d = dense_blocks({a, b});
+  at::Tensor grad_a = d.new_output();
+  at::Tensor grad_b = d.new_output();
+  if (d.empty()) {
     return {grad_a, grad_b};
   }
   // N numbers in any float dtype / stride (e.g. expanded from a scalar).
   at::Tensor go = grad_out.to(acc_dtype(a.scalar_type())).contiguous();
-  const int device = a.get_device();
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, a.scalar_type(), "sqdiff_norm_backward_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const scalar_t* as = ad.const_data_ptr<scalar_t>();
-        const scalar_t* bs = bd.const_data_ptr<scalar_t>();
-        scalar_t* ga = grad_a.mutable_data_ptr<scalar_t>();
-        scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
-        const acc_t* gos = go.const_data_ptr<acc_t>();
-        const int64_t total = N * M;
-        const bool packed = packs_ok<scalar_t>(M, {as, bs, ga, gb});
-        const int V = packed ? pack_width<scalar_t>() : 1;
-        const int blocks = elementwise_blocks(total, V, device);
-        if (packed) {
-          sqdiff_backward_kernel<scalar_t, true>
-              <<<blocks, kThreads, 0, stream>>>(gos, as, bs, ga, gb, M, total);
-        } else {
-          sqdiff_backward_kernel<scalar_t, false>
-              <<<blocks, kThreads, 0, stream>>>(gos, as, bs, ga, gb, M, total);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+  GUARD_FAST_DISPATCH_FLOATING(a.scalar_type(), "sqdiff_norm_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto [as, bs] = d.data<scalar_t, 2>();
+    scalar_t* ga = grad_a.mutable_data_ptr<scalar_t>();
+    scalar_t* gb = grad_b.mutable_data_ptr<scalar_t>();
+    const acc_t* gos = go.const_data_ptr<acc_t>();
+    const int64_t total = d.N * d.M;
+    launch_elementwise<scalar_t>(scope, d.M, total, {as, bs, ga, gb},
+                                 [&](auto packed, int blocks) {
+      sqdiff_backward_kernel<scalar_t, decltype(packed)::value>
+          <<<blocks, kThreads, 0, scope.stream>>>(gos, as, bs, ga, gb, d.M, total);
+    });
+  });
   return {grad_a, grad_b};
 }
 

@@ -47,14 +47,19 @@ TORCH_LIBRARY(guard_fast_C, m) {
   m.def("fab_project(Tensor t, Tensor w, Tensor b) -> Tensor", tags);
 }
 
+// The ops with a kernel for every backend (GUARD_FAST_DECLARE_KERNELS in
+// guard_fast.h), registered as <op>_<backend>.
+#define GUARD_FAST_IMPL_KERNELS(m, backend)                                     \
+  m.impl("perturb", &guard_fast::perturb_##backend);                            \
+  m.impl("sqdiff_norm", &guard_fast::sqdiff_norm_##backend);                    \
+  m.impl("sqdiff_norm_backward", &guard_fast::sqdiff_norm_backward_##backend);  \
+  m.impl("pgd_step", &guard_fast::pgd_step_##backend);                          \
+  m.impl("mim_step", &guard_fast::mim_step_##backend);                          \
+  m.impl("apgd_step", &guard_fast::apgd_step_##backend);                        \
+  m.impl("square_window", &guard_fast::square_window_##backend)
+
 TORCH_LIBRARY_IMPL(guard_fast_C, CPU, m) {
-  m.impl("perturb", &guard_fast::perturb_cpu);
-  m.impl("sqdiff_norm", &guard_fast::sqdiff_norm_cpu);
-  m.impl("sqdiff_norm_backward", &guard_fast::sqdiff_norm_backward_cpu);
-  m.impl("pgd_step", &guard_fast::pgd_step_cpu);
-  m.impl("mim_step", &guard_fast::mim_step_cpu);
-  m.impl("apgd_step", &guard_fast::apgd_step_cpu);
-  m.impl("square_window", &guard_fast::square_window_cpu);
+  GUARD_FAST_IMPL_KERNELS(m, cpu);
   m.impl("fab_project", &guard_fast::fab_project_cpu);
 }
 
@@ -62,25 +67,13 @@ TORCH_LIBRARY_IMPL(guard_fast_C, CPU, m) {
 // torch.compile and torch.library.opcheck. Because of them, a Python-side
 // torch.library.register_fake for these ops would raise: do not add one.
 TORCH_LIBRARY_IMPL(guard_fast_C, Meta, m) {
-  m.impl("perturb", &guard_fast::perturb_meta);
-  m.impl("sqdiff_norm", &guard_fast::sqdiff_norm_meta);
-  m.impl("sqdiff_norm_backward", &guard_fast::sqdiff_norm_backward_meta);
-  m.impl("pgd_step", &guard_fast::pgd_step_meta);
-  m.impl("mim_step", &guard_fast::mim_step_meta);
-  m.impl("apgd_step", &guard_fast::apgd_step_meta);
-  m.impl("square_window", &guard_fast::square_window_meta);
+  GUARD_FAST_IMPL_KERNELS(m, meta);
   m.impl("fab_project", &guard_fast::fab_project_meta);
 }
 
 #ifdef GUARD_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(guard_fast_C, CUDA, m) {
-  m.impl("perturb", &guard_fast::perturb_cuda);
-  m.impl("sqdiff_norm", &guard_fast::sqdiff_norm_cuda);
-  m.impl("sqdiff_norm_backward", &guard_fast::sqdiff_norm_backward_cuda);
-  m.impl("pgd_step", &guard_fast::pgd_step_cuda);
-  m.impl("mim_step", &guard_fast::mim_step_cuda);
-  m.impl("apgd_step", &guard_fast::apgd_step_cuda);
-  m.impl("square_window", &guard_fast::square_window_cuda);
+  GUARD_FAST_IMPL_KERNELS(m, cuda);
 }
 #endif
 

@@ -46,6 +46,9 @@ GRAD_NORMS = ("per_sample", "batch")
 class MIM(Attack):
     """MI-FGSM (Dong et al. 2018), L-inf.
 
+    Each step is guard_fast.ops.mim_step, or its plain-PyTorch reference mim_step_ref
+    (guard_fast.kernels.attack_steps) where the registry chose the "torch" backend.
+
     Args:
         eps: L-inf radius.
         alpha: step size.
