@@ -2,6 +2,7 @@
 resumes; the stage CLI chain (squeeze -> recover -> relabel -> evaluate) works from run
 folders; the paper's experiments run in their smoke form; bad input names the problem."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,14 @@ from guard_fast.train import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# One intra-op thread per subprocess, as in test_squeeze: the smoke batches are a few images,
+# and more threads only oversubscribe the small shared CI machine (torchrun: two processes).
+_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
 def _cli(*args, timeout=900):
     return subprocess.run([sys.executable, "-m", "guard_fast.train", *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +78,12 @@ def test_dc_through_the_recover_stage(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["table1", "table2", "table3", "table5"])
-def test_experiments_smoke(name, tmp_path, teachers):
-    """Each named experiment end to end in its smoke form (teachers shared between them)."""
-    cfg = PipelineConfig(smoke=True, progress=False, teachers=str(teachers))
+def test_experiments_smoke(name, tmp_path, teachers, single_thread):
+    """Each named experiment end to end in its smoke form (teachers shared between them).
+    One validation image per evaluation: these tests check which runs and rows each
+    experiment makes, and the attacks' fixed step counts cost per image attacked (the
+    smoke CLI test above evaluates the smoke setting's own number of images)."""
+    cfg = PipelineConfig(smoke=True, progress=False, teachers=str(teachers), eval_examples=1)
     text = run_experiment(name, cfg, out=str(tmp_path / name), log=lambda *a: None)
     assert (tmp_path / name / "results.md").read_text() == text
     rows = json.loads((tmp_path / name / "results.json").read_text())["rows"]
@@ -151,7 +160,7 @@ def test_method_spec_with_teacher_settings():
 def test_whole_pipeline_under_torchrun(tmp_path):
     """`python -m guard_fast.train all` under torchrun (2 gloo processes): every stage shares
     its work out, rank 0 alone evaluates, logs and writes the report; the run completes with
-    every artifact."""
+    every artifact. One validation image: what is tested is who evaluates, not the attacks."""
     import socket
 
     with socket.socket() as s:
@@ -161,7 +170,8 @@ def test_whole_pipeline_under_torchrun(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={port}", "-m", "guard_fast.train", "all", "--smoke",
                         "--methods", "sre2l", "--device", "cpu", "--no-progress",
-                        "--out", str(out)], capture_output=True, text=True, timeout=900)
+                        "--eval-examples", "1", "--out", str(out)], capture_output=True,
+                       text=True, timeout=900, env=_ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("robust evaluation") == 1, r.stdout[-3000:]   # rank 0 only
     js = json.loads((out / "results.json").read_text())
