@@ -259,6 +259,30 @@ def _images_note(summary: Mapping[str, Any]) -> str:
     return where
 
 
+def grad_ratio_table(rows: Sequence[Mapping[str, Any]]) -> list:
+    """The teachers' regularizer-to-CE parameter-gradient norm ratio at the logged steps
+    (squeeze --grad-ratio-steps; mean over seeds), one line per method that logged it."""
+    logged = []
+    for r in rows:
+        runs = r.get("per_seed") or [r]
+        by_step: Dict[int, list] = {}
+        for run in runs:
+            for e in run.get("teacher_grad_ratio") or []:
+                by_step.setdefault(int(e["step"]), []).append(float(e["grad_ratio"]))
+        if by_step and any(v for vals in by_step.values() for v in vals):
+            logged.append((r["name"], by_step))
+    if not logged:
+        return []
+    steps = sorted({s for _, b in logged for s in b})
+    lines = ["Teacher training: ||grad_theta regularizer|| / ||grad_theta CE|| at step "
+             "(mean over seeds):", "",
+             "| Method | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for name, b in logged:
+        lines.append(f"| {name} | " + " | ".join(
+            f"{mean_std(b[s])[0]:.3g}" if s in b else "-" for s in steps) + " |")
+    return lines
+
+
 def results_tables(summary: Mapping[str, Any]) -> list:
     """The accuracy tables of a pipeline (or experiment) summary: with one seed each
     accuracy +- its standard error over images; with seeds mean +- std and the paired
@@ -267,12 +291,14 @@ def results_tables(summary: Mapping[str, Any]) -> list:
     seeds = summary.get("seeds")
     head = (f"Accuracy (%) of each student and its teacher, {_images_note(summary)}, protocol "
             f"{summary['protocol']}, eps = {summary['eps_255']:g}/255")
+    ratio = grad_ratio_table(rows)
+    ratio = ["", *ratio] if ratio else []
     if seeds:
         return [head + f"; mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))}). "
                 "Teacher penalty: the teacher's validation GUARD penalty (mean).", "",
-                *_seeded_tables(rows, summary.get("reference", "sre2l"))]
+                *_seeded_tables(rows, summary.get("reference", "sre2l")), *ratio]
     return [head + "; ± one binomial standard error over the images. Teacher penalty: the "
-            "teacher's validation GUARD penalty.", "", *_single_seed_table(rows)]
+            "teacher's validation GUARD penalty.", "", *_single_seed_table(rows), *ratio]
 
 
 def pipeline_report(summary: Mapping[str, Any]) -> str:

@@ -333,9 +333,13 @@ def _method_row(m: _MethodRun, res: dict, sweep: dict, teacher: dict, rank: int)
     if rank == 0:
         atomic_write_json(tf, times)
     teacher_metrics = json.loads((m.sq_dir / "run.json").read_text()).get("metrics", {})
+    gr = m.sq_dir / "grad_ratio.jsonl"
+    grad_ratio = [json.loads(ln) for ln in gr.read_text().splitlines() if ln.strip()] \
+        if gr.exists() else []
     rc_run = json.loads((m.rc_dir / "run.json").read_text())
     return {"method": m.folder, "name": m.label, "result": res, "sweep": sweep, "times": times,
             "teacher_val_acc": teacher_metrics.get("val_acc"), "teacher": teacher,
+            "teacher_grad_ratio": grad_ratio,
             "teacher_val_penalty": teacher_metrics.get("val_penalty"),
             "teacher_acc_on_recovered": rc_run.get("teacher_acc_on_recovered")}
 
