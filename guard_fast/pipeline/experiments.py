@@ -52,12 +52,12 @@ TABLE3_LAMBDAS = ("1e-3", "1e-2", "1e-1")
 
 # The experiments' sizes on the data sets that need no --data (bundled digits, Fashion-MNIST),
 # chosen so that a table with 3 seeds fits in about an hour of a 2-core CPU: DC's ConvNet
-# (width 32, BatchNorm, so SRe2L's BN-statistics recover applies) as teacher and student
+# (width 16, BatchNorm, so SRe2L's BN-statistics recover applies) as teacher and student
 # instead of ResNet-18, teachers 4 epochs on every training digit (Fashion-MNIST: 10,000
 # images; where that stands on the validation curve: README), students for 200
 # epochs (400 steps at IPC 10), no eps sweep; clean and PGD-100 on every validation image,
 # the costlier attacks on a class-stratified 1,000.
-_CONVNET = {"width": 32, "norm": "batchnorm"}
+_CONVNET = {"width": 16, "norm": "batchnorm"}
 CPU_EXPERIMENT = dict(
     squeeze=dict(model="convnet", model_options=_CONVNET, epochs=4, max_train=10000,
                  max_val=1000, grad_ratio_steps=[1, 10, 30, 100, 200]),
