@@ -94,3 +94,17 @@ def test_real_fashion_mnist_files():
     assert d.mean[0] == pytest.approx(0.286, abs=1e-3) and d.std[0] == pytest.approx(0.353, abs=1e-3)
     x, _ = d.val[0]
     assert x.shape == (3, 32, 32) and float(x.max()) <= 1.0
+
+
+def test_fashion_mnist_presets_need_no_data_folder():
+    """`all --preset fashion-mnist` and every stage's preset of the data set resolve without
+    --data (the files are found where Debian installs them), on the digits' sizes."""
+    from guard_fast.config import resolve_squeeze, resolve_student
+    from guard_fast.config.pipeline import PipelineConfig, resolve_settings
+    from guard_fast.config.recover import RECOVER_PRESETS
+
+    p = resolve_settings(PipelineConfig(preset="fashion-mnist"))
+    assert p["squeeze"]["data"] == "fashion-mnist" and p["ipc"] == 10
+    assert resolve_squeeze({"preset": "fashion-mnist"}).data == "fashion-mnist"
+    assert resolve_student({"preset": "fashion-mnist"}).model == resolve_student({}).model
+    assert RECOVER_PRESETS["fashion-mnist"] == RECOVER_PRESETS["mnist"]
