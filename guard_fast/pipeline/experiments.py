@@ -46,7 +46,8 @@ EXPERIMENTS = {
 # SRe2L and by the GUARD teacher.
 GUARD_EXACT = "guard"     # exact, h = 3, lambda = 100 (the paper's)
 GUARD_OFFICIAL = "guard:guard_mode=official-cifar"
-TABLE1_METHODS = ("sre2l", "sre2l-adv", GUARD_EXACT, GUARD_OFFICIAL, "real", "real@" + GUARD_EXACT)
+# (in the order of the question: an interrupted run has the GUARD-vs-SRe2L rows first)
+TABLE1_METHODS = ("sre2l", GUARD_EXACT, "real", "real@" + GUARD_EXACT, GUARD_OFFICIAL, "sre2l-adv")
 TABLE2_IPC = (10, 50)
 TABLE3_LAMBDAS = ("1e-3", "1e-2", "1e-1")
 
