@@ -37,11 +37,14 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     size = 224 if cuda else 32
     per_class = args.per_class or (100 if cuda else 4)
+    # the CPU smoke form (what tests/test_gpu_suite.py runs) uses a width-8 ConvNet: it checks
+    # that every stage runs and reports, the GPU form measures the preset's ResNet-18
+    net = {} if cuda else {"model": "convnet", "model_options": {"width": 8, "norm": "batchnorm"}}
     sizes = dict(
-        squeeze=dict(epochs=1, image_size=size, batch_size=32 if cuda else 16, max_val=64),
+        squeeze=dict(epochs=1, image_size=size, batch_size=32 if cuda else 16, max_val=64, **net),
         recover=dict(iterations=50 if cuda else 3, group_size=1),
-        student=dict(epochs=5 if cuda else 1, batch_size=50 if cuda else 10, image_size=size),
-        ipc=10 if cuda else 1, eval_examples=100 if cuda else 4, square_queries=100 if cuda else 10)
+        student=dict(epochs=5 if cuda else 1, batch_size=50 if cuda else 10, image_size=size, **net),
+        ipc=10 if cuda else 1, eval_examples=100 if cuda else 2, square_queries=100 if cuda else 10)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         t0 = time.perf_counter()
