@@ -12,11 +12,9 @@ from guard_fast.data.distilled import load_distilled
 from guard_fast.pipeline import PipelineConfig, run_pipeline
 from guard_fast.train import main
 
-# a width-8 ConvNet (BatchNorm, for SRe2L's recover) as teacher and student: these tests
-# check seeds, folders and tables, not the networks
-_NET = {"model": "convnet", "model_options": {"width": 8, "norm": "batchnorm"}}
+# the smoke setting (width-8 ConvNets): these tests check seeds, folders and tables
 _SMALL = dict(smoke=True, progress=False, eval_examples=4, attack_examples=2, sweep=(),
-              methods=("sre2l", "real"), squeeze=_NET, student=_NET)
+              methods=("sre2l", "real"))
 
 
 def _weights(path):

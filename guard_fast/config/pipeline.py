@@ -47,9 +47,14 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
 }
 # presets whose data set needs no --data (bundled, or found where its package installs it)
 NO_DATA_NEEDED = ("mnist", "fashion-mnist")
-# The smoke setting (CI): every stage and artifact, minutes less work.
-SMOKE: dict[str, Any] = dict(squeeze=dict(epochs=1, max_train=64, max_val=32, batch_size=64),
-                             recover=dict(iterations=2), ipc=2, student=dict(epochs=1),
+# The smoke setting (CI): every stage and artifact, minutes less work; width-8 ConvNets
+# (BatchNorm, for SRe2L's recover) instead of the preset's networks: the smoke run checks
+# the stages and files, the stage tests check the networks
+_SMOKE_NET = dict(model="convnet", model_options={"width": 8, "norm": "batchnorm"})
+SMOKE: dict[str, Any] = dict(squeeze=dict(epochs=1, max_train=64, max_val=32, batch_size=64,
+                                          **_SMOKE_NET),
+                             recover=dict(iterations=2), ipc=2,
+                             student=dict(epochs=1, **_SMOKE_NET),
                              eval_examples=4, sweep=(2 / 255,), square_queries=10)
 # settings that may differ when a run is continued (they do not change its results)
 RESUMABLE = frozenset({"progress", "device"})
