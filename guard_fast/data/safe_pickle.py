@@ -122,11 +122,11 @@ def load_data_pickle(path: str) -> Any:
     _check_lengths(data, str(path))
     try:
         return _DataUnpickler(io.BytesIO(data), str(path)).load()
-    except pickle.UnpicklingError:
-        raise
-    except (EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError,
-            MemoryError, RecursionError, SystemError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+            IndexError, OverflowError, MemoryError, RecursionError, SystemError) as e:
         # what a corrupted stream makes the unpickler (or numpy's dtype and array state,
         # SystemError included) raise: one error type, naming the file
+        if isinstance(e, pickle.UnpicklingError) and str(e).startswith(str(path)):
+            raise  # ours: already names the file and what was refused
         raise pickle.UnpicklingError(f"{path}: not a readable data pickle "
                                      f"({type(e).__name__}: {e})") from None
