@@ -32,6 +32,7 @@ mode on) raises.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Callable
@@ -210,6 +211,17 @@ def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
         raise ValueError(f"{name_a} must have a batch dimension of size >= 1, got {tuple(a.shape)}")
 
 
+def _check_scalar(op: str, name: str, v: float, lo: float | None = None,
+                  lo_inclusive: bool = True) -> None:
+    """A scalar argument is a finite number (>= lo or > lo where given): a NaN or negative
+    eps would otherwise flow through every clamp of the step and come out as silent
+    garbage. Host-side floats: no device sync."""
+    v = float(v)
+    if not math.isfinite(v) or (lo is not None and (v < lo if lo_inclusive else v <= lo)):
+        rng = "" if lo is None else f" {'>=' if lo_inclusive else '>'} {lo:g}"
+        raise ValueError(f"guard_fast::{op}: {name} must be a finite number{rng}, got {v!r}")
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return _gp.acc_dtype(dtype)
 
@@ -236,6 +248,8 @@ def _like(a: Tensor, *others: Tensor) -> Tensor:
 def perturb(x: Tensor, g: Tensor, h: float, tiny: float = 1e-12) -> tuple[Tensor, Tensor]:
     """(x + h * g / max(||g||, tiny), ||g||) per sample, one pass over g after its norm."""
     _check_pair("x", x, "g", g)
+    _check_scalar("perturb", "h", h)
+    _check_scalar("perturb", "tiny", tiny, 0.0, lo_inclusive=False)
     x, g = _common_layout(x, g)
     return _call("perturb", x.device, x, g, float(h), float(tiny))
 
@@ -363,6 +377,8 @@ def _no_backward(ctx, *grads):  # never reached: setup_context raises first
 def _pgd_step_impl(x_adv: Tensor, x: Tensor, grad: Tensor, alpha: float, eps: float) -> Tensor:
     _check_pair("x_adv", x_adv, "x", x)
     _check_pair("x_adv", x_adv, "grad", grad)
+    _check_scalar("pgd_step", "alpha", alpha)
+    _check_scalar("pgd_step", "eps", eps, 0.0)
     x_adv, x, grad = _common_layout(x_adv, x, grad)
     return _call("pgd_step", x_adv.device, x_adv, x, grad, float(alpha), float(eps))
 
@@ -387,6 +403,9 @@ def _mim_step_impl(x_adv: Tensor, x: Tensor, grad: Tensor, momentum: Tensor, alp
     _check_pair("x_adv", x_adv, "x", x)
     _check_pair("x_adv", x_adv, "grad", grad)
     _check_pair("x_adv", x_adv, "momentum", momentum)
+    _check_scalar("mim_step", "alpha", alpha)
+    _check_scalar("mim_step", "eps", eps, 0.0)
+    _check_scalar("mim_step", "decay", decay, 0.0)
     x_adv, x, grad, momentum = _common_layout(x_adv, x, grad, momentum)
     return _call("mim_step", x_adv.device, x_adv, x, grad, momentum, float(alpha), float(eps),
                  float(decay), bool(per_sample))
@@ -418,6 +437,8 @@ def _apgd_step_impl(x_adv: Tensor, x_adv_old: Tensor, grad: Tensor, step_size: T
                          f"{step_size.dtype} of shape {tuple(step_size.shape)}")
     if step_size.device != x_adv.device:
         raise ValueError(f"step_size is on {step_size.device} but x_adv is on {x_adv.device}")
+    _check_scalar("apgd_step", "eps", eps, 0.0)
+    _check_scalar("apgd_step", "a", a)
     x_adv, x_adv_old, grad, x = _common_layout(x_adv, x_adv_old, grad, x)
     return _call("apgd_step", x_adv.device, x_adv, x_adv_old, grad,
                  step_size.reshape(x_adv.shape[0]), x, float(eps), float(a))
@@ -445,6 +466,7 @@ def _square_window_impl(x_best: Tensor, lo: Tensor, hi: Tensor, signs: Tensor, v
     _check_pair("x_best", x_best, "lo", lo)
     _check_pair("x_best", x_best, "hi", hi)
     _check_square_window(x_best, signs, vh, vw, s)
+    _check_scalar("square_window", "step", step)
     return _call("square_window", x_best.device, x_best, lo, hi, signs, int(vh), int(vw), int(s),
                  float(step))
 

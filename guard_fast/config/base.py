@@ -103,7 +103,9 @@ def _check_one(f: dataclasses.Field, kind: type, optional: bool, v: Any, where: 
         else:
             v = float(v)
             if not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
+                rng = _range_text(m)
+                raise ValueError(f"{name} must be a finite number{' ' + rng if rng else ''}, "
+                                 f"got {v!r}")
         lo, hi = m.get("min"), m.get("max")
         bad = (lo is not None and (v < lo if m["min_inclusive"] else v <= lo)) or (
             hi is not None and (v > hi if m["max_inclusive"] else v >= hi))
@@ -117,6 +119,12 @@ def _check_one(f: dataclasses.Field, kind: type, optional: bool, v: Any, where: 
         if isinstance(v, str) or not isinstance(v, Iterable):
             raise ValueError(f"{name} must be a list, got {v!r}")
         v = kind(v)
+        lo, hi = m.get("min"), m.get("max")
+        for e in v:   # a range declared on a list field bounds each element
+            if (lo is not None or hi is not None) and not (
+                    isinstance(e, (int, float)) and math.isfinite(e)
+                    and (lo is None or e >= lo) and (hi is None or e <= hi)):
+                raise ValueError(f"every element of {name} must be {_range_text(m)}, got {e!r}")
     choices = m.get("choices")
     if choices is not None and v not in choices:
         raise ValueError(f"unknown {name} {v!r}; known: {', '.join(map(str, choices))}")
@@ -155,7 +163,8 @@ def resolve(cls, overrides: Mapping[str, Any] | None = None,
     values: dict[str, Any] = {}
     if presets is not None:
         if preset not in presets:
-            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(presets)}")
+            flag = " (flag --preset)" if "preset" in names else ""
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(presets)}{flag}")
         values.update({k: (dict(v) if isinstance(v, dict) else v)
                        for k, v in presets[preset].items()})
         if "preset" in names:
@@ -211,6 +220,20 @@ def _element_type(cls, name: str) -> type:
     return args[0] if args and all(a is args[0] for a in args) and args[0] in (int, float) else str
 
 
+def _int_arg(f: dataclasses.Field):
+    """argparse type of an int field: a whole number, else an error stating the range."""
+    rng = _range_text(f.metadata)
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a whole number{' (accepted: ' + rng + ')' if rng else ''}"
+            ) from None
+    return parse
+
+
 def _list_arg(kind):
     def parse(text: str):
         return tuple(kind(t.strip()) for t in str(text).split(",") if t.strip())
@@ -245,7 +268,9 @@ def add_options(p: argparse.ArgumentParser, cls, *, skip: Iterable[str] = (),
             continue
         if kind is float and f.name in fractions:
             typ = parse_fraction
-        elif kind in (int, float, str):
+        elif kind is int:
+            typ = _int_arg(f)
+        elif kind in (float, str):
             typ = kind
         elif kind is dict:
             typ = _json_arg

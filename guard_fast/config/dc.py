@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from guard_fast.config import limits as L
 from guard_fast.config.base import opt, resolve, to_dict, validate
 from guard_fast.models.convnet import NORMS
 
@@ -44,28 +45,29 @@ class DCConfig:
                     help=f"real data set: {' | '.join(DC_DATASETS)} (mnist: bundled, no download)")
     data_root: str | None = opt(None, flag="--data",
                                 help="path of the CIFAR pickles (cifar10, cifar100)")
-    image_size: int | None = opt(None, help="image side", unit="pixels", min=1,
+    image_size: int | None = opt(None, help="image side", unit="pixels", min=1, max=L.SIDE,
                                  default_note="unset: the data set's (32)")
     channels: int | None = opt(None, help="mnist only: image channels", choices=(1, 3),
                                default_note="unset: 3, the bundle's default")
-    ipc: int = opt(10, help="synthetic images per class", min=1)
+    ipc: int = opt(10, help="synthetic images per class", min=1, max=L.IPC)
     iterations: int = opt(1000, help="outer iterations K, each on a freshly initialized network "
-                          "(paper: 1000)", min=1)
-    outer_loop: int | None = opt(None, help="image updates per iteration", min=1,
+                          "(paper: 1000)", min=1, max=L.STEPS)
+    outer_loop: int | None = opt(None, help="image updates per iteration", min=1, max=L.STEPS,
                                  default_note=_LOOPS_NOTE)
     inner_loop: int | None = opt(None, help="network training on the synthetic set between two "
-                                 "image updates", unit="epochs", min=0, default_note=_LOOPS_NOTE)
+                                 "image updates", unit="epochs", min=0, max=L.EPOCHS,
+                                 default_note=_LOOPS_NOTE)
     batch_real: int = opt(256, help="real images of one class per matching step (DC: 256)",
-                          unit="images", min=1)
+                          unit="images", min=1, max=L.BATCH)
     batch_train: int = opt(256, help="batch of the inner-loop and evaluation training (DC: 256)",
-                           unit="images", min=1)
+                           unit="images", min=1, max=L.BATCH)
     lr_img: float = opt(0.1, help="SGD learning rate of the synthetic images, which live in the "
-                        "normalized space (DC: 0.1)", unit="per step", min=0,
+                        "normalized space (DC: 0.1)", unit="per step", min=0, max=L.LR,
                         min_inclusive=False)
     momentum_img: float = opt(0.5, help="SGD momentum of the synthetic images (DC: 0.5)", min=0,
                               max=1, max_inclusive=False)
     lr_net: float = opt(0.01, help="SGD learning rate of the network, inner loop and evaluation "
-                        "(DC: 0.01)", unit="per step", min=0, min_inclusive=False)
+                        "(DC: 0.01)", unit="per step", min=0, max=L.LR, min_inclusive=False)
     init: str = opt("real", help="initial synthetic images: real (random real images of the "
                     "class, DC's) | noise (standard normal in the normalized space)",
                     choices=DC_INITS)
@@ -73,28 +75,30 @@ class DCConfig:
                             "step (not in DC; the saved set is then exactly what was learned)")
     model: str = opt("convnet", help="DC's ConvNet, the only choice (width, depth and norm vary "
                      "it)", choices=("convnet",))
-    width: int = opt(128, help="ConvNet channels per block (DC: 128)", min=1)
-    depth: int = opt(3, help="ConvNet conv blocks (DC: 3)", min=1)
+    width: int = opt(128, help="ConvNet channels per block (DC: 128)", min=1, max=L.SIDE)
+    depth: int = opt(3, help="ConvNet conv blocks (DC: 3)", min=1, max=L.DEPTH)
     norm: str = opt("instancenorm", help="ConvNet normalization (DC: instancenorm)",
                     choices=NORMS)
     regularizer: str = opt("none", flag="--regularizer", help="none (DC) | guard (GUARD's Eq. 11 "
                            "on the matched real-data gradient)", choices=DC_REGULARIZERS)
-    h: float = opt(3.0, help="GUARD step h, in the units of h_space (paper: 3)", min=0,
+    h: float = opt(3.0, help="GUARD step h, in the units of h_space (paper: 3)", min=0, max=L.H,
                    min_inclusive=False)
-    lam: float = opt(100.0, help="GUARD weight lambda (paper: 100)", min=0)
+    lam: float = opt(100.0, help="GUARD weight lambda (paper: 100)", min=0, max=L.WEIGHT)
     guard_mode: str = opt("exact", help="GUARD mode (guard_fast.losses)", choices=DC_GUARD_MODES)
     h_space: str = opt("normalized", help="space h is measured in: normalized (what DC and the "
                        "public GUARD code feed the network) | pixel ([0, 1] images)",
                        choices=DC_H_SPACES)
     eval_models: int = opt(0, help="networks trained on the result at the end to measure it (DC: "
-                           "20); 0: none", min=0)
+                           "20); 0: none", min=0, max=L.IPC)
     eval_epochs: int = opt(1000, help="training of each evaluation network (DC's "
                            "epoch_eval_train: 1000; 300 in the first DC code)", unit="epochs",
-                           min=0)
+                           min=0, max=L.EPOCHS)
     max_train: int | None = opt(None, help="use a fixed random draw of this many real training "
-                                "images", unit="images", min=1)
-    checkpoint_every: int = opt(10, help="iterations between resumable checkpoints", min=1)
-    seed: int = opt(0, help="random seed (initial images, network inits, real batches)", min=0)
+                                "images", unit="images", min=1, max=L.IMAGES)
+    checkpoint_every: int = opt(10, help="iterations between resumable checkpoints", min=1,
+                                max=L.STEPS)
+    seed: int = opt(0, help="random seed (initial images, network inits, real batches)", min=0,
+                    max=L.SEED)
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
     out: str = opt("runs/dc", help="run folder for the distilled set")
     resume: bool = opt(False, help="continue the run in --out from its last checkpoint")

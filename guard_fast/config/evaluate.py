@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from guard_fast.config import limits as L
 from guard_fast.config.base import opt
 
 __all__ = ["EvaluateConfig", "EVAL_PROTOCOL", "PROTOCOL_CHOICES", "default_eps", "EVAL_RULE"]
@@ -43,7 +44,7 @@ class EvaluateConfig:
     student_model: str | None = opt(None, help="student architecture (default: the preset's, "
                                     "resnet18)")
     student_epochs: int | None = opt(None, help="student epochs (default: the preset's: 300 "
-                                     "ImageNet-style, 30 bundled digits)", min=1)
+                                     "ImageNet-style, 30 bundled digits)", min=1, max=L.EPOCHS)
     student_out: str | None = opt(None, help="student run folder (default: "
                                   "<distilled>/../student)")
     data_root: str | None = opt(None, flag="--data", help="data set path (default: the bundled "
@@ -54,12 +55,13 @@ class EvaluateConfig:
                             unit="[0,1] pixel units", min=0, max=1,
                             default_note="8/255 bundled digits, 1/255 other data sets")
     attacks: str | None = opt(None, help="comma list of table columns (default: all)")
-    n_examples: int = opt(500, help="validation images evaluated", unit="images", min=1)
-    batch_size: int = opt(250, help="images per attack batch", min=1)
+    n_examples: int = opt(500, help="validation images evaluated", unit="images", min=1,
+                          max=L.IMAGES)
+    batch_size: int = opt(250, help="images per attack batch", min=1, max=L.BATCH)
     memory_budget: str | None = opt(None, help="memory one attack chunk may use, e.g. 4GiB: each "
                                     "batch is split into the largest chunks that fit (default: "
                                     "no limit)")
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
-    seed: int = opt(0, help="attack seed", min=0)
+    seed: int = opt(0, help="attack seed", min=0, max=L.SEED)
     out: str | None = opt(None, help="folder for results.json, table.md, plot (default: next to "
                           "--model)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from guard_fast.config import limits as L
 from guard_fast.config.base import opt, validate
 from guard_fast.config.evaluate import EVAL_PROTOCOL, PROTOCOL_CHOICES, default_eps
 from guard_fast.config.methods import METHODS, method_spec
@@ -76,7 +77,8 @@ class PipelineConfig:
                          "gr:<lambda_g>, or a method with teacher settings such as guard:lam=10 "
                          "or sre2l:epochs=3")
     recover_method: str = opt("sre2l", help="sre2l | cda", choices=("sre2l", "cda"))
-    ipc: int | None = opt(None, help="images per class", min=1, default_note="the preset's")
+    ipc: int | None = opt(None, help="images per class", min=1, max=L.IPC,
+                          default_note="the preset's")
     eps: float | None = opt(None, help="evaluation L-inf radius, e.g. 8/255",
                             unit="[0,1] pixel units", min=0, max=1,
                             default_note="8/255 bundled digits, 1/255 other data sets")
@@ -84,11 +86,11 @@ class PipelineConfig:
                         "evaluation) | standard", choices=PROTOCOL_CHOICES)
     eval_examples: int | None = opt(None, help="validation images for clean accuracy and "
                                     "PGD-100 (a class-stratified draw, the same for every method "
-                                    "and seed)", unit="images", min=1,
+                                    "and seed)", unit="images", min=1, max=L.IMAGES,
                                     default_note="the preset's; experiments: all")
     attack_examples: int | None = opt(None, help="validation images for the costlier attacks "
                                       "(Square, AutoAttack, CW, MIM): a class-stratified subset",
-                                      unit="images", min=1,
+                                      unit="images", min=1, max=L.IMAGES,
                                       default_note="the eval images; experiments: 1000")
     seeds: int = opt(1, help="run every method's whole chain under seeds seed, seed+1, ...: "
                      "tables then give mean +- std and paired 95% intervals against SRe2L",
@@ -96,7 +98,7 @@ class PipelineConfig:
     whole_split: bool = opt(False, help="clean and PGD-100 on every validation image unless "
                             "--eval-examples is given (what experiments do)", cli=False)
     square_queries: int | None = opt(None, help="Square's queries (alone and in AutoAttack)",
-                                     min=1, default_note="the preset's")
+                                     min=1, max=L.STEPS, default_note="the preset's")
     sweep: tuple | None = opt(None, help="PGD eps sweep besides eps (comma list)",
                               default_note="the preset's", cli=False)
     smoke: bool = opt(False, help="tiny sizes: every stage and file in a couple of minutes (CI)")
@@ -105,7 +107,7 @@ class PipelineConfig:
     recover: dict = opt(help="extra recover settings", cli=False, default_factory=dict)
     student: dict = opt(help="extra student settings", cli=False, default_factory=dict)
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
-    seed: int = opt(0, help="seed", min=0)
+    seed: int = opt(0, help="seed", min=0, max=L.SEED)
     progress: bool = opt(True, help="progress bars (--no-progress to silence)")
     teachers: str | None = opt(None, help="folder of squeeze runs shared between pipelines "
                                "(experiments)", cli=False)
@@ -120,7 +122,10 @@ def _check_choices(cfg: PipelineConfig) -> None:
     if not cfg.methods:
         raise ValueError(f"no methods given; known: {', '.join(METHODS)}, gr:<lambda_g>")
     for m in cfg.methods:
-        method_spec(m)
+        try:
+            method_spec(m)
+        except ValueError as e:
+            raise ValueError(f"--methods: {e}") from None
     if cfg.recover_method not in ("sre2l", "cda"):
         raise ValueError(f"recover_method must be sre2l or cda, got {cfg.recover_method!r}")
 

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from guard_fast.config import limits as L
 from guard_fast.config.base import opt, validate
 
 __all__ = ["RecoverConfig", "RECOVER_PRESETS", "RECOVER_METHODS", "CDA_MODES", "resolve_recover"]
@@ -49,21 +50,23 @@ class RecoverConfig:
     method: str = opt("sre2l", help="sre2l | cda (curriculum on the crop scale) | dc (gradient "
                       "matching on real data; takes the dc options)",
                       choices=RECOVER_METHODS + ("dc",))
-    ipc: int = opt(10, help="images per class", min=1)
-    iterations: int | None = opt(None, help="synthesis iterations per batch", min=1,
+    ipc: int = opt(10, help="images per class", min=1, max=L.IPC)
+    iterations: int | None = opt(None, help="synthesis iterations per batch", min=1, max=L.STEPS,
                                  default_note=_PRESET_NOTE)
     lr: float | None = opt(None, help="Adam learning rate (cosine schedule)", unit="per step",
-                           min=0, min_inclusive=False, default_note=_PRESET_NOTE)
+                           min=0, max=L.LR, min_inclusive=False, default_note=_PRESET_NOTE)
     r_bn: float | None = opt(None, help="weight of the BatchNorm-statistics loss", min=0,
+                             max=L.WEIGHT,
                              default_note=_PRESET_NOTE)
     first_bn_multiplier: float = opt(10.0, help="extra weight of the first BatchNorm layer's "
-                                     "statistics (the public --first-bn-multiplier)", min=0)
+                                     "statistics (the public --first-bn-multiplier)", min=0,
+                                     max=L.WEIGHT)
     crop: bool | None = opt(None, help="RandomResizedCrop of the batch each iteration (+ its "
                             "curriculum under cda)", default_note=_PRESET_NOTE)
     flip: bool | None = opt(None, help="random horizontal flip of the batch each iteration",
                             default_note=_PRESET_NOTE)
     jitter: int | None = opt(None, help="random roll of the pixels, at most this many",
-                             unit="pixels", min=0, default_note=_PRESET_NOTE)
+                             unit="pixels", min=0, max=L.SIDE, default_note=_PRESET_NOTE)
     jitter_mode: str | None = opt(None, help="positive (roll by 0..jitter) | symmetric "
                                   "(-jitter..jitter)", choices=("positive", "symmetric"),
                                   default_note=_PRESET_NOTE)
@@ -75,15 +78,16 @@ class RecoverConfig:
     milestone: float = opt(1.0, help="CDA: fraction of the iterations over which the crop scale "
                            "decreases", min=0, max=1)
     class_batch: int = opt(100, help="classes per synthesis batch (one image per class; the "
-                           "public --batch-size)", min=1)
+                           "public --batch-size)", min=1, max=L.BATCH)
     group_size: int = opt(1, help="ipc ids synthesized together in one batch (per-group BN "
-                          "statistics; same result, bigger batch)", min=1)
+                          "statistics; same result, bigger batch)", min=1, max=L.IPC)
     amp: str = opt("none", help="autocast precision of the forward", choices=("none", "bf16", "fp16"))
     channels_last: bool = opt(False, help="channels_last teacher and inputs")
     compile: bool = opt(False, help="torch.compile the synthesis step")
-    save_every: int = opt(100, help="iterations between resumable checkpoints", min=1)
+    save_every: int = opt(100, help="iterations between resumable checkpoints", min=1, max=L.STEPS)
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
-    seed: int = opt(0, help="random seed (initial noise and every augmentation draw)", min=0)
+    seed: int = opt(0, help="random seed (initial noise and every augmentation draw)", min=0,
+                    max=L.SEED)
     out: str = opt("runs/recover", help="run folder for the distilled set")
     resume: bool = opt(False, help="continue the run in --out from its last checkpoint")
     progress: bool = opt(True, help="progress bars (--no-progress to silence)")

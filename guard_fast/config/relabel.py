@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from guard_fast.config import limits as L
 from guard_fast.config.base import opt, resolve, validate
 from guard_fast.config.student import STUDENT_PRESETS, VIEW_DEFAULTS, check_choices, view_opt
 
@@ -32,11 +33,11 @@ class RelabelConfig:
     out: str = opt("runs/relabel", help="relabel folder; a rerun with the same settings "
                    "continues it (complete epochs are kept, more epochs are added)")
     epochs: int | None = opt(None, help="epochs of views (and soft labels) to store",
-                             unit="epochs", min=1, default_note=_PRESET_NOTE)
+                             unit="epochs", min=1, max=L.EPOCHS, default_note=_PRESET_NOTE)
     batch_size: int | None = view_opt("batch_size", default_note=_PRESET_NOTE)
     seed: int = view_opt("seed", VIEW_DEFAULTS["seed"])
     top_k: int | None = opt(None, help="store only the k largest logits of every view (the "
-                            "target is then the teacher's top-k distribution)", min=1,
+                            "target is then the teacher's top-k distribution)", min=1, max=L.BATCH,
                             default_note="all")
     dtype: str = opt("float16", help="dtype of the stored logits (float16: the public "
                      "--use-fp16)", choices=DTYPES)
@@ -49,7 +50,8 @@ class RelabelConfig:
     mixup_alpha: float = view_opt("mixup_alpha", VIEW_DEFAULTS["mixup_alpha"])
     teacher_chunk: int | None = opt(None, help="run the teacher on at most this many views at a "
                                     "time (less memory; the same targets up to rounding)",
-                                    unit="views", min=1, default_note="the whole batch")
+                                    unit="views", min=1, max=L.BATCH,
+                                    default_note="the whole batch")
     progress: bool = opt(True, help="progress bar (--no-progress to silence)")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from guard_fast.config import limits as L
 from guard_fast.config.base import opt, resolve, to_dict
 
 __all__ = ["SqueezeConfig", "SQUEEZE_PRESETS", "PRESETS_NEEDING_DATA", "REGULARIZERS",
@@ -49,61 +50,63 @@ class SqueezeConfig:
                          "imagenet-1k, imagefolder, cifar10, cifar100")
     data_root: str | None = opt(None, flag="--data", help="path to your copy of the data set; "
                                 "needed by every preset but mnist")
-    image_size: int = opt(32, help="training image side", unit="pixels", min=1)
+    image_size: int = opt(32, help="training image side", unit="pixels", min=1, max=L.SIDE)
     model: str = opt("resnet18", help="architecture name (guard_fast.models.list_models())")
     model_options: dict = opt(help='keyword options of the architecture, a JSON object, e.g. '
                               '{"width": 32, "norm": "batchnorm"} for convnet',
                               default_factory=dict)
-    epochs: int = opt(2, help="training epochs", min=1)
+    epochs: int = opt(2, help="training epochs", min=1, max=L.EPOCHS)
     batch_size: int = opt(64, help="global batch size (all processes together)", unit="images",
-                          min=1)
+                          min=1, max=L.BATCH)
     lr: float = opt(0.01, help="peak learning rate of SGD (cosine schedule)", unit="per step",
                     min=0, min_inclusive=False, max=10)
     momentum: float = opt(0.9, help="SGD momentum", min=0, max=1, max_inclusive=False)
-    weight_decay: float = opt(1e-4, help="SGD weight decay", min=0)
-    warmup_epochs: int = opt(0, help="linear warm-up", unit="epochs", min=0)
+    weight_decay: float = opt(1e-4, help="SGD weight decay", min=0, max=1)
+    warmup_epochs: int = opt(0, help="linear warm-up", unit="epochs", min=0, max=L.EPOCHS)
     regularizer: str = opt("guard", help="teacher regularizer", choices=REGULARIZERS)
     grad_ratio_steps: list[int] = opt(help="global steps (from 1) at which the ratio of the "
                                       "regularizer's to the CE's parameter-gradient norm is "
                                       "written to grad_ratio.jsonl (comma list)",
-                                      default_factory=list)
+                                      min=1, max=L.STEPS, default_factory=list)
     # GUARD (Eq. 11) and its public-code modes
     guard_mode: str = opt("exact", help="GUARD mode", choices=GUARD_MODES)
-    h: float = opt(3.0, help="GUARD step h, in the units of --h-space (paper: 3)", min=0,
+    h: float = opt(3.0, help="GUARD step h, in the units of --h-space (paper: 3)", min=0, max=L.H,
                    min_inclusive=False)
     lam: float = opt(100.0, help="GUARD weight lambda (paper: 100; unused by official-imagenet)",
-                     min=0)
-    beta: float = opt(1e-4, help="official-imagenet weight (public code: 1e-4)", min=0)
+                     min=0, max=L.WEIGHT)
+    beta: float = opt(1e-4, help="official-imagenet weight (public code: 1e-4)", min=0,
+                      max=L.WEIGHT)
     bn_mode: str = opt("eval", help="module mode of the penalty passes: eval (published) | "
                        "model (the model's own, train mode in training; 'train' is its older "
                        "spelling)", choices=("eval", "model", "train"))
     chunk_size: int | None = opt(None, help="penalty passes in chunks of this many images (less "
-                                 "memory, same result)", unit="images", min=1)
+                                 "memory, same result)", unit="images", min=1, max=L.BATCH)
     h_space: str = opt("normalized", help="space h is measured in: normalized (the public "
                        "code's) | pixel ([0,1] images)", choices=("normalized", "pixel"))
     # gradient-norm regularization (Table 3)
     gr_lam: float = opt(1e-2, help="gradient-norm weight lambda_g (Table 3 sweep: 1e-4 .. 1)",
-                        min=0)
+                        min=0, max=L.WEIGHT)
     gr_mode: str = opt("exact", help="gradient-norm mode (official: the public code's detached "
                        "constant)", choices=("exact", "official"))
     # adversarial-training baselines (Table 1)
     adv_eps: float = opt(1 / 255, help="PGD-AT radius, L-inf (paper: 1/255)",
                          unit="[0,1] pixel units", min=0, max=1)
-    adv_steps: int = opt(7, help="PGD-AT attack steps of adv_eps/4 (Madry's schedule)", min=1)
+    adv_steps: int = opt(7, help="PGD-AT attack steps of adv_eps/4 (Madry's schedule)", min=1,
+                         max=L.STEPS)
     trades_beta: float = opt(1e-4, help="TRADES weight beta (public code: 1e-4; its attack "
-                             "constants are fixed)", min=0)
+                             "constants are fixed)", min=0, max=L.WEIGHT)
     # speed
     amp: str = opt("none", help="autocast precision", choices=AMP)
     channels_last: bool = opt(False, help="channels_last model and inputs")
     compile: bool = opt(False, help="torch.compile the model (first-order regularizers only)")
-    workers: int = opt(0, help="data-loading worker processes", min=0)
+    workers: int = opt(0, help="data-loading worker processes", min=0, max=L.WORKERS)
     # bookkeeping
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
-    seed: int = opt(0, help="random seed (data order, init, attacks)", min=0)
+    seed: int = opt(0, help="random seed (data order, init, attacks)", min=0, max=L.SEED)
     max_train: int | None = opt(None, help="train on a fixed random subset of this many images "
-                                "(smoke runs)", unit="images", min=1)
+                                "(smoke runs)", unit="images", min=1, max=L.IMAGES)
     max_val: int | None = opt(None, help="validate on a fixed random subset of this many images",
-                              unit="images", min=1)
+                              unit="images", min=1, max=L.IMAGES)
     out: str = opt("runs/squeeze", help="run folder")
     resume: bool = opt(False, help="continue the run in --out from its last checkpoint")
     progress: bool = opt(True, help="progress bars and per-epoch lines (--no-progress to silence)")

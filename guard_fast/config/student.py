@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from guard_fast.config.base import opt, resolve, to_dict, validate
+from guard_fast.config import limits as L
+from guard_fast.config.base import flag_of, opt, resolve, to_dict, validate
 
 __all__ = ["StudentConfig", "STUDENT_PRESETS", "OPTIMIZERS", "LOSS_SCALES", "MIXES",
            "VIEW_FIELDS", "VIEW_DEFAULTS", "resolve_student", "validate_student",
@@ -61,19 +62,19 @@ VIEW_DEFAULTS = dict(seed=0, max_scale=1.0, cutmix_alpha=1.0, mixup_alpha=0.8)
 
 _VIEW_OPTS: dict[str, dict[str, Any]] = {
     "image_size": dict(help="side of the student's (square) input: the views are resized to it",
-                       unit="pixels", min=1),
+                       unit="pixels", min=1, max=L.SIDE),
     "batch_size": dict(help="global batch of the student (all processes together): views are "
-                       "drawn and mixed per batch", unit="images", min=1),
-    "seed": dict(help="view seed: the crops, flips and mixing of every epoch", min=0),
+                       "drawn and mixed per batch", unit="images", min=1, max=L.BATCH),
+    "seed": dict(help="view seed: the crops, flips and mixing of every epoch", min=0, max=L.SEED),
     "min_scale": dict(help="smallest RandomResizedCrop area (SRe2L: --min-scale-crops 0.08)",
                       unit="fraction of the image area", min=0, min_inclusive=False, max=1),
     "max_scale": dict(help="largest RandomResizedCrop area", unit="fraction of the image area",
                       min=0, min_inclusive=False, max=1),
     "mix": dict(help="mixing within each batch: cutmix (the public train_FKD) | mixup (its CIFAR "
                 "script) | none", choices=MIXES),
-    "cutmix_alpha": dict(help="CutMix: the mixing weight is Beta(alpha, alpha)", min=0,
+    "cutmix_alpha": dict(help="CutMix: the mixing weight is Beta(alpha, alpha)", min=0, max=L.ALPHA,
                          min_inclusive=False),
-    "mixup_alpha": dict(help="Mixup: the mixing weight is Beta(alpha, alpha)", min=0,
+    "mixup_alpha": dict(help="Mixup: the mixing weight is Beta(alpha, alpha)", min=0, max=L.ALPHA,
                         min_inclusive=False),
 }
 
@@ -111,7 +112,7 @@ class StudentConfig:
     model: str = opt("resnet18", help="student architecture (guard_fast.models.list_models())")
     model_options: dict = opt(help='keyword options of the architecture, a JSON object, e.g. '
                               '{"width": 16, "depth": 2} for convnet', default_factory=dict)
-    epochs: int = opt(30, help="training epochs", unit="epochs", min=1)
+    epochs: int = opt(30, help="training epochs", unit="epochs", min=1, max=L.EPOCHS)
     image_size: int | None = view_opt("image_size", default_note=_VIEW_NOTE)
     batch_size: int | None = view_opt("batch_size", default_note=_VIEW_NOTE)
     seed: int | None = view_opt("seed", default_note=_VIEW_NOTE)
@@ -123,23 +124,23 @@ class StudentConfig:
     optimizer: str = opt("adamw", help="adamw (the public train_FKD) | sgd (the Tiny-ImageNet "
                          "recipe)", choices=OPTIMIZERS)
     lr: float = opt(0.001, help="peak learning rate (linear warm-up, then cosine, stepped per "
-                    "epoch)", min=0, min_inclusive=False)
+                    "epoch)", min=0, max=L.LR, min_inclusive=False)
     momentum: float = opt(0.9, help="SGD momentum (sgd only)", min=0, max=1, max_inclusive=False)
     betas: tuple[float, float] = opt((0.9, 0.999), help="AdamW betas, two numbers in [0, 1) (adamw only)")
-    weight_decay: float = opt(0.01, help="weight decay", min=0)
+    weight_decay: float = opt(0.01, help="weight decay", min=0, max=1)
     decay_1d: bool = opt(False, help="also decay biases and norm weights (the public AdamW path "
                          "decays only weight tensors of more than one dimension)")
-    warmup_epochs: int = opt(0, help="linear warm-up of the lr", unit="epochs", min=0)
+    warmup_epochs: int = opt(0, help="linear warm-up of the lr", unit="epochs", min=0, max=L.EPOCHS)
     warmup_start: float = opt(0.01, help="the warm-up starts at this fraction of lr", min=0,
                               max=1)
     temperature: float = opt(20.0, help="KD temperature T (train_FKD.sh: 20; the CIFAR script: "
-                             "30)", min=0, min_inclusive=False)
+                             "30)", min=0, max=L.TEMPERATURE, min_inclusive=False)
     loss_scale: str = opt("none", help="none (the public train_FKD: no T^2 factor) | T2 "
                           "(Hinton's T^2 scaling, the Tiny-ImageNet recipe)", choices=LOSS_SCALES)
     accum_steps: int = opt(1, help="micro-batches per optimizer step (the public "
                            "--gradient-accumulation-steps): the same gradient in less memory",
-                           min=1)
-    init_seed: int = opt(0, help="seed of the student's weight initialisation", min=0)
+                           min=1, max=L.STEPS)
+    init_seed: int = opt(0, help="seed of the student's weight initialisation", min=0, max=L.SEED)
     mean: list[float] | None = opt(None, help="per-channel mean of the normalization inside the "
                             "student", unit="[0,1] pixel units", default_note=_TEACHER_NOTE)
     std: list[float] | None = opt(None, help="per-channel std of the normalization inside the student "
@@ -148,9 +149,9 @@ class StudentConfig:
                                "(guard_fast.data.get_data name, e.g. mnist)")
     val_root: str | None = opt(None, help="path to your copy of the validation data set")
     max_val: int | None = opt(None, help="validate on a fixed random subset of this many images",
-                              unit="images", min=1)
+                              unit="images", min=1, max=L.IMAGES)
     val_every: int = opt(1, help="validate every this many epochs (and after the last)",
-                         unit="epochs", min=1)
+                         unit="epochs", min=1, max=L.EPOCHS)
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
     resume: bool = opt(False, help="continue the run in --out from its last checkpoint")
     progress: bool = opt(False, help="progress bars and per-epoch lines")
@@ -166,25 +167,27 @@ def check_choices(cls, values: Mapping[str, Any]) -> None:
         known = f.metadata.get("choices")
         v = values.get(f.name)
         if known is not None and v is not None and v not in known:
-            raise ValueError(f"unknown {f.name} {v!r}; known: {', '.join(map(str, known))}")
+            raise ValueError(f"unknown {f.name} {v!r}; known: {', '.join(map(str, known))} "
+                             f"(flag {flag_of(f)})")
 
 
-def _numbers(cfg: StudentConfig, name: str, *, lo: float, lo_ok: bool, hi: float | None = None,
-             n: int | None = None) -> None:
+def _numbers(cfg: StudentConfig, name: str, *, lo: float, lo_ok: bool, hi: float,
+             hi_ok: bool, n: int | None = None) -> None:
     """A list field of numbers (a JSON list, or "a,b" from the command line), each in range."""
     v = getattr(cfg, name)
     if v is None:
         return
+    flag = "--" + name.replace("_", "-")
     try:
         nums = [float(x) for x in v]
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a list of numbers, got {v!r}") from None
+        raise ValueError(f"{name} must be a list of numbers, got {v!r} (flag {flag})") from None
     bad = [x for x in nums if not math.isfinite(x) or (x < lo if lo_ok else x <= lo)
-           or (hi is not None and x >= hi)]
+           or (x > hi if hi_ok else x >= hi)]
     if bad or (n is not None and len(nums) != n) or not nums:
-        rng = ("[" if lo_ok else "(") + f"{lo:g}, " + (f"{hi:g})" if hi is not None else "inf)")
+        rng = ("[" if lo_ok else "(") + f"{lo:g}, {hi:g}" + ("]" if hi_ok else ")")
         count = f"{n} numbers" if n else "numbers"
-        raise ValueError(f"{name} must be {count} in {rng}, got {v!r}")
+        raise ValueError(f"{name} must be {count} in {rng}, got {v!r} (flag {flag})")
     object.__setattr__(cfg, name, type(v)(nums))
 
 
@@ -193,9 +196,11 @@ def validate_student(cfg: StudentConfig) -> StudentConfig:
     type and range); betas, mean and std element by element. Returns cfg (coerced in place)."""
     check_choices(StudentConfig, {f.name: getattr(cfg, f.name) for f in fields(cfg)})
     validate(cfg)
-    _numbers(cfg, "betas", lo=0, lo_ok=True, hi=1, n=2)
-    _numbers(cfg, "mean", lo=-math.inf, lo_ok=False)
-    _numbers(cfg, "std", lo=0, lo_ok=False)
+    _numbers(cfg, "betas", lo=0, lo_ok=True, hi=1, hi_ok=False, n=2)
+    # statistics of [0, 1] pixels: a mean lies in [0, 1], a std in (0, 0.5]; (0, 1] is kept
+    # as the std's bound so that a hand-set wider normalization still passes
+    _numbers(cfg, "mean", lo=0, lo_ok=True, hi=1, hi_ok=True)
+    _numbers(cfg, "std", lo=0, lo_ok=False, hi=1, hi_ok=True)
     return cfg
 
 

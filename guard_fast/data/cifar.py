@@ -52,14 +52,17 @@ def find_cifar_dir(root: str, name: str) -> str:
 def _load_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         d = load_data_pickle(path)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            ImportError) as e:
+    except (OSError, pickle.UnpicklingError) as e:  # load_data_pickle's one error type
         raise ValueError(f"{path!r} is not a readable CIFAR pickle batch: {e}") from e
     if not isinstance(d, dict) or b"data" not in d or label_key not in d:
-        keys = sorted(d) if isinstance(d, dict) else type(d).__name__
+        keys = sorted(map(repr, d)) if isinstance(d, dict) else type(d).__name__
         raise ValueError(f"{path!r} lacks keys b'data' and {label_key!r} (has {keys})")
-    x = np.asarray(d[b"data"], dtype=np.uint8)
-    y = np.asarray(d[label_key], dtype=np.int64)
+    try:
+        x = np.asarray(d[b"data"], dtype=np.uint8)
+        y = np.asarray(d[label_key], dtype=np.int64)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ValueError(f"{path!r}: b'data' and {label_key!r} are not arrays of pixel values "
+                         f"and labels ({e})") from None
     if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
         raise ValueError(f"{path!r}: b'data' has shape {x.shape} with {len(y)} labels; want (N, 3072) and N labels")
     return x.reshape(-1, 3, 32, 32), y

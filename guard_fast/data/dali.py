@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from guard_fast.data.folder import check_image, header_problem
 from guard_fast.data.loader import EpochBatchSampler, EpochSampled, mix_seed
 from guard_fast.data.transforms import IMAGENET_CROP_PCT, IMAGENET_RATIO, IMAGENET_SCALE, SMALL_PADDING
 
@@ -111,6 +112,32 @@ def build_pipeline(kind: str, image_size: int, train: bool, batch_size: int, num
     return p
 
 
+def read_encoded(path: str) -> np.ndarray:
+    """The bytes of an image file for DALI, after the header checks of the torch path
+    (folder.size_problem): DALI's decoders would allocate whatever a header claims, so a
+    decompression bomb, a tiny image or a file PIL cannot identify is refused here, naming
+    the file, before DALI sees it. Reading the header costs one PIL open of the bytes
+    already in memory (no pixel is decoded)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise ValueError(f"cannot read image file {path!r}: {e}") from None
+    why = header_problem(data)
+    if why is not None:
+        raise ValueError(f"corrupt or non-image file {path!r}: {why}")
+    return data
+
+
+def _decode_failure(paths: list[str], e: Exception) -> str:
+    """The message for a batch DALI failed to decode: the files PIL cannot decode either
+    (full decode), else all of the batch's."""
+    bad = [(p, why) for p in paths if (why := check_image(p)) is not None]
+    if bad:
+        return "; ".join(f"corrupt or non-image file {p!r}: {why}" for p, why in bad)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"DALI could not decode a batch of {len(paths)} files ({first}): {paths}"
+
+
 def _to_torch(out, device: torch.device) -> torch.Tensor:
     t = out.as_tensor()
     if device.type == "cpu":
@@ -160,9 +187,13 @@ class DALILoader(EpochSampled):
         pipe = self._pipeline()
         samples = self.dataset.samples
         for idx in self.sampler:
-            enc = [np.fromfile(samples[i][0], dtype=np.uint8) for i in idx]
+            paths = [samples[i][0] for i in idx]
+            enc = [read_encoded(p) for p in paths]
             pipe.feed_input("encoded", enc)
-            (out,) = pipe.run()
+            try:
+                (out,) = pipe.run()
+            except RuntimeError as e:  # DALI names neither the file nor the reason
+                raise ValueError(_decode_failure(paths, e)) from None
             labels = torch.tensor([samples[i][1] for i in idx], dtype=torch.int64)
             images, labels = _to_torch(out, self.device), labels.to(self.device)
             if self.pin_memory:

@@ -7,6 +7,12 @@ Layouts (``layout=``):
                  root/val/val_annotations.txt ("<file>\\t<wnid>\\t..." per line); a val folder
                  already sorted into root/val/<wnid>/ class folders is accepted too.
 
+Every readable image becomes RGB (``to_rgb``): CMYK, palette (with or without
+transparency), grey, bilevel and YCbCr through PIL's convert; 16-bit grey keeps its top 8
+bits (PIL's convert would clip it to white); alpha (RGBA, LA, PA) is dropped, keeping the
+colour under it, as torchvision's loader does. File names are taken as the file system
+gives them (non-UTF-8 names pass through as Python's surrogate-escaped str).
+
 Class index = position in the sorted train class folder names; val must have exactly the
 same class set (ValueError naming the classes that differ).
 
@@ -18,6 +24,12 @@ Bad input (every message names the path):
     for files found bad there, otherwise when the sample is loaded. ``on_corrupt="skip"``:
     such files are dropped at construction and counted; ``num_skipped`` / ``skipped`` expose
     the count and the paths.
+  * a file or a broken/looping link where a class folder belongs: as a corrupt file
+    (ValueError naming it, or skipped and counted)
+  * an image whose header claims more than PIL.Image.MAX_IMAGE_PIXELS pixels (a
+    decompression bomb) or a side under MIN_SIDE pixels: as a corrupt file, refused from
+    the header's size before any pixel is decoded (PIL's own bomb warning becomes this
+    refusal)
   ``verify`` (default: True for "skip", False for "raise") decodes every image once at
   construction (JPEGs at 1/8 scale via PIL draft, which still reads the whole entropy-coded
   stream and so catches truncation). That costs about a quarter of an epoch of decoding --
@@ -26,8 +38,12 @@ Bad input (every message names the path):
 """
 from __future__ import annotations
 
+import io
 import os
+import struct
+import warnings
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -39,6 +55,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LAYOUTS = ("imagefolder", "tiny")
 ON_CORRUPT = ("raise", "skip")
+# smallest side an image may have: anything smaller is a placeholder or a broken export, and
+# a crop of it upsamples one or two pixels to the whole input
+MIN_SIDE = 8
 
 
 def _is_image_name(name: str) -> bool:
@@ -49,28 +68,81 @@ def _visible(names) -> list[str]:
     return sorted(n for n in names if not n.startswith("."))
 
 
+# what a broken, hostile or unreadable file raises while PIL opens or decodes it
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError,
+                  Image.DecompressionBombError, Image.DecompressionBombWarning)
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit (and 32-bit int) grey
+
+
+def size_problem(w: int, h: int) -> str | None:
+    """None if a w x h image is acceptable, else why not (checked on the header's size,
+    before any pixel is decoded)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and w * h > limit:
+        return (f"the header claims {w} x {h} = {w * h} pixels, more than PIL.Image."
+                f"MAX_IMAGE_PIXELS ({limit}): refused before decoding (a decompression bomb?)")
+    if min(w, h) < MIN_SIDE:
+        return f"the image is {w} x {h} pixels, smaller than {MIN_SIDE} x {MIN_SIDE}"
+    return None
+
+
+def _open(f) -> Image.Image:
+    """Image.open with the header's size checked; PIL's bomb warning becomes a refusal."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = Image.open(f)
+    why = size_problem(*im.size)
+    if why is not None:
+        raise ValueError(why)
+    return im
+
+
+def header_problem(data) -> str | None:
+    """None if the encoded image ``data`` (bytes-like) has a header PIL identifies and an
+    acceptable size (``size_problem``), else why not; no pixel is decoded."""
+    try:
+        _open(io.BytesIO(data)).close()
+        return None
+    except _DECODE_ERRORS as e:
+        return _reason(e)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """RGB by the documented rules: 16-bit grey keeps its top 8 bits (PIL's own convert
+    would clip every value above 255 to white); alpha is dropped; CMYK, palette, grey and
+    bilevel go through PIL's convert."""
+    if im.mode in _WIDE_MODES:
+        a = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
+        return Image.fromarray(a.astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
     """Decode ``path`` to an RGB PIL image; ValueError naming the file when it cannot."""
     try:
         with open(path, "rb") as f:
-            im = Image.open(f)
-            im = im.convert("RGB")  # convert() forces the full decode while f is open
+            im = to_rgb(_open(f))  # the conversion forces the full decode while f is open
+            im.load()
         return im
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"corrupt or non-image file {path!r}: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"corrupt or non-image file {path!r}: {_reason(e)}") from e
+
+
+def _reason(e: BaseException) -> str:
+    return str(e) or type(e).__name__
 
 
 def check_image(path: str) -> str | None:
     """None if ``path`` decodes, else the reason. JPEGs decode at 1/8 scale (fast, full stream)."""
     try:
         with open(path, "rb") as f:
-            im = Image.open(f)
+            im = _open(f)
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
             im.load()
         return None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return str(e) or type(e).__name__
+    except _DECODE_ERRORS as e:
+        return _reason(e)
 
 
 def list_classes(split_dir: str) -> list[str]:
@@ -151,11 +223,20 @@ class ImageFolderDataset(Dataset):
     def class_names(self) -> list[str]:
         return self.classes
 
-    def _bad(self, path: str, why: str) -> None:
+    def _bad(self, path: str, why: str, what: str = "corrupt or non-image file") -> None:
         if self.on_corrupt == "raise":
-            raise ValueError(f"corrupt or non-image file {path!r}: {why} "
+            raise ValueError(f"{what} {path!r}: {why} "
                              f"(pass on_corrupt='skip' to skip and count such files)")
         self.skipped.append((path, why))
+
+    def _stray_files(self, split_dir: str) -> None:
+        """A visible entry of the split folder that is not a folder (a file, a broken or
+        looping symlink) where only class folders belong: refused or skipped and counted."""
+        for n in _visible(os.listdir(split_dir)):
+            p = os.path.join(split_dir, n)
+            if not os.path.isdir(p):
+                self._bad(p, "a file where a class folder is expected (not a folder, or a "
+                          "broken or looping link)", what="stray entry")
 
     def _files(self, folder: str, label: int) -> list[tuple[str, int]]:
         out = []
@@ -179,6 +260,7 @@ class ImageFolderDataset(Dataset):
         if self.layout == "tiny" and split == "val" and os.path.isfile(ann):
             return self._scan_tiny_val(split_dir, ann)
         classes = list_classes(split_dir)
+        self._stray_files(split_dir)
         if split != "train":
             _check_same_classes(self.classes, classes, split_dir)
         samples = []
