@@ -168,6 +168,8 @@ def worker(spec: dict) -> dict:
     with torch.no_grad():  # running statistics that differ from batch statistics
         model(torch.rand_like(x))
 
+    if spec.get("counts_only"):
+        return _counts(spec, model, x, y, amp, device, None)
     check = {}
     if spec["variant"] in STEP_VARIANTS:
         check = _check_step(spec["variant"], model, x, y, amp, device)
@@ -219,7 +221,8 @@ def _counts(spec, model, x, y, amp, device, median_ms) -> dict:
     c = count(step)
     out = {"gflops": c["flops"] / 1e9, "ops": c["ops"], "syncs": c["syncs"], "ops_of": variant,
            "top_ops": c["top_ops"]}
-    out.update(throughput(c["flops"], median_ms, device_name(device), spec["dtype"]))
+    if median_ms is not None:
+        out.update(throughput(c["flops"], median_ms, device_name(device), spec["dtype"]))
     return out
 
 
@@ -302,6 +305,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per variant")
     ap.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     ap.add_argument("--results-dir", default=None, help="where to append loss.jsonl (default bench/results)")
+    ap.add_argument("--counts-only", action="store_true",
+                    help="FLOPs and ops per step only (no check, no timing; one process): "
+                         "device-independent figures for every variant in a few steps each")
     ap.add_argument("--summary", default=None, metavar="LOSS_JSONL",
                     help="only pair the rows of this loss.jsonl (ratios, bf16 speed-ups) and "
                          "append them to loss_summary.jsonl in --results-dir")
@@ -344,28 +350,30 @@ def main(argv=None) -> int:
             for v in variants:
                 spec = dict(variant=v, device=args.device, stem=stem, size=size, batch=batch,
                             classes=10 if size <= 64 else 100, dtype=dt, reps=reps, warmup=warmup,
-                            channels_last=args.channels_last)
-                res, err = _run(spec, in_process=cuda)
+                            channels_last=args.channels_last, counts_only=args.counts_only)
+                res, err = _run(spec, in_process=cuda or args.counts_only)
                 if err is not None:
                     print(f"[{cname} {dt} {v}] failed: {err}", file=sys.stderr)
                     row = {"config": cname, "dtype": dt, "variant": v, "error": err[:300]}
                 else:
                     base[v] = res
                     row = {"config": cname, "dtype": dt, "variant": v, **res}
-                    if "straightforward" in base:
+                    if "straightforward" in base and not args.counts_only:
                         row["x_straightforward"] = res["median_ms"] / base["straightforward"]["median_ms"]
                         row["mem_x_straightforward"] = (res["peak_mem_mb"] /
                                                         max(base["straightforward"]["peak_mem_mb"], 1e-9))
-                    if "ce" in base:
+                    if "ce" in base and not args.counts_only:
                         row["x_ce"] = res["median_ms"] / base["ce"]["median_ms"]
+                    if "ce" in base:
                         row["flops_x_ce"] = res["gflops"] / base["ce"]["gflops"]
                         row["ops_x_ce"] = res["ops"] / base["ce"]["ops"]
                     same = "ce-" + STEP_VARIANTS[v][1] if v in STEP_VARIANTS else None
-                    if same in base and same != v:  # exact-graph vs ce-graph, ...
+                    if same in base and same != v and not args.counts_only:  # exact-graph vs ce-graph, ...
                         row["x_ce_same_mode"] = res["median_ms"] / base[same]["median_ms"]
                 from guard_fast import ops
                 dtype_dev = args.device.split(":")[0]
                 row.update(device_type=dtype_dev, channels_last=args.channels_last,
+                           counts_only=args.counts_only,
                            batch=batch, size=size, stem=stem, quick=args.quick,
                            backend=ops.backend_for(dtype_dev))
                 rows.append(append_result("loss", row, args.results_dir, device=args.device))
@@ -391,7 +399,7 @@ def summarize(path, results_dir=None) -> list[dict]:
     rows = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
     by: dict = {}
     for r in rows:
-        if "error" not in r:
+        if "error" not in r and not r.get("counts_only"):
             by.setdefault((r["config"], r["dtype"], bool(r.get("channels_last"))), {})[r["variant"]] = r
 
     def ratio(vs, a, b, field="median_ms"):
