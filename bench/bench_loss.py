@@ -39,6 +39,8 @@ and first checks its loss and gradient against the straightforward form on the s
 
     python bench/bench_loss.py --quick                 # < 1 min on a laptop CPU
     python bench/bench_loss.py --device cuda           # full grid on a GPU
+    python bench/bench_loss.py --counts-only           # FLOPs / ops of every variant, no timing
+    python bench/bench_loss.py --summary OUT/loss.jsonl  # pair one run's rows (ratios)
 """
 from __future__ import annotations
 
