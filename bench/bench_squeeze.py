@@ -3,10 +3,17 @@ CE, and data-loading images/s of the DALI pipeline against torchvision on the sa
 
   compute  one fixed batch, full step (loss, backward, SGD); images/s = batch / median step
   loader   one epoch over a synthetic ImageFolder of real JPEG files, train transforms
-           (random resized crop + flip), torchvision (workers 0 and 2) vs DALI
+           (random resized crop + flip), torchvision (workers 0 and 2) vs DALI, timed alone
+  loader_vs_step  the fastest loader's images/s over each compute row's: > 1 means the
+           loader alone outruns that step (it is not the bottleneck)
+
+The step is guard_fast.losses.step.TrainStep: --step-mode graph captures it whole in a CUDA
+graph, --amp bf16 and --channels-last pick the tensor-core kernels.
 
     python bench/bench_squeeze.py --quick          # < 1 min on a 2-core CPU
     python bench/bench_squeeze.py --device cuda    # ImageNette-shaped: 224 px, batch 32
+    python bench/bench_squeeze.py --device cuda --regularizers none,guard --batch 128 \
+        --step-mode graph --amp bf16 --channels-last --skip-loader
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ REGULARIZERS = ["none", "guard", "gr", "pgd-at", "trades", "fbf"]
 def compute_rows(args, device) -> list[dict]:
     from guard_fast.config import resolve_squeeze
     from guard_fast.distill.squeeze import build_criterion
+    from guard_fast.losses.step import TrainStep
     from guard_fast.models import build_model
     from harness import time_fn
 
@@ -38,16 +46,14 @@ def compute_rows(args, device) -> list[dict]:
         crit = build_criterion(resolve_squeeze(dict(regularizer=reg)))
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         model.train()
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            crit(model, x, y).loss.backward()
-            opt.step()
-
-        r = time_fn(step, warmup=args.warmup, reps=args.reps, device=device)
+        # zero_grad, loss, backward, SGD step; eager, or captured / compiled whole
+        ts = TrainStep(model, crit, opt, mode=args.step_mode, channels_last=args.channels_last,
+                       amp_dtype=torch.bfloat16 if args.amp == "bf16" else None)
+        r = time_fn(lambda: ts(x, y), warmup=args.warmup, reps=args.reps, device=device)
         r.update(area="squeeze", kind="compute", regularizer=reg, model=args.model,
                  image_size=args.image_size, batch=args.batch, device_type=device.type,
-                 images_per_s=args.batch / (r["median_ms"] / 1e3))
+                 images_per_s=args.batch / (r["median_ms"] / 1e3), step_mode=ts.mode,
+                 amp=args.amp, channels_last=args.channels_last)
         base = base or (r if reg == "none" else None)
         if base:
             r["x_slower_than_ce"] = base["images_per_s"] / r["images_per_s"]
@@ -87,6 +93,27 @@ def loader_rows(args, device) -> list[dict]:
     return rows
 
 
+def loader_vs_step(rows: list[dict]) -> list[dict]:
+    """The loader alone against each step: the fastest loader's images/s over the step's
+    (at the step's batch; > 1: the loader can feed that step, it is not the bottleneck).
+    The loader epoch runs at the training crop, the compute rows at --image-size."""
+    loaders = [r for r in rows if r["kind"] == "loader"]
+    if not loaders:
+        return []
+    best = max(loaders, key=lambda r: r["images_per_s"])
+    out = []
+    for r in (r for r in rows if r["kind"] == "compute"):
+        ratio = best["images_per_s"] / r["images_per_s"]
+        out.append(dict(area="squeeze", kind="loader_vs_step", regularizer=r["regularizer"],
+                        step_mode=r["step_mode"], amp=r["amp"], device_type=r["device_type"],
+                        loader=f"{best['backend']} workers={best['workers']}",
+                        loader_images_per_s=best["images_per_s"],
+                        step_images_per_s=r["images_per_s"],
+                        loader_over_step=ratio, loader_faster=ratio > 1))
+        print(f"loader/step {r['regularizer']:7s} {ratio:6.2f}x  ({out[-1]['loader']})", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (< 1 min on CPU)")
@@ -100,6 +127,11 @@ def main(argv=None) -> int:
     ap.add_argument("--loader-images", type=int, default=None, help="JPEGs per loader epoch")
     ap.add_argument("--jpeg-size", type=int, default=None, help="JPEG side, px (default 128 CPU, 256 CUDA)")
     ap.add_argument("--crop", type=int, default=None, help="training crop, px (default 112 CPU, 224 CUDA)")
+    ap.add_argument("--step-mode", default="eager", choices=["eager", "graph", "compile"],
+                    help="compute rows: the step eager, captured in a CUDA graph, or compiled "
+                         "(guard_fast.losses.step.TrainStep)")
+    ap.add_argument("--amp", default="none", choices=["none", "bf16"], help="compute rows: autocast")
+    ap.add_argument("--channels-last", action="store_true", help="compute rows: channels_last")
     ap.add_argument("--skip-loader", action="store_true", help="compute rows only")
     ap.add_argument("--results-dir", default=None, help="where squeeze.jsonl goes (default bench/results)")
     args = ap.parse_args(argv)
@@ -119,6 +151,7 @@ def main(argv=None) -> int:
     rows = compute_rows(args, device)
     if not args.skip_loader:
         rows += loader_rows(args, device)
+        rows += loader_vs_step(rows)
     for r in rows:
         append_result("squeeze", {**r, "quick": args.quick}, args.results_dir, device=device)
     return 0

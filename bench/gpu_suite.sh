@@ -10,6 +10,7 @@
 #
 # SUITE_STEPS="tests e2e" runs only the named steps (tests, loss, attacks, ops, recover,
 # squeeze, e2e, loss-compiled; the build always runs): a second, shorter lease for what the first cut.
+# The GUARD-step measurements (issue 17): SUITE_STEPS="tests loss squeeze loss-compiled".
 # BENCH_COMMIT=<hash> labels every result row with that commit (the copy on a lent machine
 # may carry a stale .git; send the hash of the code you run).
 # SUITE_DEVICE=cpu runs the same steps in a small form on a CPU-only machine (a smoke test of
@@ -66,15 +67,12 @@ if [ "$DEV" = cuda ]; then
   if want tests; then
     step "GPU tests (cap $(cap 120) s; full output in gpu_tests.log)"
     timeout "$(cap 120)" $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_attack_kernels.py \
-      tests/test_kernels.py tests/test_losses.py tests/test_csrc.py -k "cuda or graph" \
+      tests/test_kernels.py tests/test_losses.py tests/test_csrc.py tests/test_step.py \
+      tests/test_flops.py -k "cuda or graph" \
       > "$OUT/gpu_tests.log" 2>&1
     grep -E "^(FAILED|ERROR|E  )" "$OUT/gpu_tests.log" | cut -c1-300 | head -40
     tail -3 "$OUT/gpu_tests.log"
   fi
-elif want loss; then
-  step "bench_loss (smoke, CPU)"
-  timeout 300 $PY bench/bench_loss.py --device cpu --quick --variants ce,exact --reps 1 \
-    --results-dir "$OUT"
 fi
 
 # later areas add their own steps in gpu_suite.d/ (run in name order); each reads CAP, the
@@ -94,7 +92,8 @@ done
 if [ "$DEV" = cuda ] && want loss-compiled && [ "$(left)" -gt 60 ]; then
   step "bench_loss: compiled variants (one config; what the budget leaves)"
   timeout "$(cap 200)" $PY bench/bench_loss.py --device cuda --configs r18-small-32-b128 --dtype fp32 \
-    --variants ce,straightforward,exact,exact-compiled,fd-compiled --results-dir "$OUT"
+    --variants ce,straightforward,exact,ce-compile-step,exact-compile-step,exact-compiled,fd-compiled \
+    --results-dir "$OUT"
 fi
 
 step "done"

@@ -21,12 +21,18 @@ def test_gpu_suite_smoke_on_cpu(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "out" / "loss.jsonl").read_text().splitlines()]
     assert {r["variant"] for r in rows} == {"ce", "exact"}
     assert all("error" not in r and r["median_ms"] > 0 for r in rows), rows
+    assert all(r["gflops"] > 0 and r["ops"] > 0 for r in rows), rows  # FLOP / launch counts
+    summary = [json.loads(l) for l in (tmp_path / "out" / "loss_summary.jsonl").read_text().splitlines()]
+    assert summary[0]["guard_x_ce"] > 1 and summary[0]["flops_guard_x_ce"] > 1, summary
     assert (tmp_path / "out" / "attacks.jsonl").exists(), log[-3000:]
     ops = [json.loads(l) for l in (tmp_path / "out" / "ops.jsonl").read_text().splitlines()]
     assert {r["op"] for r in ops} == {"perturb", "sqdiff_norm", "sqdiff_norm_backward"}
     assert {"torch", "op"} <= {r["impl"] for r in ops} and all(r["us_per_call"] > 0 for r in ops)
     sq = [json.loads(l) for l in (tmp_path / "out" / "squeeze.jsonl").read_text().splitlines()]
-    assert {r["kind"] for r in sq} == {"compute", "loader"} and all(r["images_per_s"] > 0 for r in sq)
+    assert {r["kind"] for r in sq} == {"compute", "loader", "loader_vs_step"}
+    assert all(r["images_per_s"] > 0 for r in sq if r["kind"] != "loader_vs_step")
+    assert {r["regularizer"] for r in sq if r["kind"] == "loader_vs_step"} == {"none", "guard"}
+    assert all(r["loader_over_step"] > 0 for r in sq if r["kind"] == "loader_vs_step")
     rc = [json.loads(l) for l in (tmp_path / "out" / "recover.jsonl").read_text().splitlines()]
     assert rc[0]["variant"].startswith("straightforward") and all(r["images_per_s"] > 0 for r in rc)
     assert (tmp_path / "out" / "e2e.jsonl").exists(), log[-3000:]
