@@ -51,7 +51,7 @@ def measure(args, device: torch.device) -> tuple[list[dict], dict]:
     for reg in REGULARIZERS:
         torch.manual_seed(cfg.seed)
         model = build_model(sq.model, data.num_classes, data.channels, data.mean, data.std,
-                            image_size=sq.image_size).to(device).train()
+                            image_size=sq.image_size, **sq.model_options).to(device).train()
         crit = build_criterion(resolve_squeeze({"preset": cfg.preset, "data_root": cfg.data_root,
                                                 "regularizer": reg}))
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
