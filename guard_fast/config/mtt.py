@@ -131,3 +131,15 @@ def resolve_mtt(overrides: dict[str, Any] | None = None) -> MTTConfig:
     cfg = resolve(MTTConfig, overrides, _ALL, preset, what="mtt")
     check_strategy(cfg.dsa_strategy)
     return cfg
+
+
+# The pipeline's trajectory methods (guard_fast.pipeline.trajectory): expert buffer and
+# distillation sizes per pipeline preset, and the smoke sizes. Only the bundled digits have
+# CPU sizes; on other presets the methods take the published rows above for the pipeline's
+# IPC (MTT_PRESETS "<data>-ipc<k>") and MTT's buffer settings.
+TRAJECTORY_PIPELINE: dict[str, dict[str, Any]] = {
+    "mnist": dict(experts=dict(preset="mnist"), distill=dict(preset="mnist"), eval_epochs=300),
+    "smoke": dict(experts=dict(preset="mnist", num_experts=1, epochs=2, max_train=64, width=4),
+                  distill=dict(preset="mnist", width=4, syn_steps=2, max_start_epoch=1,
+                               expert_epochs=1, iterations=2), eval_epochs=1),
+}
