@@ -38,6 +38,9 @@ approximation of MTT's gradient; "exact" gives MTT's gradient (equal to mtt's, t
 memory independent of the activations of N steps, at the cost of one more stored vector per
 step.
 
+The step size a is projected onto a >= 1e-8 after each update (MTT leaves it free; a
+negative a, which a large lr_lr can reach, would train the evaluation network uphill).
+
 Run folder (cfg.out; RunFolder rules): config.json; metrics.jsonl (a row per iteration:
 loss, lr, expert, start_epoch, seconds; flushed after each checkpoint, so a resumed run never
 repeats a row); checkpoint.pt (images, lr, both optimizers, iterations done; atomic);
@@ -69,6 +72,9 @@ from guard_fast.runtime import (RunFolder, append_jsonl, atomic_torch_save, load
 __all__ = ["mtt", "match_loss", "make_plan", "unroll_loss", "tesla_grads", "expert_labels",
            "evaluate_synthetic", "check_buffer"]
 
+# the learned step size is projected onto [_LR_MIN, inf) after every update: MTT's code leaves
+# it unconstrained, and a negative one then makes its evaluation's SGD refuse to start
+_LR_MIN = 1e-8
 _RESUMABLE_DIFF = {"resume", "progress", "device", "iterations", "checkpoint_every",
                    "eval_models", "eval_epochs"}
 
@@ -305,6 +311,8 @@ def _iteration(cfg: MTTConfig, it: int, st: _State, buf: Buffer, flat: FlatNet, 
         st.images.grad, st.lr.grad = g_img, g_lr
     st.opt_img.step()
     st.opt_lr.step()
+    with torch.no_grad():  # keep the step size positive (module docstring)
+        st.lr.clamp_(min=_LR_MIN)
     lv = float(loss.detach())
     if not math.isfinite(lv):
         raise FloatingPointError(f"{cfg.method} matching loss is not finite at iteration "

@@ -1,7 +1,7 @@
 """The paper's experiments as pipeline runs, each writing <out>/results.md and results.json:
 
   table1  GUARD vs SRe2L vs SRe2L + PGD adversarial training of the teacher
-  table2  GUARD vs SRe2L at IPC 1, 10, 50
+  table2  GUARD vs SRe2L at IPC 1, 10, 50; MTT, TESLA, MTT + GUARD experts at IPC 10, 50
   table3  gradient-norm regularization lambda_g = 1e-4 .. 1 against GUARD
   table5  SRe2L, CDA and DC, each with and without GUARD
 
@@ -110,7 +110,9 @@ def _table2(cfg: PipelineConfig, base: PipelineConfig, root: Path, log) -> str:
         c = dataclasses.replace(base, ipc=k, out=str(root / f"ipc{k}"))
         run_pipeline(c, log=log)
         parts.append((f" (IPC {k})", Path(c.out)))
-    return _combine(root, EXPERIMENTS["table2"], parts)
+    from guard_fast.pipeline.trajectory import add_table2_rows
+
+    return add_table2_rows(cfg, base, root, _combine(root, EXPERIMENTS["table2"], parts), log)
 
 
 def _table3(cfg: PipelineConfig, base: PipelineConfig, root: Path, log) -> str:

@@ -157,3 +157,31 @@ def run_trajectory_method(name: str, cfg, p: dict, out: Path, log=print) -> dict
             "teacher_val_acc": buf.get("val_acc_mean"), "teacher_val_penalty": None,
             "teacher_acc_on_recovered": None}
 
+
+
+def add_table2_rows(cfg, base, root: Path, text: str, log=print) -> str:
+    """Table 2's trajectory rows: MTT, TESLA and MTT + GUARD experts at IPC 10 and 50 (1 in
+    the smoke setting), each IPC one pipeline run under root/trajectory_ipc<k> with the
+    experiment's shared buffers; their rows are added to root/results.json and results.md
+    (text: the table so far). Returns the new text."""
+    import dataclasses
+
+    from guard_fast.evaluate import format_table
+    from guard_fast.pipeline.run import run_pipeline
+    from guard_fast.runtime import atomic_write_bytes
+
+    rows = []
+    for k in ((1,) if cfg.smoke else (10, 50)):
+        c = dataclasses.replace(base, methods=tuple(TRAJECTORY_METHODS), ipc=k,
+                                out=str(root / f"trajectory_ipc{k}"))
+        summary = run_pipeline(c, log=log)
+        rows += [dict(r, name=f"{r['name']} (IPC {k})") for r in summary["rows"]]
+    js = json.loads((root / "results.json").read_text())
+    js["rows"] += [{"part": "trajectory", "name": r["name"], "result": r["result"],
+                    "times": r["times"], "teacher_val_acc": r["teacher_val_acc"]} for r in rows]
+    atomic_write_json(root / "results.json", js)
+    text += ("\nTrajectory matching (MTT's ConvNet trained on the synthetic set with the "
+             "learned step size, MTT's evaluation; GUARD experts: experts trained with GUARD's "
+             "penalty):\n\n" + format_table([dict(r["result"], name=r["name"]) for r in rows]))
+    atomic_write_bytes(root / "results.md", text.encode())
+    return text
