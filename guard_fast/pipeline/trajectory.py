@@ -18,11 +18,10 @@ evaluation training).
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from guard_fast.config.methods import TRAJECTORY_METHODS, method_spec
+from guard_fast.pipeline.run import _MethodRun
 from guard_fast.runtime import atomic_torch_save, atomic_write_json, barrier, dist_env, resolve_device
 
 __all__ = ["is_trajectory_method", "run_trajectory_method"]
@@ -44,16 +43,10 @@ def _sizes(cfg) -> dict:
                      "the experts and mtt stages with their published presets")
 
 
-@dataclass
-class _TrajRun:
-    """One trajectory method's run: the attributes the shared evaluation steps read."""
-
-    name: str
-    cfg: object
-    p: dict
-    out: Path
-    log: object
-    times: dict = field(default_factory=dict)
+class _TrajRun(_MethodRun):
+    """One trajectory method's run: _MethodRun's attributes that the shared evaluation steps
+    read (root, ev_dir, label, device, timed, log), with the experts and mtt folders instead
+    of the squeeze -> student ones."""
 
     def __post_init__(self):
         self.folder, self.label, spec = method_spec(self.name)
@@ -64,15 +57,6 @@ class _TrajRun:
         self.mtt_dir, self.ev_dir = self.root / "mtt", self.root / "eval"
         self.device = resolve_device(self.cfg.device)
         self.sizes = _sizes(self.cfg)
-
-    def timed(self, key: str, fn):
-        t0 = time.perf_counter()
-        r = fn()
-        self.times[key] = round(time.perf_counter() - t0, 2)
-        return r
-
-    def common(self) -> dict:
-        return {"device": self.cfg.device, "seed": self.cfg.seed, "progress": self.cfg.progress}
 
 
 def _experts_stage(m: _TrajRun) -> None:
