@@ -234,3 +234,37 @@ def test_errors_name_the_fix_and_write_nothing(buffer, tmp_path):
     with pytest.raises(ValueError, match="without ZCA"):
         M.mtt(_mtt_cfg(buffer, out, zca=True))
     assert not out.exists()
+
+
+def test_zca_whitens_and_inverts():
+    from guard_fast.data.zca import ZCA
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200, 1, 4, 4, generator=g) @ torch.rand(4, 4, generator=g)  # correlated
+    z = ZCA.fit(x, eps=1e-6)  # eigenvalues 2e-4 .. 0.35: S / (S + eps) within 0.5% of 1
+    w = z(x).flatten(1).double()
+    cov = (w - w.mean(0)).T @ (w - w.mean(0)) / (len(w) - 1)
+    assert torch.allclose(cov, torch.eye(16, dtype=cov.dtype), atol=1e-2)
+    assert torch.allclose(z.invert(z(x)), x, atol=1e-4)
+
+
+def test_trajectory_methods_in_the_pipeline_settings():
+    from guard_fast.config import PipelineConfig, method_spec, resolve_settings
+
+    assert method_spec("tesla") == ("tesla", "TESLA", {"regularizer": "none", "method": "tesla"})
+    assert method_spec("mtt-guard")[2] == {"regularizer": "guard", "method": "mtt"}
+    resolve_settings(PipelineConfig(methods=("sre2l", "mtt", "tesla", "mtt-guard")))
+    with pytest.raises(ValueError, match="mtt, tesla, mtt-guard"):
+        method_spec("mtt2")
+
+
+def test_cli_stages(tmp_path, capsys):
+    from guard_fast.train import main
+
+    assert main(["mtt", "--buffer", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no expert buffer" in err and "guard_fast.train experts" in err
+    assert not (tmp_path / "o").exists()
+    assert main(["experts", "--regularizer", "pgd-at", "--out", str(tmp_path / "e")]) == 2
+    assert "experts train with none, guard, gr" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
