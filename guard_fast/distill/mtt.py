@@ -349,8 +349,8 @@ def _finish(cfg: MTTConfig, folder: RunFolder, st: _State, buf: Buffer, flat: Fl
     from guard_fast.data.distilled import save_distilled
 
     arch = buf.meta["arch"]
-    soft = st.soft
-    if cfg.label_mode() == "expert":  # the last target's soft labels, as TESLA evaluates
+    soft = st.soft  # the last iteration's soft labels, which TESLA evaluates with
+    if cfg.label_mode() == "expert" and soft is None:  # resumed with no iteration left to run
         soft = expert_labels(flat, buf.trajectories[-1][-1].to(device), st.images)
     lr = float(st.lr.detach())
     atomic_torch_save(folder.path("synthetic.pt"), {
