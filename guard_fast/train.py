@@ -231,7 +231,7 @@ def _train_student_for_eval(cfg: C.EvaluateConfig) -> Path:
 
 
 def _run_evaluate(ns: argparse.Namespace) -> int:
-    from guard_fast.data import get_data
+    from guard_fast.data import fixed_subset, get_data
     from guard_fast.evaluate import format_table, robust_eval
     from guard_fast.runtime import load_classifier, resolve_device
 
@@ -247,8 +247,11 @@ def _run_evaluate(ns: argparse.Namespace) -> int:
     out = Path(cfg.out) if cfg.out else Path(model_path).resolve().parent / "eval"
     attacks = cfg.attacks.split(",") if cfg.attacks else None
     eps = cfg.eps if cfg.eps is not None else C.default_eps(data_name)
-    res = robust_eval(model.to(device), data.val, protocol=cfg.protocol, attacks=attacks,
-                      eps=eps, batch_size=cfg.batch_size, n_examples=cfg.n_examples,
+    # a class-stratified draw: validation sets are stored by class, the first n would be
+    # one or two classes
+    val = fixed_subset(data.val, cfg.n_examples, 0)
+    res = robust_eval(model.to(device), val, protocol=cfg.protocol, attacks=attacks,
+                      eps=eps, batch_size=cfg.batch_size,
                       seed=cfg.seed, out_dir=str(out), device=device,
                       memory_budget=cfg.memory_budget)
     print(format_table([res]))

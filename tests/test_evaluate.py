@@ -210,3 +210,27 @@ def test_protocol_with_settings_changes_only_the_named_settings(mnist):
     assert st.version == "standard" and st.stages[3].n_queries == 7
     with pytest.raises(ValueError, match="no attack 'Squar'"):
         pc.with_settings(Squar={"n_queries": 7})
+
+
+def test_evaluate_command_draws_a_class_stratified_subset(tmp_path, monkeypatch):
+    """`evaluate --model CKPT --n-examples 100` attacks 10 images of each digit (the
+    validation set is stored by class: the first 100 were all zeros)."""
+    import guard_fast.evaluate as ev
+    from guard_fast.models import build_model
+    from guard_fast.runtime import classifier_arch, save_classifier
+    from guard_fast.train import main as cli
+
+    net = build_model("convnet", 10, 3, (0.13,) * 3, (0.31,) * 3, image_size=32, width=4)
+    ckpt = save_classifier(tmp_path / "m.pt", net, classifier_arch(
+        "convnet", 10, 3, 32, (0.13,) * 3, (0.31,) * 3, data="mnist", options={"width": 4}))
+    seen = {}
+
+    def fake(model, data, **kw):
+        seen["labels"] = data[1]
+        return {"clean": {"acc": 0.0, "correct": 0, "total": len(data[1])}, "attacks": {},
+                "protocol": kw["protocol"], "eps": kw["eps"], "eps_255": kw["eps"] * 255,
+                "n_examples": len(data[1])}
+    monkeypatch.setattr(ev, "robust_eval", fake)
+    assert cli(["evaluate", "--model", str(ckpt), "--n-examples", "100",
+                "--out", str(tmp_path / "e")]) == 0
+    assert torch.bincount(seen["labels"], minlength=10).tolist() == [10] * 10

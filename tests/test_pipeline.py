@@ -80,19 +80,24 @@ def test_dc_through_the_recover_stage(tmp_path):
 @pytest.mark.parametrize("name", ["table1", "table2", "table3", "table5"])
 def test_experiments_smoke(name, tmp_path, teachers, single_thread):
     """Each named experiment end to end in its smoke form (teachers shared between them).
-    One validation image per evaluation: these tests check which runs and rows each
-    experiment makes, and the attacks' fixed step counts cost per image attacked (the
-    smoke CLI test above evaluates the smoke setting's own number of images)."""
-    cfg = PipelineConfig(smoke=True, progress=False, teachers=str(teachers), eval_examples=1)
+    One validation image per evaluation and width-8 ConvNets: these tests check which runs
+    and rows each experiment makes (the smoke CLI test above runs the smoke setting's own
+    networks and images)."""
+    net = {"model": "convnet", "model_options": {"width": 8, "norm": "batchnorm"}}
+    cfg = PipelineConfig(smoke=True, progress=False, teachers=str(teachers), eval_examples=1,
+                         squeeze=net, student=net)
     text = run_experiment(name, cfg, out=str(tmp_path / name), log=lambda *a: None)
     assert (tmp_path / name / "results.md").read_text() == text
     rows = json.loads((tmp_path / name / "results.json").read_text())["rows"]
-    expect = {"table1": 3, "table2": 5, "table3": 2, "table5": 6}[name]
+    expect = {"table1": 6, "table2": 6, "table3": 3, "table5": 6}[name]
     assert len(rows) == expect, [r.get("name") for r in rows]
     if name == "table5":
         assert "DC + GUARD" in text and "CDA" in text
-    if name == "table2":   # SRe2L, GUARD, then the trajectory rows
-        assert [r["name"] for r in rows[2:]] == ["MTT (IPC 1)", "TESLA (IPC 1)",
+    if name == "table1":
+        assert "Real subset (SRe2L teacher)" in text and "official-cifar" in text
+        assert "Teacher PGD100" in text
+    if name == "table2":   # SRe2L and the two GUARD modes, then the trajectory rows
+        assert [r["name"] for r in rows[3:]] == ["MTT (IPC 1)", "TESLA (IPC 1)",
                                                   "MTT + GUARD experts (IPC 1)"]
 
 

@@ -4,12 +4,22 @@ with teacher settings.
     method_spec("guard")            -> ("guard", "GUARD", {"regularizer": "guard"})
     method_spec("gr:0.01")          -> gradient-norm regularization at lambda_g = 0.01 (Table 3)
     method_spec("guard:lam=10")     -> GUARD with a SqueezeConfig field changed
+    method_spec("real")             -> the control: IPC real training images per class,
+                                       relabelled by the SRe2L teacher ("real@guard": by the
+                                       GUARD teacher; any method after the @)
+
+A control run shares its teacher with the method after "@" (the same squeeze folder) and
+replaces recover by a seeded draw of real images; relabel, student and evaluation are the
+same as every method's. So its row against that method's row separates what the distilled
+images carry from what the teacher's soft labels carry.
 """
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["METHODS", "TRAJECTORY_METHODS", "method_spec"]
+__all__ = ["METHODS", "TRAJECTORY_METHODS", "REAL_CONTROL", "method_spec", "split_control"]
+
+REAL_CONTROL = "real"   # method name prefix of the real-subset control
 
 # name -> (table label, squeeze overrides)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -61,11 +71,30 @@ def _gr_spec(name: str, rest: str) -> tuple[str, str, dict[str, Any]]:
     return f"gr_{lam:g}", f"SRe2L + GR (lambda_g={lam:g})", dict(regularizer="gr", gr_lam=lam)
 
 
+def split_control(name: str) -> tuple[bool, str]:
+    """(is it the real-subset control, the method whose teacher it uses): "real" ->
+    (True, "sre2l"), "real@guard" -> (True, "guard"), "guard" -> (False, "guard")."""
+    head, at, teacher = name.partition("@")
+    if head != REAL_CONTROL:
+        return False, name
+    if at and not teacher:
+        raise ValueError(f"method {name!r}: real@<method> needs a teacher method, e.g. real@guard")
+    teacher = teacher or "sre2l"
+    if split_control(teacher)[0]:
+        raise ValueError(f"method {name!r}: the teacher of a control must be a method, not a control")
+    return True, teacher
+
+
 def method_spec(name: str) -> tuple[str, str, dict[str, Any]]:
     """(folder name, table label, squeeze overrides) of a method: one of METHODS, optionally
     with teacher settings as ":key=value" pairs (any SqueezeConfig field, e.g.
     "guard:lam=10", "sre2l:epochs=3:max_train=4000"), or "gr:<lambda_g>" (gradient-norm
-    regularization at that weight, Table 3)."""
+    regularization at that weight, Table 3), or a real-subset control (see the module
+    docstring: its squeeze overrides are its teacher method's)."""
+    control, teacher = split_control(name)
+    if control:
+        folder, label, over = method_spec(teacher)
+        return f"real_{folder}", f"Real subset ({label} teacher)", over
     if name in METHODS:
         label, over = METHODS[name]
         return name, label, dict(over)
@@ -78,7 +107,8 @@ def method_spec(name: str) -> tuple[str, str, dict[str, Any]]:
     if base not in METHODS or not rest:
         raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}, "
                          f"{', '.join(TRAJECTORY_METHODS)}, gr:<lambda_g>, "
-                         "and <method>:key=value[:key=value] with SqueezeConfig fields")
+                         "<method>:key=value[:key=value] with SqueezeConfig fields, and the "
+                         "controls real, real@<method>")
     from guard_fast.config import field_help
 
     fields_ = field_help()

@@ -10,7 +10,8 @@ from guard_fast.config.base import opt, validate
 from guard_fast.config.evaluate import EVAL_PROTOCOL, PROTOCOL_CHOICES, default_eps
 from guard_fast.config.methods import METHODS, method_spec
 
-__all__ = ["PipelineConfig", "PIPELINE_PRESETS", "SMOKE", "RESUMABLE", "resolve_settings"]
+__all__ = ["PipelineConfig", "PIPELINE_PRESETS", "SMOKE", "RESUMABLE", "resolve_settings",
+           "NO_DATA_NEEDED", "EXPERIMENT_ATTACK_EXAMPLES"]
 
 
 def _paper(data: str, eval_examples: int | None = None) -> dict[str, Any]:
@@ -32,18 +33,29 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
                   recover=dict(iterations=150), ipc=10,
                   student=dict(epochs=20), eval_examples=100, eps=default_eps("mnist"),
                   sweep=(2 / 255, 16 / 255), square_queries=500),
+    # the real Fashion-MNIST (Debian's dataset-fashion-mnist): the digits' sizes, its own data
+    "fashion-mnist": dict(squeeze=dict(data="fashion-mnist", epochs=1, max_train=2000,
+                                       max_val=500, batch_size=64),
+                          recover=dict(iterations=150), ipc=10, student=dict(epochs=20),
+                          eval_examples=100, eps=default_eps("fashion-mnist"),
+                          sweep=(2 / 255, 16 / 255), square_queries=500),
     "imagenette": _paper("imagenette"),
     "tiny-imagenet": _paper("tiny-imagenet"),
     "imagenet-1k": _paper("imagenet-1k", eval_examples=5000),
     "cifar10": _paper("cifar10"),
     "cifar100": _paper("cifar100"),
 }
+# presets whose data set needs no --data (bundled, or found where its package installs it)
+NO_DATA_NEEDED = ("mnist", "fashion-mnist")
 # The smoke setting (CI): every stage and artifact, minutes less work.
 SMOKE: dict[str, Any] = dict(squeeze=dict(epochs=1, max_train=64, max_val=32, batch_size=64),
                              recover=dict(iterations=2), ipc=2, student=dict(epochs=1),
                              eval_examples=4, sweep=(2 / 255,), square_queries=10)
 # settings that may differ when a run is continued (they do not change its results)
 RESUMABLE = frozenset({"progress", "device"})
+# the experiments' evaluation: every validation image for clean and PGD-100, a stratified
+# subset of this many for the costlier attacks
+EXPERIMENT_ATTACK_EXAMPLES = 1000
 
 
 @dataclass
@@ -65,8 +77,19 @@ class PipelineConfig:
                             default_note="8/255 bundled digits, 1/255 other data sets")
     protocol: str = opt(EVAL_PROTOCOL, help="attack settings: paper-code (the public GUARD "
                         "evaluation) | standard", choices=PROTOCOL_CHOICES)
-    eval_examples: int | None = opt(None, help="validation images attacked", unit="images",
-                                    min=1, default_note="the preset's")
+    eval_examples: int | None = opt(None, help="validation images for clean accuracy and "
+                                    "PGD-100 (a class-stratified draw, the same for every method "
+                                    "and seed)", unit="images", min=1,
+                                    default_note="the preset's; experiments: all")
+    attack_examples: int | None = opt(None, help="validation images for the costlier attacks "
+                                      "(Square, AutoAttack, CW, MIM): a class-stratified subset",
+                                      unit="images", min=1,
+                                      default_note="the eval images; experiments: 1000")
+    seeds: int = opt(1, help="run every method's whole chain under seeds seed, seed+1, ...: "
+                     "tables then give mean +- std and paired 95% intervals against SRe2L",
+                     min=1, max=1000)
+    whole_split: bool = opt(False, help="clean and PGD-100 on every validation image unless "
+                            "--eval-examples is given (what experiments do)", cli=False)
     square_queries: int | None = opt(None, help="Square's queries (alone and in AutoAttack)",
                                      min=1, default_note="the preset's")
     sweep: tuple | None = opt(None, help="PGD eps sweep besides eps (comma list)",
@@ -86,7 +109,7 @@ class PipelineConfig:
 def _check_choices(cfg: PipelineConfig) -> None:
     if cfg.preset not in PIPELINE_PRESETS:
         raise ValueError(f"unknown preset {cfg.preset!r}; known: {', '.join(PIPELINE_PRESETS)}")
-    if cfg.preset != "mnist" and not cfg.data_root:
+    if cfg.preset not in NO_DATA_NEEDED and not cfg.data_root:
         raise ValueError(f"--preset {cfg.preset} runs on your copy of the data set: pass --data "
                          "PATH (nothing is downloaded; with no preset the bundled digits are used)")
     if not cfg.methods:
@@ -110,7 +133,10 @@ def resolve_settings(cfg: PipelineConfig) -> dict:
     p["squeeze"].update(cfg.squeeze)
     p["recover"].update(cfg.recover)
     p["student"].update(cfg.student)
-    for k in ("ipc", "eps", "eval_examples"):
+    p.setdefault("attack_examples", None)
+    if cfg.whole_split and not cfg.smoke:
+        p["eval_examples"], p["attack_examples"] = None, EXPERIMENT_ATTACK_EXAMPLES
+    for k in ("ipc", "eps", "eval_examples", "attack_examples"):
         if getattr(cfg, k) is not None:
             p[k] = getattr(cfg, k)
     p["sweep"] = sorted(set(p["sweep"]) - {p["eps"]})

@@ -27,6 +27,7 @@ _CIFAR_RECIPE = dict(lr=0.25, r_bn=0.01, iterations=1000, crop=False, flip=False
                      jitter_mode="positive")
 RECOVER_PRESETS: dict[str, dict[str, Any]] = {
     "mnist": dict(_CIFAR_RECIPE, iterations=300, jitter=2),
+    "fashion-mnist": dict(_CIFAR_RECIPE, iterations=300, jitter=2),   # the digits' settings
     "imagenette": dict(_IMAGENET_RECIPE),
     "imagenet-1k": dict(_IMAGENET_RECIPE),
     "imagefolder": dict(_IMAGENET_RECIPE),

@@ -34,7 +34,9 @@ SQUEEZE_PRESETS: dict[str, dict[str, Any]] = {
     "cifar100": dict(data="cifar100", model="resnet18_small", image_size=32, epochs=200,
                      batch_size=128, lr=0.1, weight_decay=5e-4),
 }
-PRESETS_NEEDING_DATA = tuple(k for k in SQUEEZE_PRESETS if k != "mnist")
+# Fashion-MNIST: the digits' CPU-sized settings on its own data (found where Debian installs it)
+SQUEEZE_PRESETS["fashion-mnist"] = dict(SQUEEZE_PRESETS["mnist"], data="fashion-mnist")
+PRESETS_NEEDING_DATA = tuple(k for k in SQUEEZE_PRESETS if k not in ("mnist", "fashion-mnist"))
 
 
 @dataclass
@@ -49,6 +51,9 @@ class SqueezeConfig:
                                 "needed by every preset but mnist")
     image_size: int = opt(32, help="training image side", unit="pixels", min=1)
     model: str = opt("resnet18", help="architecture name (guard_fast.models.list_models())")
+    model_options: dict = opt(help='keyword options of the architecture, a JSON object, e.g. '
+                              '{"width": 32, "norm": "batchnorm"} for convnet',
+                              default_factory=dict)
     epochs: int = opt(2, help="training epochs", min=1)
     batch_size: int = opt(64, help="global batch size (all processes together)", unit="images",
                           min=1)
@@ -58,6 +63,10 @@ class SqueezeConfig:
     weight_decay: float = opt(1e-4, help="SGD weight decay", min=0)
     warmup_epochs: int = opt(0, help="linear warm-up", unit="epochs", min=0)
     regularizer: str = opt("guard", help="teacher regularizer", choices=REGULARIZERS)
+    grad_ratio_steps: list[int] = opt(help="global steps (from 1) at which the ratio of the "
+                                      "regularizer's to the CE's parameter-gradient norm is "
+                                      "written to grad_ratio.jsonl (comma list)",
+                                      default_factory=list)
     # GUARD (Eq. 11) and its public-code modes
     guard_mode: str = opt("exact", help="GUARD mode", choices=GUARD_MODES)
     h: float = opt(3.0, help="GUARD step h, in the units of --h-space (paper: 3)", min=0,

