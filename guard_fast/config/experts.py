@@ -22,9 +22,12 @@ EXPERT_MODELS = ("convnet", "convnet_d4", "convnet_d5")
 
 # cifar10 / cifar100: MTT's README command (100 experts, 50 epochs, --zca); cifar10-nozca: the
 # same without ZCA (MTT distills CIFAR-10 IPC 50 on it). mnist: this package's CPU size on the
-# bundled digits (1 channel, 28 px, width 32; not a paper setting).
+# bundled digits (1 channel, 28 px, width 32; not a paper setting); fashion-mnist: the same
+# sizes on a fixed 6,000-image draw of Fashion-MNIST's training split.
 EXPERTS_PRESETS: dict[str, dict[str, Any]] = {
     "mnist": dict(data="mnist", channels=1, image_size=28, width=32, num_experts=4, epochs=6),
+    "fashion-mnist": dict(data="fashion-mnist", channels=1, image_size=28, width=32,
+                          num_experts=4, epochs=6, max_train=6000),
     "cifar10": dict(data="cifar10", image_size=32, num_experts=100, epochs=50, zca=True),
     "cifar10-nozca": dict(data="cifar10", image_size=32, num_experts=100, epochs=50, zca=False),
     "cifar100": dict(data="cifar100", image_size=32, num_experts=100, epochs=50, zca=True),
@@ -44,8 +47,8 @@ class ExpertsConfig:
     """N experts on the real training set, each saving its flat parameters after every epoch."""
 
     preset: str = opt("mnist", help="data set and sizes", choices=tuple(EXPERTS_PRESETS))
-    data: str = opt("mnist", flag="--dataset", help="real data set: mnist (bundled), cifar10, "
-                    "cifar100")
+    data: str = opt("mnist", flag="--dataset",
+                    help="real data set: mnist (bundled), fashion-mnist, cifar10, cifar100")
     data_root: str | None = opt(None, flag="--data", help="path of the CIFAR pickles")
     image_size: int | None = opt(None, help="image side", unit="pixels", min=1,
                                  default_note="the data set's")
@@ -101,6 +104,6 @@ def resolve_experts(overrides: dict[str, Any] | None = None) -> ExpertsConfig:
     preset = overrides.pop("preset", None) or "mnist"
     cfg = resolve(ExpertsConfig, overrides, EXPERTS_PRESETS, preset, what="experts")
     check_strategy(cfg.dsa_strategy)
-    if cfg.data != "mnist" and not cfg.data_root:
+    if cfg.data not in ("mnist", "fashion-mnist") and not cfg.data_root:
         raise ValueError(f"--dataset {cfg.data} trains on your copy of the data: pass --data PATH")
     return cfg

@@ -134,11 +134,13 @@ def resolve_mtt(overrides: dict[str, Any] | None = None) -> MTTConfig:
 
 
 # The pipeline's trajectory methods (guard_fast.pipeline.trajectory): expert buffer and
-# distillation sizes per pipeline preset, and the smoke sizes. Only the bundled digits have
-# CPU sizes; on other presets the methods take the published rows above for the pipeline's
-# IPC (MTT_PRESETS "<data>-ipc<k>") and MTT's buffer settings.
+# distillation sizes per pipeline preset (CPU sizes: the bundled digits and Fashion-MNIST;
+# other presets are refused, run the experts and mtt stages with the published presets
+# there), and the smoke sizes.
 TRAJECTORY_PIPELINE: dict[str, dict[str, Any]] = {
     "mnist": dict(experts=dict(preset="mnist"), distill=dict(preset="mnist"), eval_epochs=300),
+    "fashion-mnist": dict(experts=dict(preset="fashion-mnist"),
+                          distill=dict(preset="fashion-mnist"), eval_epochs=300),
     "smoke": dict(experts=dict(preset="mnist", num_experts=1, epochs=2, max_train=64, width=4),
                   distill=dict(preset="mnist", width=4, syn_steps=2, max_start_epoch=1,
                                expert_epochs=1, iterations=2), eval_epochs=1),

@@ -2,7 +2,7 @@
 in-memory data set, for the stages that index the real images directly (DC's class pools,
 MTT's expert training and its real-image initialization).
 
-Only data sets that fit in memory are offered (the bundled digits, CIFAR-10/100); the
+Only data sets that fit in memory are offered (the bundled digits, Fashion-MNIST, CIFAR-10/100); the
 ImageFolder kinds stream from disk through ``guard_fast.data.get_data`` instead.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 
 __all__ = ["RealData", "load_real", "stack_dataset", "IN_MEMORY"]
 
-IN_MEMORY = ("mnist", "cifar10", "cifar100")
+IN_MEMORY = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 
 
 @dataclass
@@ -56,6 +56,7 @@ def _load_real_cached(key: str, root: str | None, image_size: int | None,
     from guard_fast.data import get_data
     from guard_fast.data.bundled import BundledMNIST
     from guard_fast.data.cifar import CIFAR
+    from guard_fast.data.idx import FashionMNIST
 
     if key not in IN_MEMORY:
         raise ValueError(f"{key!r} is not an in-memory data set; known: {', '.join(IN_MEMORY)}")
@@ -63,6 +64,9 @@ def _load_real_cached(key: str, root: str | None, image_size: int | None,
     if key == "mnist":
         tr = BundledMNIST("train", b.image_size, b.channels, train=False)
         va = BundledMNIST("val", b.image_size, b.channels, train=False)
+    elif key == "fashion-mnist":
+        tr = FashionMNIST(root, "train", b.image_size, b.channels, train=False)
+        va = FashionMNIST(root, "val", b.image_size, b.channels, train=False)
     else:
         tr = CIFAR(root, key, "train", b.image_size, train=False)
         va = CIFAR(root, key, "val", b.image_size, train=False)

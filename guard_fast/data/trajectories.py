@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from guard_fast.runtime import atomic_torch_save, load_checkpoint
 
-__all__ = ["InputSpace", "Buffer", "build_net", "space_of", "expert_path", "save_expert", "load_expert", "load_buffer",
+__all__ = ["InputSpace", "Buffer", "build_net", "space_of", "expert_path", "save_expert",
+           "load_expert", "load_buffer",
            "BUFFER_INDEX", "EXPERTS_COMMAND"]
 
 BUFFER_INDEX = "buffer.json"

@@ -29,7 +29,8 @@ class ZCA(nn.Module):
     def fit(cls, images: Tensor, eps: float = ZCA_EPS) -> "ZCA":
         """Fit on images (N, C, H, W) in float64 (N >= 2)."""
         if images.dim() != 4 or images.shape[0] < 2:
-            raise ValueError(f"ZCA is fitted on (N >= 2, C, H, W) images, got {tuple(images.shape)}")
+            raise ValueError(f"ZCA is fitted on (N >= 2, C, H, W) images, got "
+                             f"{tuple(images.shape)}")
         x = images.flatten(1).double()
         m = x.mean(0)
         xc = x - m

@@ -147,7 +147,8 @@ def experts(cfg: ExpertsConfig | dict | None = None, log=print) -> dict:
                 continue
             folder.log(_train_expert(cfg, k, r, d.device, meta, log if d.is_main else _quiet))
         d.barrier()
-        summary = {"experts": cfg.num_experts, "epochs": cfg.epochs, "num_params": meta["num_params"]}
+        summary = {"experts": cfg.num_experts, "epochs": cfg.epochs,
+                   "num_params": meta["num_params"]}
         if d.is_main:
             files = [expert_path(cfg.out, k).name for k in range(cfg.num_experts)]
             accs = [load_expert(cfg.out, k)["val_acc"][-1] for k in range(cfg.num_experts)]

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from guard_fast.config.methods import TRAJECTORY_METHODS, method_spec
 from guard_fast.pipeline.run import _MethodRun
-from guard_fast.runtime import atomic_torch_save, atomic_write_json, barrier, dist_env, resolve_device
+from guard_fast.runtime import (atomic_torch_save, atomic_write_json, barrier, dist_env,
+                                resolve_device)
 
 __all__ = ["is_trajectory_method", "run_trajectory_method"]
 
@@ -39,7 +40,7 @@ def _sizes(cfg) -> dict:
     if cfg.preset in TRAJECTORY_PIPELINE:
         return TRAJECTORY_PIPELINE[cfg.preset]
     raise ValueError(f"the trajectory methods (mtt, tesla, mtt-guard) have pipeline sizes for "
-                     f"the bundled digits only (--preset mnist); for --preset {cfg.preset} run "
+                     f"the bundled digits and Fashion-MNIST only; for --preset {cfg.preset} run "
                      "the experts and mtt stages with their published presets")
 
 
