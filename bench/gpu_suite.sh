@@ -8,7 +8,7 @@
 #
 #   bash bench/gpu_suite.sh OUTDIR
 #
-# SUITE_STEPS="tests e2e" runs only the named steps (tests, loss, attacks, ops, recover,
+# SUITE_STEPS="tests e2e" runs only the named steps (tests, loss, attacks, ops, recover, mtt,
 # squeeze, e2e, loss-compiled; the build always runs): a second, shorter lease for what the first cut.
 # The GUARD-step measurements (issue 17): SUITE_STEPS="tests loss squeeze loss-compiled".
 # BENCH_COMMIT=<hash> labels every result row with that commit (the copy on a lent machine
@@ -30,7 +30,7 @@ step() { echo; echo "=== $* (t=$(( $(date +%s) - T0 ))s)"; }
 cap() { local left=$(( BUDGET - ($(date +%s) - T0) )); local c=$1
         [ "$left" -lt "$c" ] && c=$left; [ "$c" -lt 1 ] && c=1; echo "$c"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-STEPS=" ${SUITE_STEPS:-tests loss attacks ops recover squeeze e2e loss-compiled} "
+STEPS=" ${SUITE_STEPS:-tests loss attacks ops recover squeeze mtt e2e loss-compiled} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 step environment

@@ -11,6 +11,8 @@ Stages (each reads the previous stage's run folder and writes its own):
   student   train a student on a distilled set with the teacher's soft labels
   evaluate  train a student on a distilled set and evaluate it under attack, or evaluate
             a checkpoint (--model)
+  experts   train MTT's expert trajectories (the buffer of mtt / tesla)
+  mtt       distill by trajectory matching (MTT; --method tesla: TESLA)
   all       the whole pipeline (--preset, --data, --device, --smoke, --experiment)
   report    re-render the tables and plots of a pipeline run
 
@@ -71,6 +73,17 @@ _STAGES: dict[str, tuple[str, str, str | None, dict]] = {
             f"{_RULE}.",
             "PipelineConfig", dict(fractions=("eps",))),
     "report": ("re-render a pipeline run's tables and plots", "", None, {}),
+    "experts": ("train MTT's expert trajectories (the buffer mtt and tesla match)",
+                "Train N ConvNet experts on the real training set (MTT's buffer.py: SGD, no "
+                "momentum, DSA, optional ZCA), saving each one's flat parameters after every "
+                "epoch. --regularizer guard trains them with GUARD's penalty. Works under "
+                "torchrun (experts shared out over the processes).",
+                "ExpertsConfig", dict(note="presets may change it")),
+    "mtt": ("distill by matching expert trajectories (MTT; --method tesla for TESLA)",
+            "Matching training trajectories on an expert buffer (--buffer, from the experts "
+            "stage): MTT's full-unroll gradient, or TESLA's constant-memory one with --method "
+            "tesla (--tesla-gradient exact for the exact gradient at the same memory).",
+            "MTTConfig", dict(note="presets may change it")),
 }
 
 
@@ -275,7 +288,31 @@ def _run_recover_or_dc(ns: argparse.Namespace) -> int:
     return _run_recover(ns)
 
 
-_RUNNERS = {"squeeze": _run_squeeze, "recover": _run_recover_or_dc, "relabel": _run_relabel,
+def _run_experts(ns: argparse.Namespace) -> int:
+    from guard_fast.config.experts import resolve_experts
+    from guard_fast.distill.experts import experts
+    from guard_fast.runtime import dist_env
+
+    cfg = resolve_experts(C.overrides_from(ns, C.ExpertsConfig))
+    summary = experts(cfg)
+    if dist_env()[0] == 0:
+        print(f"expert buffer written to {cfg.out}")
+        _print_json(summary)
+    return 0
+
+
+def _run_mtt(ns: argparse.Namespace) -> int:
+    from guard_fast.config.mtt import resolve_mtt
+    from guard_fast.distill.mtt import mtt
+
+    cfg = resolve_mtt(C.overrides_from(ns, C.MTTConfig))
+    res = mtt(cfg)
+    print(f"distilled set written to {cfg.out} (images.pt, synthetic.pt, grid.png)")
+    print(json.dumps(res, default=str))
+    return 0
+
+
+_RUNNERS = {"experts": _run_experts, "mtt": _run_mtt, "squeeze": _run_squeeze, "recover": _run_recover_or_dc, "relabel": _run_relabel,
             "student": _run_student, "evaluate": _run_evaluate, "all": _run_all,
             "report": _run_report}
 

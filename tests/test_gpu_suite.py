@@ -35,6 +35,8 @@ def test_gpu_suite_smoke_on_cpu(tmp_path):
     assert all(r["loader_over_step"] > 0 for r in sq if r["kind"] == "loader_vs_step")
     rc = [json.loads(l) for l in (tmp_path / "out" / "recover.jsonl").read_text().splitlines()]
     assert rc[0]["variant"].startswith("straightforward") and all(r["images_per_s"] > 0 for r in rc)
+    mt = [json.loads(l) for l in (tmp_path / "out" / "mtt.jsonl").read_text().splitlines()]
+    assert {r["variant"] for r in mt} == {"mtt", "tesla"} and all(r["peak_mem_mb"] > 0 for r in mt)
     assert (tmp_path / "out" / "e2e.jsonl").exists(), log[-3000:]
     e2e = [json.loads(l) for l in (tmp_path / "out" / "e2e.jsonl").read_text().splitlines()]
     stages = {(r.get("method"), r["stage"]) for r in e2e}

@@ -86,13 +86,16 @@ def test_experiments_smoke(name, tmp_path, teachers, single_thread):
     text = run_experiment(name, cfg, out=str(tmp_path / name), log=lambda *a: None)
     assert (tmp_path / name / "results.md").read_text() == text
     rows = json.loads((tmp_path / name / "results.json").read_text())["rows"]
-    expect = {"table1": 6, "table2": 3, "table3": 3, "table5": 6}[name]
+    expect = {"table1": 6, "table2": 6, "table3": 3, "table5": 6}[name]
     assert len(rows) == expect, [r.get("name") for r in rows]
     if name == "table5":
         assert "DC + GUARD" in text and "CDA" in text
     if name == "table1":
         assert "Real subset (SRe2L teacher)" in text and "official-cifar" in text
         assert "Teacher PGD100" in text
+    if name == "table2":   # SRe2L and the two GUARD modes, then the trajectory rows
+        assert [r["name"] for r in rows[3:]] == ["MTT (IPC 1)", "TESLA (IPC 1)",
+                                                  "MTT + GUARD experts (IPC 1)"]
 
 
 def test_table4_is_the_squeeze_cost_bench(tmp_path, capsys):

@@ -7,6 +7,8 @@ from guard_fast.config.evaluate import (EVAL_PROTOCOL, EVAL_RULE, PROTOCOL_CHOIC
                                         EvaluateConfig, default_eps)
 from guard_fast.config.dc import (DC_DATASETS, DC_GUARD_MODES, DC_H_SPACES, DC_INITS, DC_LOOPS,
                                   DC_REGULARIZERS, DCConfig, get_loops, resolve_dc)
+from guard_fast.config.experts import EXPERTS_PRESETS, ExpertsConfig, resolve_experts
+from guard_fast.config.mtt import MTT_PRESETS, TESLA_PRESETS, MTTConfig, resolve_mtt
 from guard_fast.config.methods import METHODS, method_spec
 from guard_fast.config.pipeline import PIPELINE_PRESETS, PipelineConfig, resolve_settings
 from guard_fast.config.recover import (CDA_MODES, RECOVER_METHODS, RECOVER_PRESETS,
@@ -31,4 +33,6 @@ __all__ = ["opt", "resolve", "validate", "add_options", "overrides_from", "flag_
            "DC_DATASETS", "DC_LOOPS", "get_loops", "resolve_dc",
            "StudentConfig", "STUDENT_PRESETS", "OPTIMIZERS", "LOSS_SCALES", "MIXES",
            "resolve_student", "validate_student", "check_choices",
-           "RelabelConfig", "DTYPES", "PRESET_FIELDS", "resolve_relabel", "check_relabel"]
+           "RelabelConfig", "DTYPES", "PRESET_FIELDS", "resolve_relabel", "check_relabel",
+           "ExpertsConfig", "EXPERTS_PRESETS", "resolve_experts",
+           "MTTConfig", "MTT_PRESETS", "TESLA_PRESETS", "resolve_mtt"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["METHODS", "REAL_CONTROL", "method_spec", "split_control"]
+__all__ = ["METHODS", "TRAJECTORY_METHODS", "REAL_CONTROL", "method_spec", "split_control"]
 
 REAL_CONTROL = "real"   # method name prefix of the real-subset control
 
@@ -27,6 +27,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "guard": ("GUARD", dict(regularizer="guard")),
     "sre2l-adv": ("SRe2L + Adv", dict(regularizer="pgd-at")),
     "gr": ("SRe2L + GR", dict(regularizer="gr")),
+}
+
+# trajectory-matching methods (guard_fast.pipeline.trajectory): name -> (table label, the
+# experts' regularizer, the distillation method); they run experts -> mtt -> evaluation
+# instead of squeeze -> recover -> relabel -> student
+TRAJECTORY_METHODS: dict[str, tuple[str, str, str]] = {
+    "mtt": ("MTT", "none", "mtt"),
+    "tesla": ("TESLA", "none", "tesla"),
+    "mtt-guard": ("MTT + GUARD experts", "guard", "mtt"),
 }
 
 # SqueezeConfig fields a method may not set: the regularizer is the method itself, the rest
@@ -89,11 +98,15 @@ def method_spec(name: str) -> tuple[str, str, dict[str, Any]]:
     if name in METHODS:
         label, over = METHODS[name]
         return name, label, dict(over)
+    if name in TRAJECTORY_METHODS:
+        label, regularizer, method = TRAJECTORY_METHODS[name]
+        return name, label, dict(regularizer=regularizer, method=method)
     base, _, rest = name.partition(":")
     if base == "gr" and rest and "=" not in rest:
         return _gr_spec(name, rest)
     if base not in METHODS or not rest:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}, gr:<lambda_g>, "
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)}, "
+                         f"{', '.join(TRAJECTORY_METHODS)}, gr:<lambda_g>, "
                          "<method>:key=value[:key=value] with SqueezeConfig fields, and the "
                          "controls real, real@<method>")
     from guard_fast.config import field_help

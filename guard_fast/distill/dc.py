@@ -68,11 +68,10 @@ resumed with ``resume=True`` ends with the same images as an uninterrupted run.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -82,6 +81,8 @@ from torch import Tensor, nn
 
 from guard_fast.config import DC_DATASETS, DC_REGULARIZERS, DCConfig, resolve_dc
 from guard_fast.data.loader import mix_seed
+from guard_fast.data.real import RealData, stack_dataset
+from guard_fast.data.real import load_real as _load_real
 from guard_fast.runtime import (RunFolder, append_jsonl, atomic_torch_save, atomic_write_bytes,
                                 load_checkpoint, resolve_device)
 
@@ -98,58 +99,13 @@ _RESUMABLE_DIFF = {"resume", "progress", "device", "iterations", "checkpoint_eve
 # ----------------------------------------------------------------------------- data
 
 
-@dataclass
-class RealData:
-    """Un-augmented real images as tensors: pixels in [0, 1], (N, C, s, s) float32."""
-
-    train_x: Tensor
-    train_y: Tensor
-    val_x: Tensor
-    val_y: Tensor
-    num_classes: int
-    mean: tuple
-    std: tuple
-    class_names: list
-    name: str
-
-
-def _stack(ds) -> tuple[Tensor, Tensor]:
-    xs, ys = zip(*(ds[i] for i in range(len(ds))))
-    return torch.stack(xs).float(), torch.tensor([int(y) for y in ys], dtype=torch.long)
-
-
 def load_real(name: str = "mnist", root: str | None = None, image_size: int | None = None,
               channels: int | None = None) -> RealData:
-    """The train/val images of a DC dataset without augmentation (DC uses the plain images).
-
-    The last dataset read is kept in memory (decoding runs the per-image transforms); each
-    call returns fresh copies of its tensors."""
-    r = _load_real_cached(name.lower(), root, image_size, channels)
-    return RealData(r.train_x.clone(), r.train_y.clone(), r.val_x.clone(), r.val_y.clone(),
-                    r.num_classes, r.mean, r.std, list(r.class_names), r.name)
-
-
-@functools.lru_cache(maxsize=1)
-def _load_real_cached(name: str, root: str | None, image_size: int | None,
-                      channels: int | None) -> RealData:
-    from guard_fast.data import get_data
-    from guard_fast.data.bundled import BundledMNIST
-    from guard_fast.data.cifar import CIFAR
-
-    key = name.lower()
-    if key not in DC_DATASETS:
+    """The train/val images of a DC dataset without augmentation (DC uses the plain images);
+    guard_fast.data.real.load_real, restricted to DC's data sets."""
+    if name.lower() not in DC_DATASETS:
         raise ValueError(f"DC runs on {DC_DATASETS}, got {name!r}")
-    b = get_data(key, root=root, image_size=image_size, channels=channels)  # validates options
-    if key == "mnist":
-        tr = BundledMNIST("train", b.image_size, b.channels, train=False)
-        va = BundledMNIST("val", b.image_size, b.channels, train=False)
-    else:
-        tr = CIFAR(root, key, "train", b.image_size, train=False)
-        va = CIFAR(root, key, "val", b.image_size, train=False)
-    tx, ty = _stack(tr)
-    vx, vy = _stack(va)
-    return RealData(tx, ty, vx, vy, b.num_classes, tuple(b.mean), tuple(b.std),
-                    list(b.class_names), key)
+    return _load_real(name, root, image_size, channels)
 
 
 def _as_tensors(data) -> tuple[Tensor, Tensor]:
@@ -157,7 +113,7 @@ def _as_tensors(data) -> tuple[Tensor, Tensor]:
         return data.train_x, data.train_y
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
         return data[0], torch.as_tensor(data[1]).long()
-    return _stack(data)  # a Dataset of (image, label); pass an un-augmented one
+    return stack_dataset(data)  # a Dataset of (image, label); pass an un-augmented one
 
 
 def random_real_subset(dataset, ipc: int, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -23,11 +23,11 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from guard_fast.config import SqueezeConfig
-from guard_fast.losses import GradNormLoss, GuardLoss, guard_loss
+from guard_fast.losses import guard_loss
+from guard_fast.losses.criterion import build_criterion
 from guard_fast.runtime import (RunFolder, classifier_arch, distributed, epoch_seed,
                                 load_training_state, resolve_device, save_classifier,
                                 save_training_state, seed_all)
@@ -46,46 +46,6 @@ class _Normalize(nn.Module):
 
     def forward(self, x):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-
-
-def build_criterion(cfg: SqueezeConfig):
-    """The training loss for cfg.regularizer: a callable crit(model, x, y) -> GuardOutput-like
-    with .loss and .ce (and .penalty where there is one)."""
-    r = cfg.regularizer
-    if r == "guard":
-        kw = dict(h=cfg.h, mode=cfg.guard_mode, bn_mode=cfg.bn_mode, chunk_size=cfg.chunk_size)
-        if cfg.guard_mode == "official-imagenet":
-            kw["beta"] = cfg.beta
-        else:
-            kw["lam"] = cfg.lam
-        crit = GuardLoss(**kw)
-        return lambda m, x, y: crit(m, x, y, return_parts=True)
-    if r == "gr":
-        crit = GradNormLoss(lam=cfg.gr_lam, mode=cfg.gr_mode, bn_mode=cfg.bn_mode)
-        return lambda m, x, y: crit(m, x, y, return_parts=True)
-    if r == "none":
-        def ce(m, x, y):
-            loss = F.cross_entropy(m(x), y)
-            return _Parts(loss, loss.detach(), None)
-        return ce
-    from guard_fast.losses import adversarial as at
-
-    if r == "pgd-at":  # Table 1's "SRe2L + Adv": PGD-AT at eps (paper: 1/255), pixel units
-        crit = at.PGDATLoss(eps=cfg.adv_eps, steps=cfg.adv_steps)
-    elif r == "trades":  # the public code's TRADES variant, its constants (see losses.adversarial)
-        crit = at.TRADESLoss(beta=cfg.trades_beta)
-    else:  # the public code's "fast is better than free": its epsilon is args.h
-        crit = at.FBFLoss(eps=cfg.h)
-
-    def adv(m, x, y):
-        o = crit(m, x, y, return_parts=True)
-        return _Parts(o.loss, o.ce_adv.detach(), o.robust.detach())
-    return adv
-
-
-class _Parts:
-    def __init__(self, loss, ce, penalty):
-        self.loss, self.ce, self.penalty = loss, ce, penalty
 
 
 def _val_metrics(model: nn.Module, prep, loader, device, cfg, n_penalty: int = 256) -> dict:

@@ -2,7 +2,7 @@
 
   table1  GUARD (exact, official-cifar) vs SRe2L vs SRe2L + PGD adversarial training of the
           teacher, and the real-subset controls
-  table2  GUARD vs SRe2L at IPC 10 and 50
+  table2  GUARD vs SRe2L at IPC 10 and 50; MTT, TESLA, MTT + GUARD experts at IPC 10, 50
   table3  gradient-norm regularization (three lambda_g) against GUARD and SRe2L
   table5  SRe2L, CDA and DC, each with and without GUARD
 
@@ -152,7 +152,9 @@ def _table2(cfg: PipelineConfig, base: PipelineConfig, root: Path, log) -> str:
                                 methods=("sre2l", GUARD_EXACT, GUARD_OFFICIAL))
         run_pipeline(c, log=log)
         parts.append((f" (IPC {k})", Path(c.out)))
-    return _combine(root, EXPERIMENTS["table2"], parts)
+    from guard_fast.pipeline.trajectory import add_table2_rows
+
+    return add_table2_rows(cfg, base, root, _combine(root, EXPERIMENTS["table2"], parts), log)
 
 
 def _table3(cfg: PipelineConfig, base: PipelineConfig, root: Path, log) -> str:

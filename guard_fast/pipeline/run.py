@@ -347,6 +347,10 @@ def _method_row(m: _MethodRun, res: dict, sweep: dict, teacher: dict, rank: int)
 def run_method(name: str, cfg: PipelineConfig, p: dict, out: Path, log=print) -> dict:
     """Every stage of one method (completed stages skipped, interrupted ones resumed);
     p: resolve_settings(cfg). Returns the method's row of the summary."""
+    from guard_fast.pipeline.trajectory import is_trajectory_method, run_trajectory_method
+
+    if is_trajectory_method(name):   # mtt, tesla, mtt-guard: experts -> mtt -> evaluation
+        return run_trajectory_method(name, cfg, p, Path(out), log)
     m = _MethodRun(name, cfg, p, Path(out), log)
     rank = dist_env()[0]
     # torchrun: every process decides on each stage from the same files
