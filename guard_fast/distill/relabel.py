@@ -21,7 +21,8 @@ from guard_fast.data.softlabels import (FORMAT, ViewSpec, dtype_name, epoch_file
                                         make_views, num_classes_of, resolve_distilled,
                                         resolve_teacher, storage_summary, teacher_logits)
 from guard_fast.runtime import (RunFolder, all_gather_object, atomic_torch_save,
-                                atomic_write_json, distributed, resolve_device)
+                                atomic_write_json, check_finite_tensor, check_finite_weights,
+                                distributed, resolve_device)
 
 __all__ = ["relabel"]
 
@@ -60,6 +61,9 @@ def relabel(teacher, distilled, out_dir, epochs: int, batch_size: int, seed: int
         model, arch, tpath = resolve_teacher(teacher, teacher_arch)
         ds, dpath = resolve_distilled(distilled)
         images, labels = ds["images"].float(), ds["labels"].long()
+        # NaN views or a NaN teacher would be stored as NaN soft labels, found only by student
+        check_finite_tensor("relabel", "images", images, f"the distilled set {dpath or ''}")
+        check_finite_weights("relabel", model, f"the teacher {tpath or ''}")
         N, C, H, W = images.shape
         spec = ViewSpec(n=N, src_h=H, src_w=W, out_size=int(out_size or H),
                         batch_size=batch_size, seed=seed, min_scale=min_scale,

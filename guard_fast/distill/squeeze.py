@@ -28,8 +28,8 @@ from torch import nn
 
 from guard_fast.config import SqueezeConfig
 from guard_fast.losses import GradNormLoss, GuardLoss, guard_loss
-from guard_fast.runtime import (RunFolder, classifier_arch, distributed, epoch_seed,
-                                load_training_state, resolve_device, save_classifier,
+from guard_fast.runtime import (RunFolder, StepWatch, as_nonfinite, classifier_arch, distributed,
+                                epoch_seed, load_training_state, resolve_device, save_classifier,
                                 save_training_state, seed_all)
 
 __all__ = ["squeeze", "build_criterion"]
@@ -212,22 +212,29 @@ def _train_epoch(cfg, epoch, t: _Teacher, o: _Optim, crit, train_ds, device, d) 
     n_img = 0
     bar = tqdm(loader, desc=f"squeeze epoch {epoch + 1}/{cfg.epochs}",
                disable=not cfg.progress or not d.is_main, leave=False)
-    for x, y in bar:
+    watch = StepWatch("squeeze")
+    for step, (x, y) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         o.opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=o.amp_dtype, enabled=o.amp_dtype is not None):
-            parts = crit(t.train_model, t.prep(x), y)
+        lr = o.sched.get_last_lr()[0]
+        try:
+            with torch.autocast(device.type, dtype=o.amp_dtype, enabled=o.amp_dtype is not None):
+                parts = crit(t.train_model, t.prep(x), y)
+        except (ValueError, FloatingPointError) as e:  # GuardLoss's own input / penalty checks
+            raise as_nonfinite("squeeze", f"epoch {epoch + 1}, step {step}", e, x, lr=lr) from e
+        pen = parts.penalty if parts.penalty is not None else torch.zeros((), device=device)
+        watch.observe(step, x=x, loss=parts.loss, ce=parts.ce, penalty=pen, lr=lr)
         o.scaler.scale(parts.loss).backward()
         o.scaler.step(o.opt)
         o.scaler.update()
         o.sched.step()
-        pen = parts.penalty if parts.penalty is not None else torch.zeros(())
         sums += torch.stack([parts.loss.detach().double().cpu(), parts.ce.double().cpu(),
                              pen.double().cpu()])
         n_img += len(y) * d.world
+    watch.check(f"epoch {epoch + 1}")
     steps = max(1, o.steps_per_epoch)
     return {"epoch": epoch + 1, "train_loss": float(sums[0]) / steps,
             "train_ce": float(sums[1]) / steps, "train_penalty": float(sums[2]) / steps,

@@ -18,16 +18,127 @@ Rules, the same for every stage:
 
 Folders written before the stage name was stored in config.json (squeeze, student) are
 taken to hold this stage's run, so old runs keep resuming.
+
+One run per folder: the process that runs a stage holds an advisory lock (``fcntl.flock``
+on ``.lock`` in the folder) from the check of an existing folder, or the start of a new one,
+until it ends; the kernel drops it when the process dies, so a killed run never leaves a
+stale lock. A second process on the same folder is refused at once, naming the holder (pid,
+host, command, start time, written into the lock file). Under torchrun only rank 0 takes
+it (the ranks of one job share the folder; only rank 0 writes the run files), and a process
+may take a folder's lock again while it holds it (a stage run twice in one process).
+
+Moved or copied folders resume: config.json records where the folder and the working
+directory were (``_location``), and settings that are paths (:data:`PATH_KEYS`, matched by
+their last dotted name; ``out`` among them) are equal when they name the same file, or the
+same file relative to the run folder (the folder was moved together with its inputs).
+
+A new run's start removes the temporary files a killed writer left (see
+guard_fast.runtime.io.remove_stale_temps).
 """
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sys
+import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
-from guard_fast.runtime.io import append_jsonl, atomic_write_json
+from guard_fast.runtime.io import append_jsonl, atomic_write_json, remove_stale_temps
 
-__all__ = ["RunFolder", "flatten"]
+__all__ = ["RunFolder", "flatten", "FolderInUseError", "PATH_KEYS", "LOCK_NAME"]
+
+# settings (by their last dotted name) that hold file or folder paths: compared leniently
+PATH_KEYS = frozenset({"out", "teacher", "distilled", "soft_labels", "data_root", "val_root",
+                       "teachers", "student_out", "path"})
+LOCK_NAME = ".lock"
+_LOCATION = "_location"
+
+
+class FolderInUseError(FileExistsError):
+    """Another live process holds the run folder's lock."""
+
+
+# this process's folder locks: real path -> [fd, number of RunFolder objects holding it]
+_HELD: dict[str, list] = {}
+
+
+def _release(key: str) -> None:
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _HELD[key]
+        os.close(held[0])  # closing the descriptor drops the flock
+
+
+def _holder_text(lock_file: Path) -> str:
+    try:
+        h = json.loads(lock_file.read_text() or "{}")
+    except (OSError, ValueError):
+        h = {}
+    if not h:
+        return "a process whose details are not (yet) written"
+    return (f"pid {h.get('pid')} on host {h.get('host')}, started {h.get('started')}, "
+            f"command: {h.get('command')}")
+
+
+def _acquire(out: Path, stage: str, out_flag: str) -> str:
+    """Take out/.lock for this process (reentrant); returns its key. Refuses, naming the
+    holder, when another process holds it."""
+    import fcntl
+
+    key = os.path.realpath(out)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key
+    lock_file = out / LOCK_NAME
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderInUseError(f"{out} is in use by another run ({_holder_text(lock_file)}; lock "
+                               f"file {lock_file}): one run per folder; wait for it to end or "
+                               f"choose another {out_flag} (nothing was overwritten)") from None
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    _HELD[key] = [fd, 1]
+    return key
+
+
+def _writable_or_refuse(out: Path, out_flag: str) -> None:
+    """A new folder must be creatable: its first existing ancestor a writable directory."""
+    p = out
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise NotADirectoryError(f"{out_flag} {out}: {p} is a file, not a folder; choose "
+                                 f"another {out_flag}")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out_flag} {out}: {p} is not writable (read-only file system or "
+                              f"no permission); choose a writable {out_flag}")
+
+
+def _same_path(old: Any, new: Any, old_loc: dict, new_loc: dict) -> bool:
+    """Two path settings name the same file, or the same file relative to their run folder."""
+    if old == new:
+        return True
+    if not isinstance(old, str) or not isinstance(new, str):
+        return False
+    a = os.path.normpath(os.path.join(old_loc.get("cwd", new_loc["cwd"]), old))
+    b = os.path.normpath(os.path.join(new_loc["cwd"], new))
+    if a == b:
+        return True
+    if "folder" not in old_loc:
+        return False
+    return os.path.relpath(a, old_loc["folder"]) == os.path.relpath(b, new_loc["folder"])
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -66,6 +177,7 @@ class RunFolder:
         self.resumable = set(resumable) | {"stage"}
         self.final = final
         self.flag, self.out_flag = flag, out_flag
+        self._lock_key: str | None = None
 
     # ------------------------------------------------------------------ paths and state
     def path(self, name: str) -> Path:
@@ -93,12 +205,43 @@ class RunFolder:
     def _may_differ(self, key: str) -> bool:
         return key in self.resumable or any(key.startswith(r + ".") for r in self.resumable)
 
+    def _location(self) -> dict:
+        return {"folder": os.path.abspath(self.out), "cwd": os.getcwd()}
+
     def differing(self, old: dict) -> list[str]:
-        a, b = flatten(old), flatten(self.config)
-        return sorted(k for k in set(a) | set(b) if not self._may_differ(k) and a.get(k) != b.get(k))
+        old = dict(old)
+        old_loc = old.pop(_LOCATION, None) or {}
+        new_loc = self._location()
+        a, b = flatten(old), flatten({k: v for k, v in self.config.items() if k != _LOCATION})
+
+        def same(k: str) -> bool:
+            if k.rsplit(".", 1)[-1] in PATH_KEYS:
+                return _same_path(a.get(k), b.get(k), old_loc, new_loc)
+            return a.get(k) == b.get(k)
+        return sorted(k for k in set(a) | set(b) if not self._may_differ(k) and not same(k))
+
+    def _lock(self) -> None:
+        """This process's hold on the folder's lock (rank 0 of a torchrun job only)."""
+        from guard_fast.runtime.dist import dist_env
+
+        if self._lock_key is None and dist_env()[0] == 0:
+            self._lock_key = _acquire(self.out, self.stage, self.out_flag)
+            weakref.finalize(self, _release, self._lock_key)
 
     def check(self) -> dict | None:
-        """Apply the rules; returns the previous config (None for a new run). Writes nothing."""
+        """Apply the rules; returns the previous config (None for a new run). Writes nothing
+        to a new folder (it is not created); an existing folder is locked first, so its rules
+        are read while no other process can change it."""
+        if self.out.is_dir():
+            self._lock()
+        elif self.out.exists():
+            raise NotADirectoryError(f"{self.out_flag} {self.out} is a file, not a run folder; "
+                                     f"choose another {self.out_flag}")
+        else:
+            _writable_or_refuse(self.out, self.out_flag)
+        return self._rules()
+
+    def _rules(self) -> dict | None:
         old = self.previous_config()
         if old is None:
             if self.resume is True:
@@ -127,9 +270,16 @@ class RunFolder:
 
     # ------------------------------------------------------------------------- writes
     def start(self) -> None:
-        """Create the folder; config.json first, then run.json "running". Rank 0 only."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.config_file, self.config)
+        """Create and lock the folder (a new one is checked again under the lock: another
+        process may have started a run there since check()), remove the temporary files of a
+        killed writer, then config.json, then run.json "running". Rank 0 only."""
+        if self._lock_key is None:
+            _writable_or_refuse(self.out, self.out_flag)
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            self._rules()
+        remove_stale_temps(self.out)
+        atomic_write_json(self.config_file, dict(self.config, **{_LOCATION: self._location()}))
         atomic_write_json(self.out / "run.json", {"status": "running", "stage": self.stage})
 
     def complete(self, **info: Any) -> None:
