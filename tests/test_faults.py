@@ -284,10 +284,10 @@ def test_stale_temps_removed_when_the_next_run_starts(tmp_path):
     assert not any(p.exists() for p in stale) and fresh.exists() and keep.exists()
 
 
-def test_moved_or_copied_folder_resumes(tmp_path):
-    a = tmp_path / "a"
+def test_moved_or_copied_folder_resumes(tmp_path, monkeypatch):
     cfg = lambda root: {"teacher": str(root / "sq" / "teacher.pt"), "out": str(root / "rc"),  # noqa
                         "data_root": "/data/elsewhere", "lr": 0.1}
+    a = tmp_path / "a"
     RunFolder(a / "rc", "recover", cfg(a)).start()
     shutil.copytree(a, tmp_path / "b")
     shutil.move(str(a), str(tmp_path / "c"))
@@ -296,6 +296,14 @@ def test_moved_or_copied_folder_resumes(tmp_path):
     with pytest.raises(ValueError, match=r"different settings for \['teacher'\]"):
         RunFolder(tmp_path / "b" / "rc", "recover",
                   dict(cfg(tmp_path / "b"), teacher=str(tmp_path / "x.pt")), resume=True).check()
+    # relative spellings, run from another directory after the move
+    monkeypatch.chdir(tmp_path)
+    rel = {"teacher": "d/sq/teacher.pt", "out": "d/rc", "lr": 0.1}
+    RunFolder("d/rc", "recover", rel).start()
+    shutil.move("d", "e/f")
+    monkeypatch.chdir(tmp_path / "e")
+    assert RunFolder("f/rc", "recover", {"teacher": "f/sq/teacher.pt", "out": "f/rc", "lr": 0.1},
+                     resume=True).check() is not None
 
 
 def test_outputs_get_ordinary_file_modes(tmp_path):

@@ -94,7 +94,8 @@ def _run_folder(model, arch, tpath, images, labels, dpath, spec, out_dir, epochs
     Its config holds every setting the stored files depend on, with fingerprints of the
     teacher's weights and of the distilled images and labels, so a rerun on another teacher
     or set is refused (naming e.g. ``teacher.fingerprint``) while the same run continues:
-    only ``epochs`` may differ, and the config keeps the largest number asked for.
+    only ``epochs`` (the config keeps the largest number asked for) and the two paths (the
+    fingerprints identify what they name: a moved folder resumes) may differ.
     Returns the folder, the teacher's class count K and the effective top k (None: all)."""
     N, C, H, W = images.shape
     K = num_classes_of(model, spec, images, d.device)
@@ -112,7 +113,9 @@ def _run_folder(model, arch, tpath, images, labels, dpath, spec, out_dir, epochs
                       "labels_fingerprint": fingerprint_tensor(labels)},
         "relabel_device_type": d.device.type,
     }
-    folder = RunFolder(out_dir, "relabel", config, resume="auto", resumable={"epochs"})
+    # the fingerprints identify teacher and images: their paths may change (a moved folder)
+    folder = RunFolder(out_dir, "relabel", config, resume="auto",
+                       resumable={"epochs", "teacher.path", "distilled.path"})
     old = folder.check()
     if old is not None:
         folder.config["epochs"] = max(int(old.get("epochs", 0)), int(epochs))

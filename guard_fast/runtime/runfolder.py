@@ -27,10 +27,11 @@ host, command, start time, written into the lock file). Under torchrun only rank
 it (the ranks of one job share the folder; only rank 0 writes the run files), and a process
 may take a folder's lock again while it holds it (a stage run twice in one process).
 
-Moved or copied folders resume: config.json records where the folder and the working
-directory were (``_location``), and settings that are paths (:data:`PATH_KEYS`, matched by
+Moved or copied folders resume: settings that are paths (:data:`PATH_KEYS`, matched by
 their last dotted name; ``out`` among them) are equal when they name the same file, or the
-same file relative to the run folder (the folder was moved together with its inputs).
+same file relative to the run folder (the folder, recorded as the ``out`` setting, was moved
+together with its inputs). A stage whose settings hold no ``out`` (relabel) identifies its
+inputs by fingerprints instead and lets their paths differ.
 
 A new run's start removes the temporary files a killed writer left (see
 guard_fast.runtime.io.remove_stale_temps).
@@ -54,7 +55,6 @@ __all__ = ["RunFolder", "flatten", "FolderInUseError", "PATH_KEYS", "LOCK_NAME"]
 PATH_KEYS = frozenset({"out", "teacher", "distilled", "soft_labels", "data_root", "val_root",
                        "teachers", "student_out", "path"})
 LOCK_NAME = ".lock"
-_LOCATION = "_location"
 
 
 class FolderInUseError(FileExistsError):
@@ -126,19 +126,21 @@ def _writable_or_refuse(out: Path, out_flag: str) -> None:
                               f"no permission); choose a writable {out_flag}")
 
 
-def _same_path(old: Any, new: Any, old_loc: dict, new_loc: dict) -> bool:
-    """Two path settings name the same file, or the same file relative to their run folder."""
+def _same_path(old: Any, new: Any, old_folder: Any, new_folder: str) -> bool:
+    """Two path settings name the same file, or the same file relative to their run folder
+    (the folder recorded in the old settings' "out"; relative paths are read from the
+    current directory on both sides, so two relative spellings compare consistently)."""
     if old == new:
         return True
     if not isinstance(old, str) or not isinstance(new, str):
         return False
-    a = os.path.normpath(os.path.join(old_loc.get("cwd", new_loc["cwd"]), old))
-    b = os.path.normpath(os.path.join(new_loc["cwd"], new))
+    a, b = os.path.abspath(old), os.path.abspath(new)
     if a == b:
         return True
-    if "folder" not in old_loc:
+    if not isinstance(old_folder, str):
         return False
-    return os.path.relpath(a, old_loc["folder"]) == os.path.relpath(b, new_loc["folder"])
+    return os.path.relpath(a, os.path.abspath(old_folder)) == os.path.relpath(
+        b, os.path.abspath(new_folder))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -205,18 +207,14 @@ class RunFolder:
     def _may_differ(self, key: str) -> bool:
         return key in self.resumable or any(key.startswith(r + ".") for r in self.resumable)
 
-    def _location(self) -> dict:
-        return {"folder": os.path.abspath(self.out), "cwd": os.getcwd()}
-
     def differing(self, old: dict) -> list[str]:
-        old = dict(old)
-        old_loc = old.pop(_LOCATION, None) or {}
-        new_loc = self._location()
-        a, b = flatten(old), flatten({k: v for k, v in self.config.items() if k != _LOCATION})
+        a, b = flatten(old), flatten(self.config)
+        new_folder = self.config.get("out") if isinstance(self.config.get("out"), str) \
+            else str(self.out)
 
         def same(k: str) -> bool:
             if k.rsplit(".", 1)[-1] in PATH_KEYS:
-                return _same_path(a.get(k), b.get(k), old_loc, new_loc)
+                return _same_path(a.get(k), b.get(k), old.get("out"), new_folder)
             return a.get(k) == b.get(k)
         return sorted(k for k in set(a) | set(b) if not self._may_differ(k) and not same(k))
 
@@ -279,7 +277,7 @@ class RunFolder:
             self._lock()
             self._rules()
         remove_stale_temps(self.out)
-        atomic_write_json(self.config_file, dict(self.config, **{_LOCATION: self._location()}))
+        atomic_write_json(self.config_file, self.config)
         atomic_write_json(self.out / "run.json", {"status": "running", "stage": self.stage})
 
     def complete(self, **info: Any) -> None:
