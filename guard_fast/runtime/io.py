@@ -112,16 +112,23 @@ class WriteError(OSError):
         return self.strerror
 
 
-def _os_cause(e: BaseException) -> OSError | None:
-    """The OSError behind e: e itself, or (torch.save's RuntimeError "enforce fail at
-    inline_container.cc") the OSError its writer raised, found in the exception chain."""
-    seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, OSError):
-            return e
-        e = e.__cause__ or e.__context__
-        seen += 1
-    return None
+def _os_cause(e: BaseException, path: Path) -> OSError | None:
+    """The OSError behind a failed write: e itself; for torch.save's RuntimeError ("enforce
+    fail at inline_container.cc", its C++ writer reports no errno) an ENOSPC when the file
+    system has (nearly) no space left, else an EIO carrying torch's message."""
+    if isinstance(e, OSError):
+        return e
+    text = str(e)
+    if not ("inline_container" in text or "PytorchStreamWriter" in text
+            or "file write failed" in text):
+        return None
+    try:
+        u = shutil.disk_usage(path.parent)
+        full = u.free < max(2**20, u.total // 1000)
+    except OSError:
+        full = False
+    code = errno.ENOSPC if full else errno.EIO
+    return OSError(code, os.strerror(code) + ("" if full else f" (torch: {text[:200]})"))
 
 
 @contextlib.contextmanager
@@ -141,7 +148,7 @@ def _atomic_target(path: str | Path) -> Iterator[str]:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:
-            cause = _os_cause(e)
+            cause = _os_cause(e, path)
             if cause is None or isinstance(e, WriteError):
                 raise
             raise WriteError(path, cause) from e
@@ -162,10 +169,10 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
-    # through a Python file object, so a failing write's OSError (errno, e.g. ENOSPC) stays in
-    # the chain of torch's RuntimeError instead of being lost inside its C++ writer
-    with _atomic_target(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
+    # by file name, not a Python file object: the zip layout (record names, alignment) and so
+    # the file sizes stay those of every earlier version
+    with _atomic_target(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def remove_stale_temps(folder: str | Path, older_than: float | None = None) -> list[Path]:

@@ -86,7 +86,7 @@ def _holder_text(lock_file: Path) -> str:
             f"command: {h.get('command')}")
 
 
-def _acquire(out: Path, stage: str, out_flag: str) -> str:
+def _acquire(out: Path, out_flag: str) -> str:
     """Take out/.lock for this process (reentrant); returns its key. Refuses, naming the
     holder, when another process holds it."""
     import fcntl
@@ -104,11 +104,17 @@ def _acquire(out: Path, stage: str, out_flag: str) -> str:
         raise FolderInUseError(f"{out} is in use by another run ({_holder_text(lock_file)}; lock "
                                f"file {lock_file}): one run per folder; wait for it to end or "
                                f"choose another {out_flag} (nothing was overwritten)") from None
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
-            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    from guard_fast.runtime.io import _STARTED
+
+    # the process's start: the same holder writes the same text (a rerun in one process
+    # leaves the folder's files untouched)
+    info = (json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                                 time.localtime(_STARTED))}) + "\n").encode()
+    if os.pread(fd, len(info) + 1, 0) != info:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
     _HELD[key] = [fd, 1]
     return key
 
@@ -223,7 +229,7 @@ class RunFolder:
         from guard_fast.runtime.dist import dist_env
 
         if self._lock_key is None and dist_env()[0] == 0:
-            self._lock_key = _acquire(self.out, self.stage, self.out_flag)
+            self._lock_key = _acquire(self.out, self.out_flag)
             weakref.finalize(self, _release, self._lock_key)
 
     def check(self) -> dict | None:
