@@ -112,6 +112,21 @@ def test_full_disk_mid_squeeze_exits_1_then_the_rerun_resumes(tmp_path, fault, c
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_final_write_failed_then_rerun_reports_the_same_metrics(tmp_path, fault, capsys):
+    """Found by bench/fault_inject.py: a rerun after the last epoch (teacher.pt not yet
+    written) reported only validation metrics; it now reports the last epoch's row."""
+    out, ref = tmp_path / "sq", tmp_path / "ref"
+    fault("enospc@1:teacher.pt")
+    assert main([*SQ, "--out", str(out)]) == 1
+    os.environ.pop("GUARD_FAST_FAULT")
+    assert main([*SQ, "--out", str(out), "--resume"]) == 0
+    assert main([*SQ, "--out", str(ref)]) == 0
+    a, b = (load_checkpoint(p / "teacher.pt") for p in (out, ref))
+    drop = lambda m: {k: v for k, v in m.items() if k != "images_per_s"}  # noqa: E731
+    assert drop(a["metrics"]) == drop(b["metrics"]) and "train_loss" in a["metrics"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_unwritable_or_impossible_out_refused_before_any_work(tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")

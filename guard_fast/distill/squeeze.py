@@ -280,8 +280,9 @@ def squeeze(cfg: SqueezeConfig) -> dict:
                       f"val acc {metrics['val_acc']:.4f} val penalty {metrics['val_penalty']:.4g} "
                       f"({metrics['images_per_s']:.0f} img/s)", flush=True)
         if d.is_main:
-            if not metrics:  # resumed a run whose epochs were all done
-                metrics = _val_metrics(t.core, t.prep, val_loader, device, cfg)
+            if not metrics:  # resumed a run whose epochs were all done: its last epoch's row
+                metrics = folder.last_log(epoch=cfg.epochs) or _val_metrics(
+                    t.core, t.prep, val_loader, device, cfg)
             arch = classifier_arch(cfg.model, data.num_classes, data.channels, cfg.image_size,
                                    data.mean, data.std, data=cfg.data)
             save_classifier(folder.path("teacher.pt"), t.wrapped, arch, metrics)

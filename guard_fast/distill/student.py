@@ -397,8 +397,10 @@ def train_student(cfg: StudentConfig | None = None, *, distilled=None, teacher=N
             if d.is_main:
                 _end_epoch(cfg, epoch, metrics, s, val_loader, folder, d.device)
         if d.is_main and end == cfg.epochs:
-            if not metrics and val_loader is not None:  # resumed a finished run
-                metrics = {"val_acc": _val_acc(s.wrapped, val_loader, d.device)}
+            if not metrics:  # resumed a finished run: its last epoch's row, as uninterrupted
+                metrics = folder.last_log(epoch=cfg.epochs) or (
+                    {"val_acc": _val_acc(s.wrapped, val_loader, d.device)}
+                    if val_loader is not None else {})
             save_classifier(folder.path("student.pt"), s.wrapped, arch, metrics)
             folder.complete(metrics=metrics, student=str(folder.path("student.pt")))
     return metrics

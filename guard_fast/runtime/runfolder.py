@@ -292,3 +292,19 @@ class RunFolder:
 
     def log(self, row: dict, name: str = "metrics.jsonl") -> None:
         append_jsonl(self.out / name, row)
+
+    def last_log(self, name: str = "metrics.jsonl", **match: Any) -> dict | None:
+        """The last row of a metrics file whose entries equal match (e.g. epoch=3), or None;
+        a torn last line (a kill mid-append) is skipped. What a run resumed after its last
+        epoch reports as its final metrics, as the uninterrupted run did."""
+        f = self.out / name
+        if not f.is_file():
+            return None
+        for line in reversed(f.read_text().splitlines()):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and all(row.get(k) == v for k, v in match.items()):
+                return row
+        return None
