@@ -232,6 +232,8 @@ def run_stage(st: Stage, root: Path, n_random: int, rng: random.Random, log=prin
     for i, (fault, delay) in enumerate(points):
         rec = try_point(st, base / f"kill{i:02d}", ref_files, fault, delay)
         recs.append(rec)
+        with open(root / "points.jsonl", "a") as f:  # figures survive an interrupted run
+            f.write(json.dumps({"stage": st.name, **rec}) + "\n")
         log(f"  {st.name} {rec['point']}: killed={rec['killed']} -> {rec['outcome']}"
             + (f" {rec.get('why', rec.get('diffs'))}" if rec["outcome"] != "identical" else ""),
             flush=True)
