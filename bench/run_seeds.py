@@ -16,12 +16,20 @@ import os
 import subprocess
 import sys
 
+# a worker runs its seeds' one-seed pipelines (their own folders, each locked by its run)
+# and stops there: the seeded folder itself and the tables are the final command's
 _WORKER = """
 import sys
 import guard_fast.pipeline.run as run
 keep = {int(s) for s in sys.argv[1].split(",")}
-all_runs = run.seed_runs
-run.seed_runs = lambda cfg: [r for r in all_runs(cfg) if r[0] in keep]
+
+def seeds_only(cfg, p, rank, log):
+    for s, sub in run.seed_runs(cfg):
+        if s in keep:
+            run._run_pipeline(sub, run.resolve_settings(sub), rank, log)
+    raise SystemExit(0)
+
+run._run_seeds = seeds_only
 from guard_fast.train import main
 sys.exit(main(sys.argv[2:]))
 """

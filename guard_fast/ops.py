@@ -246,7 +246,14 @@ def _like(a: Tensor, *others: Tensor) -> Tensor:
 
 @torch.library.custom_op("guard_fast::perturb", mutates_args=())
 def perturb(x: Tensor, g: Tensor, h: float, tiny: float = 1e-12) -> tuple[Tensor, Tensor]:
-    """(x + h * g / max(||g||, tiny), ||g||) per sample, one pass over g after its norm."""
+    """(x + h * g / max(||g||, tiny), ||g||) per sample, one pass over g after its norm.
+
+    ||g|| is sqrt(sum of squares) in the accumulation dtype (float32 for float32/bf16/fp16
+    inputs) in the C++, CUDA and Triton kernels: a sample whose norm is above about 1.8e19
+    overflows to inf, one below about 1e-19 underflows to 0 (the torch reference's scaled
+    norm stays finite there; tests/test_ops_fuzz.py found it). An underflowed norm makes the
+    step h * g / tiny instead of a unit step: a sample whose CE gradient is that small (a
+    saturated, confidently right sample) is then barely moved."""
     _check_pair("x", x, "g", g)
     _check_scalar("perturb", "h", h)
     _check_scalar("perturb", "tiny", tiny, 0.0, lo_inclusive=False)

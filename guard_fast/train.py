@@ -16,6 +16,11 @@ Stages (each reads the previous stage's run folder and writes its own):
   all       the whole pipeline (--preset, --data, --device, --smoke, --experiment)
   report    re-render the tables and plots of a pipeline run
 
+Exit status: 0 done; 2 refused before any work (bad input, a folder holding another run
+or in use by another process); 1 stopped mid-run by a numeric fault (NaN/Inf: the step's
+statistics are printed, the last good checkpoint is kept) or a failed write (full disk,
+I/O error: the file and the free space are named; rerun the same command to continue).
+
 Every stage's options are generated from its configuration dataclass (guard_fast.config):
 each field's help, unit, accepted values and default appear in --help. Evaluation defaults
 (evaluate and all alike): protocol paper-code; eps 8/255 on the bundled digits, 1/255 (the
@@ -202,6 +207,11 @@ def _run_student(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _student_dir_for_eval(cfg: C.EvaluateConfig) -> Path:
+    return Path(cfg.student_out) if cfg.student_out else \
+        Path(cfg.distilled).resolve().parent / "student"
+
+
 def _train_student_for_eval(cfg: C.EvaluateConfig) -> Path:
     from guard_fast.data.distilled import load_distilled
     from guard_fast.distill.student import train_student
@@ -211,8 +221,7 @@ def _train_student_for_eval(cfg: C.EvaluateConfig) -> Path:
     data = meta.get("arch", {}).get("data", "mnist")
     preset = data if data in C.STUDENT_PRESETS else "imagenette"
     over: dict = {"preset": preset, "distilled": str(dist_dir), "device": cfg.device,
-                  "out": cfg.student_out or str(dist_dir.resolve().parent / "student"),
-                  "progress": True}
+                  "out": str(_student_dir_for_eval(cfg)), "progress": True}
     if cfg.soft_labels:
         over["soft_labels"] = cfg.soft_labels
     else:
@@ -230,6 +239,26 @@ def _train_student_for_eval(cfg: C.EvaluateConfig) -> Path:
     return out / "student.pt"
 
 
+def _eval_folder(cfg: C.EvaluateConfig):
+    """The evaluation's output folder, checked before any work: a folder holding another
+    run (a pipeline, another stage, an evaluation with other settings, or results.json
+    written by something else) is refused, naming it; nothing there is overwritten."""
+    from dataclasses import asdict
+
+    from guard_fast.runtime import RunFolder
+
+    if cfg.out:
+        out = Path(cfg.out)
+    elif cfg.model:
+        out = Path(cfg.model).resolve().parent / "eval"
+    else:
+        out = _student_dir_for_eval(cfg) / "eval"
+    folder = RunFolder(out, "evaluate", asdict(cfg), resume="auto", final="results.json",
+                       resumable={"device", "memory_budget"})
+    folder.check()
+    return folder
+
+
 def _run_evaluate(ns: argparse.Namespace) -> int:
     from guard_fast.data import fixed_subset, get_data
     from guard_fast.evaluate import format_table, robust_eval
@@ -240,13 +269,23 @@ def _run_evaluate(ns: argparse.Namespace) -> int:
         raise ValueError("pass either --model CKPT (evaluate it) or --distilled FOLDER (train a "
                          "student on it, then evaluate), not both or neither")
     device = resolve_device(cfg.device)
+    attacks = cfg.attacks.split(",") if cfg.attacks else None
+    if attacks:  # before any training: an unknown column fails now, not after the student
+        from guard_fast.attacks.protocols import get_protocol
+
+        known = get_protocol(cfg.protocol).attack_names
+        bad = [a for a in attacks if a not in known]
+        if bad:
+            raise ValueError(f"--attacks: unknown {bad}; the {cfg.protocol} protocol has "
+                             f"{', '.join(known)}")
+    folder = _eval_folder(cfg)
     model_path = cfg.model or str(_train_student_for_eval(cfg))
     model, arch = load_classifier(model_path)
     data_name = arch.get("data", "mnist")
     data = get_data(data_name, root=cfg.data_root, image_size=arch["image_size"])
-    out = Path(cfg.out) if cfg.out else Path(model_path).resolve().parent / "eval"
-    attacks = cfg.attacks.split(",") if cfg.attacks else None
+    out = folder.out
     eps = cfg.eps if cfg.eps is not None else C.default_eps(data_name)
+    folder.start()
     # a class-stratified draw: validation sets are stored by class, the first n would be
     # one or two classes
     val = fixed_subset(data.val, cfg.n_examples, 0)
@@ -254,6 +293,7 @@ def _run_evaluate(ns: argparse.Namespace) -> int:
                       eps=eps, batch_size=cfg.batch_size,
                       seed=cfg.seed, out_dir=str(out), device=device,
                       memory_budget=cfg.memory_budget)
+    folder.complete(results=str(out / "results.json"))
     print(format_table([res]))
     print(f"results written to {out}")
     return 0
@@ -332,9 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return _RUNNERS[ns.stage](ns)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, PermissionError,
+            NotADirectoryError) as e:  # refused input: nothing was overwritten
         print(f"guard_fast.train {ns.stage}: error: {e}", file=sys.stderr)
         return 2
+    except (FloatingPointError, OSError) as e:  # a numeric fault or a failed write mid-run
+        print(f"guard_fast.train {ns.stage}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

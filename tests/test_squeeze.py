@@ -83,7 +83,7 @@ def test_guard_teacher_has_smaller_penalty_than_plain(tmp_path):
 
     assert main(["evaluate", "--model", str(tmp_path / "guard" / "teacher.pt"), "--n-examples", "8",
                  "--attacks", "PGD100", "--eps", "0.1", "--device", "cpu"]) == 0
-    res = json.loads(next((tmp_path / "guard" / "eval").glob("*.json")).read_text())
+    res = json.loads((tmp_path / "guard" / "eval" / "results.json").read_text())
     assert "PGD100" in json.dumps(res)
     # a checkpoint from a different architecture: a clear error naming it
     with pytest.raises(ValueError, match="different architecture"):

@@ -83,7 +83,8 @@ from guard_fast.config import DC_DATASETS, DC_REGULARIZERS, DCConfig, resolve_dc
 from guard_fast.data.loader import mix_seed
 from guard_fast.data.real import RealData, stack_dataset
 from guard_fast.data.real import load_real as _load_real
-from guard_fast.runtime import (RunFolder, append_jsonl, atomic_torch_save, atomic_write_bytes,
+from guard_fast.runtime import (NonFiniteError, RunFolder, append_jsonl, atomic_torch_save,
+                                atomic_write_bytes, check_finite_tensor,
                                 load_checkpoint, resolve_device)
 
 __all__ = ["dc", "match_distance", "layer_distance", "real_gradients", "evaluate_synset",
@@ -341,7 +342,9 @@ class _SynSet:
                 self.images.copy_(self.pool.clip(self.images))
 
     def save(self, path: Path, done: int) -> None:
-        """checkpoint.pt: {"image_syn" (normalized space), "optimizer", "iteration"} (atomic)."""
+        """checkpoint.pt: {"image_syn" (normalized space), "optimizer", "iteration"} (atomic);
+        refused (NonFiniteError) when the images hold NaN/Inf: the previous one stays."""
+        check_finite_tensor("dc", "image_syn", self.images, f"checkpoint {path} (iteration {done})")
         atomic_torch_save(path, {"image_syn": self.images.detach().cpu(),
                                  "optimizer": self.opt.state_dict(), "iteration": done})
 
@@ -423,8 +426,9 @@ def _iteration(cfg: DCConfig, it: int, pool: _RealPool, syn: _SynSet, loops: tup
         for _ in range(inner_loop):
             _sgd_epoch(net, opt_net, xs, ys, cfg.batch_train, gen)
     if not math.isfinite(loss_sum):
-        raise FloatingPointError(f"DC matching loss is not finite at iteration {it + 1}; "
-                                 "lower lr_img (or lam with GUARD)")
+        raise NonFiniteError("dc", f"iteration {it + 1}", {
+            "match_loss_sum": loss_sum, "match_loss_first": loss_first, "outer_loops": outer_loop,
+            "lr_img": cfg.lr_img}, "Lower lr_img (or lam with GUARD).")
     nc = pool.num_classes
     return {"iteration": it + 1, "match_loss": loss_sum / (nc * outer_loop),
             "match_loss_first": loss_first / nc, "seconds": time.perf_counter() - t0}

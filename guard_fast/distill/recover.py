@@ -59,7 +59,8 @@ from torch import Tensor, nn
 from guard_fast.config import CDA_MODES, RecoverConfig, resolve_recover
 from guard_fast.data.loader import mix_seed
 from guard_fast.data.transforms import rrc_fallback
-from guard_fast.runtime import (RunFolder, atomic_torch_save, distributed, load_checkpoint,
+from guard_fast.runtime import (RunFolder, StepWatch, atomic_torch_save, check_finite_tensor,
+                                distributed, load_checkpoint,
                                 load_classifier, resolve_device)
 
 __all__ = ["recover", "resolve_recover", "Synthesizer", "AugDraw", "draw_augment",
@@ -365,10 +366,15 @@ def _run_task(cfg: RecoverConfig, s: _Synthesis, folder: RunFolder, d, chunk: in
             start = int(st["it"])
     t0 = time.perf_counter()
     metrics_file = f"metrics_rank{d.rank}.jsonl" if d.world > 1 else "metrics.jsonl"
+    watch = StepWatch("recover")
+    where = f"class chunk {chunk}, ipc ids {list(group)}"
 
     def on_step(it, loss, ce, bn):
         done = it + 1
+        watch.observe(it, loss=loss.sum(), ce=ce.sum(), bn=bn.sum())
         if done % cfg.save_every == 0 or done == cfg.iterations:
+            watch.check(where + f", up to iteration {done} (steps are iterations)")
+            check_finite_tensor("recover", "images", x, f"{where}, iteration {done}")
             el = time.perf_counter() - t0
             folder.log({"chunk": chunk, "group": list(group), "iteration": done,
                         "loss": loss.tolist(), "ce": ce.tolist(), "bn": bn.tolist(),

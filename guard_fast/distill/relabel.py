@@ -21,7 +21,8 @@ from guard_fast.data.softlabels import (FORMAT, ViewSpec, dtype_name, epoch_file
                                         make_views, num_classes_of, resolve_distilled,
                                         resolve_teacher, storage_summary, teacher_logits)
 from guard_fast.runtime import (RunFolder, all_gather_object, atomic_torch_save,
-                                atomic_write_json, distributed, resolve_device)
+                                atomic_write_json, check_finite_tensor, check_finite_weights,
+                                distributed, resolve_device)
 
 __all__ = ["relabel"]
 
@@ -60,6 +61,9 @@ def relabel(teacher, distilled, out_dir, epochs: int, batch_size: int, seed: int
         model, arch, tpath = resolve_teacher(teacher, teacher_arch)
         ds, dpath = resolve_distilled(distilled)
         images, labels = ds["images"].float(), ds["labels"].long()
+        # NaN views or a NaN teacher would be stored as NaN soft labels, found only by student
+        check_finite_tensor("relabel", "images", images, f"the distilled set {dpath or ''}")
+        check_finite_weights("relabel", model, f"the teacher {tpath or ''}")
         N, C, H, W = images.shape
         spec = ViewSpec(n=N, src_h=H, src_w=W, out_size=int(out_size or H),
                         batch_size=batch_size, seed=seed, min_scale=min_scale,
@@ -90,7 +94,8 @@ def _run_folder(model, arch, tpath, images, labels, dpath, spec, out_dir, epochs
     Its config holds every setting the stored files depend on, with fingerprints of the
     teacher's weights and of the distilled images and labels, so a rerun on another teacher
     or set is refused (naming e.g. ``teacher.fingerprint``) while the same run continues:
-    only ``epochs`` may differ, and the config keeps the largest number asked for.
+    only ``epochs`` (the config keeps the largest number asked for) and the two paths (the
+    fingerprints identify what they name: a moved folder resumes) may differ.
     Returns the folder, the teacher's class count K and the effective top k (None: all)."""
     N, C, H, W = images.shape
     K = num_classes_of(model, spec, images, d.device)
@@ -108,7 +113,9 @@ def _run_folder(model, arch, tpath, images, labels, dpath, spec, out_dir, epochs
                       "labels_fingerprint": fingerprint_tensor(labels)},
         "relabel_device_type": d.device.type,
     }
-    folder = RunFolder(out_dir, "relabel", config, resume="auto", resumable={"epochs"})
+    # the fingerprints identify teacher and images: their paths may change (a moved folder)
+    folder = RunFolder(out_dir, "relabel", config, resume="auto",
+                       resumable={"epochs", "teacher.path", "distilled.path"})
     old = folder.check()
     if old is not None:
         folder.config["epochs"] = max(int(old.get("epochs", 0)), int(epochs))

@@ -28,8 +28,8 @@ from torch import nn
 from guard_fast.config import SqueezeConfig
 from guard_fast.losses import guard_loss
 from guard_fast.losses.criterion import build_criterion
-from guard_fast.runtime import (RunFolder, classifier_arch, distributed, epoch_seed,
-                                load_training_state, resolve_device, save_classifier,
+from guard_fast.runtime import (RunFolder, StepWatch, as_nonfinite, classifier_arch, distributed,
+                                epoch_seed, load_training_state, resolve_device, save_classifier,
                                 save_training_state, seed_all)
 
 __all__ = ["squeeze", "build_criterion"]
@@ -193,25 +193,32 @@ def _train_epoch(cfg, epoch, t: _Teacher, o: _Optim, crit, train_ds, device, d, 
     n_img = 0
     bar = tqdm(loader, desc=f"squeeze epoch {epoch + 1}/{cfg.epochs}",
                disable=not cfg.progress or not d.is_main, leave=False)
+    watch = StepWatch("squeeze")
     for i, (x, y) in enumerate(bar):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         o.opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=o.amp_dtype, enabled=o.amp_dtype is not None):
-            parts = crit(t.train_model, t.prep(x), y)
+        lr = o.sched.get_last_lr()[0]
+        try:
+            with torch.autocast(device.type, dtype=o.amp_dtype, enabled=o.amp_dtype is not None):
+                parts = crit(t.train_model, t.prep(x), y)
+        except (ValueError, FloatingPointError) as e:  # GuardLoss's own input / penalty checks
+            raise as_nonfinite("squeeze", f"epoch {epoch + 1}, step {i}", e, x, lr=lr) from e
+        pen = parts.penalty if parts.penalty is not None else torch.zeros((), device=device)
+        watch.observe(i, x=x, loss=parts.loss, ce=parts.ce, penalty=pen, lr=lr)
         o.scaler.scale(parts.loss).backward()
-        step = epoch * o.steps_per_epoch + i + 1
+        step = epoch * o.steps_per_epoch + i + 1   # global, from 1
         if step in cfg.grad_ratio_steps and d.is_main:
             log({"step": step, **_grad_ratio(t, x, y)})
         o.scaler.step(o.opt)
         o.scaler.update()
         o.sched.step()
-        pen = parts.penalty if parts.penalty is not None else torch.zeros(())
         sums += torch.stack([parts.loss.detach().double().cpu(), parts.ce.double().cpu(),
                              pen.double().cpu()])
         n_img += len(y) * d.world
+    watch.check(f"epoch {epoch + 1}")
     steps = max(1, o.steps_per_epoch)
     return {"epoch": epoch + 1, "train_loss": float(sums[0]) / steps,
             "train_ce": float(sums[1]) / steps, "train_penalty": float(sums[2]) / steps,
@@ -259,8 +266,9 @@ def squeeze(cfg: SqueezeConfig) -> dict:
                       f"val acc {metrics['val_acc']:.4f} val penalty {metrics['val_penalty']:.4g} "
                       f"({metrics['images_per_s']:.0f} img/s)", flush=True)
         if d.is_main:
-            if not metrics:  # resumed a run whose epochs were all done
-                metrics = _val_metrics(t.core, t.prep, val_loader, device, cfg)
+            if not metrics:  # resumed a run whose epochs were all done: its last epoch's row
+                metrics = folder.last_log(epoch=cfg.epochs) or _val_metrics(
+                    t.core, t.prep, val_loader, device, cfg)
             arch = classifier_arch(cfg.model, data.num_classes, data.channels, cfg.image_size,
                                    data.mean, data.std, data=cfg.data,
                                    options=cfg.model_options)

@@ -61,8 +61,9 @@ from torch import Tensor, nn
 from guard_fast.config.student import (LOSS_SCALES, VIEW_FIELDS, StudentConfig, resolve_student,
                                        validate_student)
 from guard_fast.data import softlabels as rl
-from guard_fast.runtime import (RunFolder, classifier_arch, distributed, load_training_state,
-                                resolve_device, save_classifier, save_training_state)
+from guard_fast.runtime import (RunFolder, StepWatch, classifier_arch, distributed,
+                                load_training_state, resolve_device, save_classifier,
+                                save_training_state)
 
 __all__ = ["train_student", "kd_loss", "kd_loss_sum", "param_groups", "lr_factor"]
 
@@ -247,7 +248,7 @@ class _Student:
 
 
 def _batch_step(cfg: StudentConfig, s: _Student, x: Tensor, t: Tensor, n_b: int, world: int,
-                sums: Tensor) -> None:
+                sums: Tensor) -> Tensor:
     """One optimizer step on this rank's rows x (teacher logits t) of a global batch of n_b
     views, in cfg.accum_steps micro-batches.
 
@@ -255,8 +256,10 @@ def _batch_step(cfg: StudentConfig, s: _Student, x: Tensor, t: Tensor, n_b: int,
     the ranks, so the step's gradient is that of the global batch's batchmean (times T^2
     with loss_scale "T2") however the rows are split over ranks and micro-batches; DDP
     synchronises on the last micro-batch only. Adds (KD sum, rows where the student's top
-    class is the teacher's, rows) to sums, on the device (no host sync per step)."""
+    class is the teacher's, rows) to sums, on the device (no host sync per step); returns the
+    step's KD sum."""
     s.opt.zero_grad(set_to_none=True)
+    step_kd = torch.zeros((), dtype=torch.float64, device=sums.device)
     micro = torch.tensor_split(torch.arange(len(x)), min(cfg.accum_steps, len(x)))
     for m_i, m in enumerate(micro):
         sync = m_i == len(micro) - 1 or world == 1
@@ -270,7 +273,9 @@ def _batch_step(cfg: StudentConfig, s: _Student, x: Tensor, t: Tensor, n_b: int,
         agree = (logits.argmax(1) == t[m].argmax(1)).sum()
         sums += torch.stack([ls.detach().double(), agree.double(),
                              torch.tensor(float(len(m)), dtype=torch.float64, device=sums.device)])
+        step_kd = step_kd + ls.detach().double()
     s.opt.step()
+    return step_kd
 
 
 def _train_epoch(cfg: StudentConfig, epoch: int, s: _Student, source, d) -> dict:
@@ -286,12 +291,15 @@ def _train_epoch(cfg: StudentConfig, epoch: int, s: _Student, source, d) -> dict
     views = source.views(epoch)
     bar = tqdm(range(source.num_batches), desc=f"student epoch {epoch + 1}/{cfg.epochs}",
                disable=not cfg.progress or not d.is_main, leave=False)
+    watch = StepWatch("student")
+    lr_used = s.opt.param_groups[0]["lr"]
     for b in bar:
         start, end = views.span(b)
         mine = torch.tensor_split(torch.arange(end - start), d.world)[d.rank]
         x, t = source.batch(epoch, b, mine)
-        _batch_step(cfg, s, x, t, end - start, d.world, sums)
-    lr_used = s.opt.param_groups[0]["lr"]
+        kd = _batch_step(cfg, s, x, t, end - start, d.world, sums)
+        watch.observe(b, x=x, kd_sum=kd, lr=lr_used)  # teacher logits may be -inf (top-k)
+    watch.check(f"epoch {epoch + 1}")
     s.sched.step()
     if d.world > 1:
         import torch.distributed as dist
@@ -389,8 +397,10 @@ def train_student(cfg: StudentConfig | None = None, *, distilled=None, teacher=N
             if d.is_main:
                 _end_epoch(cfg, epoch, metrics, s, val_loader, folder, d.device)
         if d.is_main and end == cfg.epochs:
-            if not metrics and val_loader is not None:  # resumed a finished run
-                metrics = {"val_acc": _val_acc(s.wrapped, val_loader, d.device)}
+            if not metrics:  # resumed a finished run: its last epoch's row, as uninterrupted
+                metrics = folder.last_log(epoch=cfg.epochs) or (
+                    {"val_acc": _val_acc(s.wrapped, val_loader, d.device)}
+                    if val_loader is not None else {})
             save_classifier(folder.path("student.pt"), s.wrapped, arch, metrics)
             folder.complete(metrics=metrics, student=str(folder.path("student.pt")))
     return metrics

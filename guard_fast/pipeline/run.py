@@ -98,9 +98,15 @@ class _MethodRun:
         self.device = resolve_device(self.cfg.device)
 
     def timed(self, key: str, fn):
+        """fn(), its seconds kept in times.json as soon as it ends (rank 0), so a stage
+        finished before a kill keeps its time in the report of the resumed run."""
         t0 = time.perf_counter()
         r = fn()
         self.times[key] = round(time.perf_counter() - t0, 2)
+        if dist_env()[0] == 0:
+            tf = self.root / "times.json"
+            atomic_write_json(tf, {**(json.loads(tf.read_text()) if tf.exists() else {}),
+                                   key: self.times[key]})
         return r
 
     def common(self) -> dict:

@@ -6,13 +6,18 @@ from guard_fast.runtime.checkpoint import (classifier_arch, load_classifier, loa
                                            save_classifier, save_training_state)
 from guard_fast.runtime.device import resolve_device
 from guard_fast.runtime.dist import Dist, all_gather_object, barrier, dist_env, distributed
-from guard_fast.runtime.io import (append_jsonl, atomic_torch_save, atomic_write_bytes,
-                                   atomic_write_json, load_checkpoint)
-from guard_fast.runtime.runfolder import RunFolder, flatten
+from guard_fast.runtime.io import (WriteError, append_jsonl, atomic_torch_save,
+                                   atomic_write_bytes, atomic_write_json, load_checkpoint,
+                                   remove_stale_temps)
+from guard_fast.runtime.numeric import (NonFiniteError, StepWatch, as_nonfinite,
+                                        check_finite_tensor, check_finite_weights)
+from guard_fast.runtime.runfolder import FolderInUseError, RunFolder, flatten
 from guard_fast.runtime.seed import epoch_seed, seed_all
 
 __all__ = ["resolve_device", "Dist", "distributed", "dist_env", "barrier", "all_gather_object",
            "RunFolder", "flatten", "classifier_arch", "save_classifier", "load_classifier",
            "save_training_state", "load_training_state", "atomic_write_bytes",
            "atomic_write_json", "atomic_torch_save", "load_checkpoint", "append_jsonl",
-           "seed_all", "epoch_seed"]
+           "seed_all", "epoch_seed", "WriteError", "remove_stale_temps", "NonFiniteError",
+           "StepWatch", "as_nonfinite", "check_finite_tensor", "check_finite_weights",
+           "FolderInUseError"]

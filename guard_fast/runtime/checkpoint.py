@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from torch import nn
 
 from guard_fast.runtime.io import atomic_torch_save, load_checkpoint
+from guard_fast.runtime.numeric import check_finite_weights
 
 __all__ = ["classifier_arch", "save_classifier", "load_classifier", "save_training_state",
            "load_training_state", "ARCH_KEYS"]
@@ -34,7 +35,9 @@ def classifier_arch(model: str, num_classes: int, in_channels: int, image_size: 
 
 def save_classifier(path: str | Path, model: nn.Module, arch: dict, metrics: dict | None = None,
                     **extra: Any) -> Path:
-    """Write a teacher.pt / student.pt atomically; model is the Normalized wrapper."""
+    """Write a teacher.pt / student.pt atomically; model is the Normalized wrapper. Refused
+    (NonFiniteError) when the model holds NaN/Inf."""
+    check_finite_weights("checkpoint", model, f"{path}")
     missing = [k for k in ARCH_KEYS if k not in arch]
     if missing:
         raise ValueError(f"arch is missing {missing}: build it with classifier_arch()")
@@ -74,12 +77,17 @@ def load_classifier(path: str | Path, arch_expected: dict | None = None) -> tupl
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit architecture {arch['model']}: {e}") from e
+    # a NaN teacher would only show up steps later, as a NaN loss of the stage reading it
+    check_finite_weights("load", model, f"{path}", "This checkpoint holds NaN or Inf weights: "
+                         "use an earlier checkpoint or train it again.")
     return model, arch
 
 
 def save_training_state(path: str | Path, *, epoch: int, model: nn.Module, optimizer,
                         scheduler=None, scaler=None, **extra: Any) -> None:
-    """checkpoint.pt after a finished epoch (atomic): what --resume continues from."""
+    """checkpoint.pt after a finished epoch (atomic): what --resume continues from. Refused
+    (NonFiniteError) when the model holds NaN/Inf: the previous checkpoint stays."""
+    check_finite_weights("checkpoint", model, f"{path} (epoch {epoch + 1})")
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": int(epoch),
              **extra}
     if scheduler is not None:

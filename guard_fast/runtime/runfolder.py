@@ -18,16 +18,135 @@ Rules, the same for every stage:
 
 Folders written before the stage name was stored in config.json (squeeze, student) are
 taken to hold this stage's run, so old runs keep resuming.
+
+One run per folder: the process that runs a stage holds an advisory lock (``fcntl.flock``
+on ``.lock`` in the folder) from the check of an existing folder, or the start of a new one,
+until it ends; the kernel drops it when the process dies, so a killed run never leaves a
+stale lock. A second process on the same folder is refused at once, naming the holder (pid,
+host, command, start time, written into the lock file). Under torchrun only rank 0 takes
+it (the ranks of one job share the folder; only rank 0 writes the run files), and a process
+may take a folder's lock again while it holds it (a stage run twice in one process).
+
+Moved or copied folders resume: settings that are paths (:data:`PATH_KEYS`, matched by
+their last dotted name; ``out`` among them) are equal when they name the same file, or the
+same file relative to the run folder (the folder, recorded as the ``out`` setting, was moved
+together with its inputs). A stage whose settings hold no ``out`` (relabel) identifies its
+inputs by fingerprints instead and lets their paths differ.
+
+A new run's start removes the temporary files a killed writer left (see
+guard_fast.runtime.io.remove_stale_temps).
 """
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sys
+import time
+import weakref
 from pathlib import Path
 from typing import Any, Iterable
 
-from guard_fast.runtime.io import append_jsonl, atomic_write_json
+from guard_fast.runtime.io import append_jsonl, atomic_write_json, remove_stale_temps
 
-__all__ = ["RunFolder", "flatten"]
+__all__ = ["RunFolder", "flatten", "FolderInUseError", "PATH_KEYS", "LOCK_NAME"]
+
+# settings (by their last dotted name) that hold file or folder paths: compared leniently
+PATH_KEYS = frozenset({"out", "teacher", "distilled", "soft_labels", "data_root", "val_root",
+                       "teachers", "student_out", "path"})
+LOCK_NAME = ".lock"
+
+
+class FolderInUseError(FileExistsError):
+    """Another live process holds the run folder's lock."""
+
+
+# this process's folder locks: real path -> [fd, number of RunFolder objects holding it]
+_HELD: dict[str, list] = {}
+
+
+def _release(key: str) -> None:
+    held = _HELD.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _HELD[key]
+        os.close(held[0])  # closing the descriptor drops the flock
+
+
+def _holder_text(lock_file: Path) -> str:
+    try:
+        h = json.loads(lock_file.read_text() or "{}")
+    except (OSError, ValueError):
+        h = {}
+    if not h:
+        return "a process whose details are not (yet) written"
+    return (f"pid {h.get('pid')} on host {h.get('host')}, started {h.get('started')}, "
+            f"command: {h.get('command')}")
+
+
+def _acquire(out: Path, out_flag: str) -> str:
+    """Take out/.lock for this process (reentrant); returns its key. Refuses, naming the
+    holder, when another process holds it."""
+    import fcntl
+
+    key = os.path.realpath(out)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key
+    lock_file = out / LOCK_NAME
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderInUseError(f"{out} is in use by another run ({_holder_text(lock_file)}; lock "
+                               f"file {lock_file}): one run per folder; wait for it to end or "
+                               f"choose another {out_flag} (nothing was overwritten)") from None
+    from guard_fast.runtime.io import _STARTED
+
+    # the process's start: the same holder writes the same text (a rerun in one process
+    # leaves the folder's files untouched)
+    info = (json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                                 time.localtime(_STARTED))}) + "\n").encode()
+    if os.pread(fd, len(info) + 1, 0) != info:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info, 0)
+    _HELD[key] = [fd, 1]
+    return key
+
+
+def _writable_or_refuse(out: Path, out_flag: str) -> None:
+    """A new folder must be creatable: its first existing ancestor a writable directory."""
+    p = out
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise NotADirectoryError(f"{out_flag} {out}: {p} is a file, not a folder; choose "
+                                 f"another {out_flag}")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out_flag} {out}: {p} is not writable (read-only file system or "
+                              f"no permission); choose a writable {out_flag}")
+
+
+def _same_path(old: Any, new: Any, old_folder: Any, new_folder: str) -> bool:
+    """Two path settings name the same file, or the same file relative to their run folder
+    (the folder recorded in the old settings' "out"; relative paths are read from the
+    current directory on both sides, so two relative spellings compare consistently)."""
+    if old == new:
+        return True
+    if not isinstance(old, str) or not isinstance(new, str):
+        return False
+    a, b = os.path.abspath(old), os.path.abspath(new)
+    if a == b:
+        return True
+    if not isinstance(old_folder, str):
+        return False
+    return os.path.relpath(a, os.path.abspath(old_folder)) == os.path.relpath(
+        b, os.path.abspath(new_folder))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -70,6 +189,7 @@ class RunFolder:
         self.final = final
         self.defaults = _jsonable(flatten(dict(defaults or {})))
         self.flag, self.out_flag = flag, out_flag
+        self._lock_key: str | None = None
 
     # ------------------------------------------------------------------ paths and state
     def path(self, name: str) -> Path:
@@ -99,14 +219,42 @@ class RunFolder:
 
     def differing(self, old: dict) -> list[str]:
         a, b = flatten(old), flatten(self.config)
+        new_folder = self.config.get("out") if isinstance(self.config.get("out"), str) \
+            else str(self.out)
         # a setting added after the old run was written: absent there, at its default here
         added = {k for k, v in b.items() if k not in a and k in self.defaults
                  and self.defaults[k] == v}
-        return sorted(k for k in set(a) | set(b)
-                      if k not in added and not self._may_differ(k) and a.get(k) != b.get(k))
+
+        def same(k: str) -> bool:
+            if k in added:
+                return True
+            if k.rsplit(".", 1)[-1] in PATH_KEYS:
+                return _same_path(a.get(k), b.get(k), old.get("out"), new_folder)
+            return a.get(k) == b.get(k)
+        return sorted(k for k in set(a) | set(b) if not self._may_differ(k) and not same(k))
+
+    def _lock(self) -> None:
+        """This process's hold on the folder's lock (rank 0 of a torchrun job only)."""
+        from guard_fast.runtime.dist import dist_env
+
+        if self._lock_key is None and dist_env()[0] == 0:
+            self._lock_key = _acquire(self.out, self.out_flag)
+            weakref.finalize(self, _release, self._lock_key)
 
     def check(self) -> dict | None:
-        """Apply the rules; returns the previous config (None for a new run). Writes nothing."""
+        """Apply the rules; returns the previous config (None for a new run). Writes nothing
+        to a new folder (it is not created); an existing folder is locked first, so its rules
+        are read while no other process can change it."""
+        if self.out.is_dir():
+            self._lock()
+        elif self.out.exists():
+            raise NotADirectoryError(f"{self.out_flag} {self.out} is a file, not a run folder; "
+                                     f"choose another {self.out_flag}")
+        else:
+            _writable_or_refuse(self.out, self.out_flag)
+        return self._rules()
+
+    def _rules(self) -> dict | None:
         old = self.previous_config()
         if old is None:
             if self.resume is True:
@@ -135,8 +283,15 @@ class RunFolder:
 
     # ------------------------------------------------------------------------- writes
     def start(self) -> None:
-        """Create the folder; config.json first, then run.json "running". Rank 0 only."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Create and lock the folder (a new one is checked again under the lock: another
+        process may have started a run there since check()), remove the temporary files of a
+        killed writer, then config.json, then run.json "running". Rank 0 only."""
+        if self._lock_key is None:
+            _writable_or_refuse(self.out, self.out_flag)
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            self._rules()
+        remove_stale_temps(self.out)
         atomic_write_json(self.config_file, self.config)
         atomic_write_json(self.out / "run.json", {"status": "running", "stage": self.stage})
 
@@ -146,3 +301,19 @@ class RunFolder:
 
     def log(self, row: dict, name: str = "metrics.jsonl") -> None:
         append_jsonl(self.out / name, row)
+
+    def last_log(self, name: str = "metrics.jsonl", **match: Any) -> dict | None:
+        """The last row of a metrics file whose entries equal match (e.g. epoch=3), or None;
+        a torn last line (a kill mid-append) is skipped. What a run resumed after its last
+        epoch reports as its final metrics, as the uninterrupted run did."""
+        f = self.out / name
+        if not f.is_file():
+            return None
+        for line in reversed(f.read_text().splitlines()):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and all(row.get(k) == v for k, v in match.items()):
+                return row
+        return None
