@@ -32,7 +32,7 @@ ABSURD = {int: "1000000000000000", float: "1e30"}
 # arguments each stage needs to get past its first non-value checks; --out is added per try
 BASE = {"squeeze": [], "recover": [], "relabel": ["--teacher", "t.pt"],
         "student": ["--teacher", "t.pt", "--distilled", "d"], "evaluate": ["--model", "m.pt"],
-        "all": []}
+        "all": [], "experts": [], "mtt": ["--buffer", "b"]}
 # recover --method dc reads only these of RecoverConfig's flags (into a DCConfig)
 DC_FLAGS = ("ipc", "iterations", "seed")
 # list values that are valid: one per-channel mean of 0 (one value serves every channel)
@@ -71,6 +71,8 @@ def stubbed(tmp_path_factory):
     """train.main with each stage's first piece of work replaced by Reached, in a tmp folder."""
     import guard_fast.data.distilled as distilled
     import guard_fast.distill.dc as dc
+    import guard_fast.distill.experts as experts
+    import guard_fast.distill.mtt as mtt
     import guard_fast.distill.recover as recover
     import guard_fast.distill.relabel as relabel
     import guard_fast.distill.squeeze as squeeze
@@ -82,8 +84,9 @@ def stubbed(tmp_path_factory):
         raise Reached()
 
     with pytest.MonkeyPatch.context() as mp:
-        for mod in (squeeze, recover, relabel, student, prun):
+        for mod in (squeeze, recover, relabel, student, prun, experts):
             mp.setattr(mod, "distributed", reached)
+        mp.setattr(mtt, "load_buffer", reached)   # mtt's first work: reading the expert buffer
         mp.setattr(dc, "RunFolder", reached)
         mp.setattr(runtime, "load_classifier", reached)
         # recover resolves its presets against the teacher's data set, relabel against the

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
+from guard_fast.config import limits as L
 from guard_fast.config.base import opt, resolve, to_dict
 from guard_fast.config.squeeze import REGULARIZERS, SqueezeConfig
 from guard_fast.models.convnet import NORMS
@@ -50,24 +51,24 @@ class ExpertsConfig:
     data: str = opt("mnist", flag="--dataset",
                     help="real data set: mnist (bundled), fashion-mnist, cifar10, cifar100")
     data_root: str | None = opt(None, flag="--data", help="path of the CIFAR pickles")
-    image_size: int | None = opt(None, help="image side", unit="pixels", min=1,
+    image_size: int | None = opt(None, help="image side", unit="pixels", min=1, max=L.SIDE,
                                  default_note="the data set's")
-    channels: int | None = opt(None, help="mnist only: image channels", choices=(1, 3))
+    channels: int | None = opt(None, help="mnist only: image channels (1 or 3)", min=1, max=3)
     model: str = opt("convnet", help="MTT's ConvNet (convnet_d4: 64 px, convnet_d5: 128 px)",
                      choices=EXPERT_MODELS)
-    width: int = opt(128, help="ConvNet channels per block (MTT: 128)", min=1)
-    depth: int = opt(3, help="convnet only: conv blocks (MTT: 3)", min=1)
+    width: int = opt(128, help="ConvNet channels per block (MTT: 128)", min=1, max=L.SIDE)
+    depth: int = opt(3, help="convnet only: conv blocks (MTT: 3)", min=1, max=L.DEPTH)
     norm: str = opt("instancenorm", help="ConvNet normalization (MTT: instancenorm)",
                     choices=NORMS)
-    num_experts: int = opt(100, help="experts to train (MTT: 100)", min=1)
+    num_experts: int = opt(100, help="experts to train (MTT: 100)", min=1, max=L.IPC)
     epochs: int = opt(50, help="training of each expert (MTT's train_epochs: 50)",
-                      unit="epochs", min=1)
+                      unit="epochs", min=1, max=L.EPOCHS)
     lr_teacher: float = opt(0.01, help="expert SGD learning rate (MTT: 0.01)", unit="per step",
-                            min=0, min_inclusive=False)
+                            min=0, max=L.LR, min_inclusive=False)
     momentum: float = opt(0.0, help="expert SGD momentum (MTT's --mom: 0)", min=0, max=1,
                           max_inclusive=False)
-    weight_decay: float = opt(0.0, help="expert SGD weight decay (MTT's --l2: 0)", min=0)
-    batch_train: int = opt(256, help="expert batch (MTT: 256)", unit="images", min=1)
+    weight_decay: float = opt(0.0, help="expert SGD weight decay (MTT's --l2: 0)", min=0, max=1)
+    batch_train: int = opt(256, help="expert batch (MTT: 256)", unit="images", min=1, max=L.BATCH)
     dsa: bool = opt(True, help="DSA augmentation of the training batches (MTT: on)")
     dsa_strategy: str = opt("color_crop_cutout_flip_scale_rotate", help="DSA groups joined by _")
     zca: bool = opt(False, help="ZCA-whiten the images (kornia's eps 0.1, as MTT's --zca)")
@@ -85,8 +86,8 @@ class ExpertsConfig:
     adv_steps: int = _squeeze_field("adv_steps")
     trades_beta: float = _squeeze_field("trades_beta")
     max_train: int | None = opt(None, help="train on a fixed random subset of this many images",
-                                unit="images", min=1)
-    seed: int = opt(0, help="random seed (expert k: inits and batches from (seed, k))", min=0)
+                                unit="images", min=1, max=L.IMAGES)
+    seed: int = opt(0, help="random seed (expert k: inits and batches from (seed, k))", min=0, max=L.SEED)
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
     out: str = opt("runs/experts", help="run folder (the expert buffer)")
     resume: bool = opt(False, help="continue the run in --out (mid-expert, from its last epoch)")
@@ -104,6 +105,8 @@ def resolve_experts(overrides: dict[str, Any] | None = None) -> ExpertsConfig:
     preset = overrides.pop("preset", None) or "mnist"
     cfg = resolve(ExpertsConfig, overrides, EXPERTS_PRESETS, preset, what="experts")
     check_strategy(cfg.dsa_strategy)
+    if cfg.channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {cfg.channels} (flag --channels)")
     if cfg.data not in ("mnist", "fashion-mnist") and not cfg.data_root:
         raise ValueError(f"--dataset {cfg.data} trains on your copy of the data: pass --data PATH")
     return cfg

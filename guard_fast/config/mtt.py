@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from guard_fast.config import limits as L
 from guard_fast.config.base import opt, resolve, to_dict
 
 __all__ = ["MTTConfig", "MTT_PRESETS", "TESLA_PRESETS", "MTT_METHODS", "TESLA_GRADIENTS",
@@ -82,34 +83,34 @@ class MTTConfig:
     labels: str | None = opt(None, help="hard (class labels, MTT) | expert (TESLA's soft labels: "
                              "softmax of the target expert on the synthetic images)",
                              choices=MTT_LABELS, default_note="hard for mtt, expert for tesla")
-    ipc: int = opt(10, help="synthetic images per class", min=1)
-    syn_steps: int = opt(20, help="student SGD steps per iteration (N)", min=1)
+    ipc: int = opt(10, help="synthetic images per class", min=1, max=L.IPC)
+    syn_steps: int = opt(20, help="student SGD steps per iteration (N)", min=1, max=L.STEPS)
     expert_epochs: int = opt(2, help="target: the expert this many epochs after the start (M)",
-                             min=1)
-    max_start_epoch: int = opt(20, help="start epochs are drawn from [0, this) (T+)", min=1)
+                             min=1, max=L.EPOCHS)
+    max_start_epoch: int = opt(20, help="start epochs are drawn from [0, this) (T+)", min=1, max=L.EPOCHS)
     batch_syn: int | None = opt(None, help="synthetic images per student step",
-                                unit="images", min=1, default_note="unset: the whole set")
+                                unit="images", min=1, max=L.BATCH, default_note="unset: the whole set")
     zca: bool = opt(False, help="the buffer must be ZCA-whitened (MTT's --zca)")
-    lr_img: float = opt(1000.0, help="SGD learning rate of the images", unit="per step", min=0,
+    lr_img: float = opt(1000.0, help="SGD learning rate of the images", unit="per step", min=0, max=1e6,  # MTT: 100 .. 10,000
                         min_inclusive=False)
     lr_lr: float = opt(1e-5, help="SGD learning rate of the learned step size", unit="per step",
-                       min=0)
-    lr_teacher: float = opt(0.01, help="initial learned student step size", min=0,
+                       min=0, max=L.LR)
+    lr_teacher: float = opt(0.01, help="initial learned student step size", min=0, max=L.LR,
                             min_inclusive=False)
     momentum: float = opt(0.5, help="SGD momentum of images and step size (MTT: 0.5)", min=0,
                           max=1, max_inclusive=False)
-    iterations: int = opt(5000, help="distillation iterations (MTT: 5000)", min=1)
+    iterations: int = opt(5000, help="distillation iterations (MTT: 5000)", min=1, max=L.STEPS)
     init: str = opt("real", help="initial images: real (random real images of the class) | "
                     "noise (standard normal in the input space)", choices=("real", "noise"))
     dsa: bool = opt(True, help="DSA augmentation in the student steps and the evaluation")
     dsa_strategy: str = opt("color_crop_cutout_flip_scale_rotate", help="DSA groups joined by _")
-    width: int = opt(128, help="ConvNet width the buffer must have (MTT: 128)", min=1)
-    eval_models: int = opt(0, help="networks trained on the result at the end (MTT: 5)", min=0)
+    width: int = opt(128, help="ConvNet width the buffer must have (MTT: 128)", min=1, max=L.SIDE)
+    eval_models: int = opt(0, help="networks trained on the result at the end (MTT: 5)", min=0, max=L.IPC)
     eval_epochs: int = opt(1000, help="evaluation training (MTT's epoch_eval_train: 1000)",
-                           unit="epochs", min=0)
-    batch_train: int = opt(256, help="evaluation batch (MTT: 256)", unit="images", min=1)
-    checkpoint_every: int = opt(10, help="iterations between resumable checkpoints", min=1)
-    seed: int = opt(0, help="random seed (init, experts and start epochs, batches)", min=0)
+                           unit="epochs", min=0, max=L.EPOCHS)
+    batch_train: int = opt(256, help="evaluation batch (MTT: 256)", unit="images", min=1, max=L.BATCH)
+    checkpoint_every: int = opt(10, help="iterations between resumable checkpoints", min=1, max=L.STEPS)
+    seed: int = opt(0, help="random seed (init, experts and start epochs, batches)", min=0, max=L.SEED)
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
     out: str = opt("runs/mtt", help="run folder for the distilled set")
     resume: bool = opt(False, help="continue the run in --out from its last checkpoint")
