@@ -399,17 +399,23 @@ def seed_runs(cfg: PipelineConfig) -> list[tuple[int, PipelineConfig]]:
     return runs
 
 
+def _open_folder(out: Path, cfg: PipelineConfig, rank: int) -> RunFolder | None:
+    """Rank 0 checks and starts the pipeline's run folder; every rank waits for it."""
+    folder = None
+    if rank == 0:
+        folder = check_run_folder(out, cfg)
+        folder.start()
+    barrier()
+    return folder
+
+
 def _run_seeds(cfg: PipelineConfig, p: dict, rank: int, log) -> dict:
     """Every seed's pipeline (each resumable on its own: a rerun skips the complete ones),
     then the seeded summary: per method, its row of every seed."""
     from guard_fast.evaluate import render_report
 
     out = Path(cfg.out)
-    folder = None
-    if rank == 0:
-        folder = check_run_folder(out, cfg)
-        folder.start()
-    barrier()
+    folder = _open_folder(out, cfg, rank)
     t0 = time.perf_counter()
     runs = seed_runs(cfg)
     per_seed = []
@@ -451,11 +457,7 @@ def _run_pipeline(cfg: PipelineConfig, p: dict, rank: int, log) -> dict:
     from guard_fast.evaluate import render_report
 
     out = Path(cfg.out)
-    folder = None
-    if rank == 0:
-        folder = check_run_folder(out, cfg)
-        folder.start()
-    barrier()
+    folder = _open_folder(out, cfg, rank)
     t0 = time.perf_counter()
     rows = [run_method(m, cfg, p, out, log) for m in cfg.methods]
     if rank != 0:
