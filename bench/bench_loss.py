@@ -79,6 +79,9 @@ FULL_CONFIGS = [("r18-imagenet-224-b32", "imagenet", 224, 32),
 CPU_CONFIGS = [("r18-small-32-b32", "small", 32, 32),
                ("r18-imagenet-32-b32", "imagenet", 32, 32)]
 QUICK_CONFIGS = [("r18-imagenet-32-b32", "imagenet", 32, 32)]
+# the smallest step that still runs every layer: the CPU smoke of gpu_suite.sh (its
+# numbers check the wiring, not the speed)
+SMOKE_CONFIGS = [("r18-imagenet-32-b8", "imagenet", 32, 8)]
 
 
 def _step_fn(variant, model, x, y, opt, amp_dtype, device, warmup=2):
@@ -313,6 +316,9 @@ def main(argv=None) -> int:
     ap.add_argument("--summary", default=None, metavar="LOSS_JSONL",
                     help="only pair the rows of this loss.jsonl (ratios, bf16 speed-ups) and "
                          "append them to loss_summary.jsonl in --results-dir")
+    ap.add_argument("--in-process", action="store_true",
+                    help="CPU: run the variants in this process, not one fresh process each "
+                         "(peak RSS is then shared; the smoke run saves the start-ups)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.summary:
@@ -330,7 +336,7 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda")
     configs = QUICK_CONFIGS if args.quick else (FULL_CONFIGS if cuda else CPU_CONFIGS)
     if args.configs:
-        allc = {c[0]: c for c in FULL_CONFIGS + CPU_CONFIGS + QUICK_CONFIGS}
+        allc = {c[0]: c for c in FULL_CONFIGS + CPU_CONFIGS + QUICK_CONFIGS + SMOKE_CONFIGS}
         unknown = [c for c in args.configs.split(",") if c not in allc]
         if unknown:
             ap.error(f"unknown config(s) {unknown}; known: {sorted(allc)}")
@@ -353,7 +359,7 @@ def main(argv=None) -> int:
                 spec = dict(variant=v, device=args.device, stem=stem, size=size, batch=batch,
                             classes=10 if size <= 64 else 100, dtype=dt, reps=reps, warmup=warmup,
                             channels_last=args.channels_last, counts_only=args.counts_only)
-                res, err = _run(spec, in_process=cuda or args.counts_only)
+                res, err = _run(spec, in_process=cuda or args.counts_only or args.in_process)
                 if err is not None:
                     print(f"[{cname} {dt} {v}] failed: {err}", file=sys.stderr)
                     row = {"config": cname, "dtype": dt, "variant": v, "error": err[:300]}

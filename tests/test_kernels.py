@@ -196,27 +196,38 @@ def test_auto_backend_failure_warns_and_falls_back(monkeypatch):
     assert ops._chosen["cpu"] == "torch"
 
 
-def _run_with_backend(value, code, extra_env=None):
+def _start_with_backend(value, code, extra_env=None):
     env = dict(os.environ, GUARD_FAST_BACKEND=value)
     env.pop("TRITON_INTERPRET", None)
     env.update(extra_env or {})
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_explicit_backend_requests():
     code = ("import torch, guard_fast as g; a=torch.randn(2,3); "
             "print(g.ops.sqdiff_norm(a, a*0).sum().item() > 0, g.ops.backend_for('cpu'))")
-    r = _run_with_backend("torch", code)
-    assert r.returncode == 0 and r.stdout.split() == ["True", "torch"], r.stderr
-    r = _run_with_backend("bogus", code)
-    assert r.returncode != 0 and "GUARD_FAST_BACKEND='bogus'" in r.stderr
+    # each request needs a fresh process (the variable is read at import): start them all,
+    # then read them (the start-ups overlap)
+    cases = {"torch": ("torch", None), "bogus": ("bogus", None)}
     if not torch.cuda.is_available():
         # explicit triton on a CPU tensor without the interpreter: a clear error, no fallback
-        r = _run_with_backend("triton", code)
-        assert r.returncode != 0 and "TRITON_INTERPRET" in r.stderr, r.stderr
-        r = _run_with_backend("triton", code, {"TRITON_INTERPRET": "1"})
-        assert r.returncode == 0 and r.stdout.split() == ["True", "triton"], r.stderr
+        cases["triton"] = ("triton", None)
+        cases["triton-interpret"] = ("triton", {"TRITON_INTERPRET": "1"})
+    procs = {k: _start_with_backend(v, code, env) for k, (v, env) in cases.items()}
+    out = {}
+    for k, p in procs.items():
+        stdout, stderr = p.communicate(timeout=120)
+        out[k] = (p.returncode, stdout, stderr)
+    rc, stdout, stderr = out["torch"]
+    assert rc == 0 and stdout.split() == ["True", "torch"], stderr
+    rc, stdout, stderr = out["bogus"]
+    assert rc != 0 and "GUARD_FAST_BACKEND='bogus'" in stderr
+    if "triton" in out:
+        rc, stdout, stderr = out["triton"]
+        assert rc != 0 and "TRITON_INTERPRET" in stderr, stderr
+        rc, stdout, stderr = out["triton-interpret"]
+        assert rc == 0 and stdout.split() == ["True", "triton"], stderr
 
 
 def test_bad_op_inputs():

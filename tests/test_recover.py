@@ -28,14 +28,21 @@ from _models import make
 IMAGE_SIZE = 16
 
 
-def _train_teacher(path: Path, model: str = "resnet18", steps: int = 150) -> Path:
+# A BatchNorm ConvNet (width 16, depth 3) keeps the recover tests' forward/backward cheap:
+# the tests check recover's mechanics (grouping, resume, sharding), which do not depend on
+# the depth of the teacher; ResNet-18 teachers are exercised in test_squeeze and the smokes.
+TEACHER_OPTIONS = {"width": 16, "norm": "batchnorm"}
+
+
+def _train_teacher(path: Path, model: str = "convnet", steps: int = 150) -> Path:
     """A small teacher on the bundled digits at 16 px, saved as squeeze saves teacher.pt."""
     from guard_fast.data import get_data
     from guard_fast.models import build_model
+    from guard_fast.runtime import classifier_arch
 
     d = get_data("mnist", image_size=IMAGE_SIZE)
     torch.manual_seed(0)
-    m = build_model(model, 10, 3, d.mean, d.std, image_size=IMAGE_SIZE)
+    m = build_model(model, 10, 3, d.mean, d.std, image_size=IMAGE_SIZE, **TEACHER_OPTIONS)
     xs = torch.stack([d.train[i][0] for i in range(0, 4000, 4)])
     ys = torch.tensor([d.train[i][1] for i in range(0, 4000, 4)])
     opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
@@ -47,9 +54,9 @@ def _train_teacher(path: Path, model: str = "resnet18", steps: int = 150) -> Pat
         F.cross_entropy(m(xs[idx]), ys[idx]).backward()
         opt.step()
     m.eval()
-    atomic_torch_save(path, {"model": m.state_dict(), "arch": {
-        "model": model, "num_classes": 10, "in_channels": 3, "image_size": IMAGE_SIZE,
-        "mean": list(d.mean), "std": list(d.std), "data": "mnist"}, "metrics": {}})
+    atomic_torch_save(path, {"model": m.state_dict(), "arch": classifier_arch(
+        model, 10, 3, IMAGE_SIZE, d.mean, d.std, data="mnist", options=TEACHER_OPTIONS),
+        "metrics": {}})
     return path
 
 
@@ -287,11 +294,13 @@ recover(RecoverConfig(teacher=sys.argv[1], out=sys.argv[2], ipc=2, iterations=30
 
 
 def test_kill_then_resume_gives_the_same_images(teacher, tmp_path):
-    ref = tmp_path / "ref"  # uninterrupted, in a subprocess like the killed run (same threads)
-    r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(teacher), str(ref)], timeout=300)
-    assert r.returncode == 0
+    # the uninterrupted reference, in a subprocess like the killed run (same threads), starts
+    # with it: the two are independent
+    ref = tmp_path / "ref"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    full = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(teacher), str(ref)], env=env)
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(teacher), str(out)])
+    p = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(teacher), str(out)], env=env)
     deadline = time.time() + 300
     # kill once the second task's state file exists (the first task is then complete)
     while time.time() < deadline and p.poll() is None:
@@ -302,11 +311,12 @@ def test_kill_then_resume_gives_the_same_images(teacher, tmp_path):
     assert p.poll() is None, "run finished before it could be killed; make it longer"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+    assert full.wait(timeout=300) == 0
     assert not (out / "images.pt").exists()
     with pytest.raises(FileExistsError, match="--resume"):
         recover(_cfg(teacher, out, iterations=30, save_every=5, group_size=1))
     r = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(teacher), str(out), "resume"],
-                       timeout=300)
+                       env=env, timeout=300)
     assert r.returncode == 0
     a, b = load_distilled(ref), load_distilled(out)
     assert torch.equal(a["images"], b["images"])

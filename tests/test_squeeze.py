@@ -95,25 +95,34 @@ def test_guard_teacher_has_smaller_penalty_than_plain(tmp_path):
         load_classifier(tmp_path / "foreign.pt")
 
 
-def test_kill_at_any_moment_then_resume_gives_the_same_weights(tmp_path):
-    common = ["squeeze", "--max-train", "64", "--max-val", "16", "--batch-size", "32",
+def test_kill_at_any_moment_then_resume_gives_the_same_weights(tmp_path, capsys):
+    # a BatchNorm ConvNet: the resume must restore running statistics, momentum and the
+    # loader position like the default ResNet's, at a fraction of the steps' cost
+    common = ["squeeze", "--model", "convnet", "--model-options", '{"width": 16, "norm": "batchnorm"}',
+              "--max-train", "64", "--max-val", "16", "--batch-size", "32",
               "--epochs", "3", "--no-progress", "--seed", "3"]
-    r = _cli(*common, "--out", str(tmp_path / "full"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    # start again, SIGKILL it as soon as the first epoch's checkpoint exists (mid epoch 2)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the uninterrupted reference and the run to kill start together (one thread each); the
+    # second is SIGKILLed as soon as the first epoch's checkpoint exists (mid epoch 2)
+    full = subprocess.Popen([sys.executable, "-m", "guard_fast.train", *common, "--out",
+                             str(tmp_path / "full")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out = tmp_path / "killed"
     p = subprocess.Popen([sys.executable, "-m", "guard_fast.train", *common, "--out", str(out)],
-                         cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
+    _, full_err = full.communicate(timeout=600)
+    assert full.returncode == 0, full_err[-2000:]
     assert not (out / "teacher.pt").exists(), "killed run must not look complete"
     assert json.loads((out / "run.json").read_text())["status"] == "running"
-    r = _cli(*common, "--out", str(out))  # without --resume: refuses, overwrites nothing
-    assert r.returncode == 2 and "--resume" in r.stderr
+    from guard_fast.train import main  # without --resume: refuses, overwrites nothing
+
+    assert main([*common, "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
     r = _cli(*common, "--out", str(out), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     a = load_checkpoint(tmp_path / "full" / "teacher.pt")["model"]
@@ -132,15 +141,20 @@ def _free_port():
 def test_ddp_two_gloo_processes_equal_single_process(tmp_path):
     """Same global batch: 2 processes x 16 images == 1 process x 32 (ConvNet: no BatchNorm,
     so per-process statistics cannot differ). GUARD's injected gradients go through DDP."""
-    common = ["squeeze", "--model", "convnet", "--max-train", "128", "--max-val", "32",
+    common = ["squeeze", "--model", "convnet", "--model-options", '{"width": 16}',
+              "--max-train", "128", "--max-val", "32",
               "--batch-size", "32", "--epochs", "1", "--no-progress", "--device", "cpu"]
-    r = _cli(*common, "--out", str(tmp_path / "single"))
-    assert r.returncode == 0, r.stderr[-2000:]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the single-process run and the torchrun run are independent: start both at once
+    single = subprocess.Popen([sys.executable, "-m", "guard_fast.train", *common, "--out",
+                               str(tmp_path / "single")], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(_free_port()), "-m", "guard_fast.train", *common,
                         "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
+    _, single_err = single.communicate(timeout=600)
+    assert single.returncode == 0, single_err[-2000:]
     assert r.returncode == 0, r.stderr[-3000:]
     a = load_checkpoint(tmp_path / "single" / "teacher.pt")["model"]
     b = load_checkpoint(tmp_path / "ddp" / "teacher.pt")["model"]
@@ -196,6 +210,7 @@ def test_help_documents_every_option_with_default(capsys):
 def test_speed_flags_run(tmp_path):
     """bf16 autocast + channels_last, and torch.compile with a first-order regularizer."""
     cfg = resolve_squeeze(dict(out=str(tmp_path / "amp"), amp="bf16", channels_last=True,
+                               model="convnet", model_options={"width": 16, "norm": "batchnorm"},
                                max_train=64, max_val=16, epochs=1, batch_size=32, progress=False))
     m = squeeze(cfg)
     assert m["train_loss"] == m["train_loss"] and m["train_penalty"] > 0  # finite, GUARD active

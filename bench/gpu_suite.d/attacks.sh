@@ -10,5 +10,5 @@ if [ "${DEV:-cuda}" = cuda ]; then
   $PY bench/bench_attacks.py --device cuda --only autoattack --n 512 --width 4 --aa-reps 1 \
     --results-dir "$OUT"
 else
-  $PY bench/bench_attacks.py --quick --only pgd100 --results-dir "$OUT"
+  $PY bench/bench_attacks.py --quick --only pgd100 --n 16 --reps 1 --results-dir "$OUT"
 fi

@@ -17,6 +17,7 @@ if [ "${DEV:-cuda}" = cuda ]; then
     --variants "$V" --results-dir "$OUT"
 else
   # CPU smoke: two variants, one timed step each (the graph variants fall back off CUDA)
-  $PY bench/bench_loss.py --device cpu --quick --variants ce,exact --reps 1 --results-dir "$OUT"
+  $PY bench/bench_loss.py --device cpu --quick --configs r18-imagenet-32-b8 --variants ce,exact \
+    --reps 1 --in-process --results-dir "$OUT"
 fi
 $PY bench/bench_loss.py --summary "$OUT/loss.jsonl" --results-dir "$OUT"

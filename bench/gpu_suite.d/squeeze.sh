@@ -10,5 +10,5 @@ if [ "${DEV:-cuda}" = cuda ]; then
   $PY bench/bench_squeeze.py --device cuda --regularizers none,guard --batch 128 --step-mode graph \
     --amp bf16 --channels-last --loader-images 1000 --results-dir "$OUT"
 else
-  $PY bench/bench_squeeze.py --quick --loader-images 100 --results-dir "$OUT"
+  $PY bench/bench_squeeze.py --quick --batch 8 --reps 1 --loader-images 64 --results-dir "$OUT"
 fi
