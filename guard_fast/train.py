@@ -36,9 +36,18 @@ from pathlib import Path
 from guard_fast import config as C
 
 
+def _say(line: str) -> None:
+    """A stage's closing line; under torchrun only rank 0 says it (one line per job, and the
+    ranks' lines cannot interleave into one)."""
+    from guard_fast.runtime import dist_env
+
+    if dist_env()[0] == 0:
+        print(line, flush=True)
+
+
 def _print_json(d: dict) -> None:
-    print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()},
-                     default=str))
+    _say(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in d.items()},
+                    default=str))
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -134,7 +143,7 @@ def _run_squeeze(ns: argparse.Namespace) -> int:
 
     cfg = C.resolve_squeeze(C.overrides_from(ns, C.SqueezeConfig))
     metrics = squeeze(cfg)
-    print(f"teacher written to {Path(cfg.out) / 'teacher.pt'}")
+    _say(f"teacher written to {Path(cfg.out) / 'teacher.pt'}")
     _print_json(metrics)
     return 0
 
@@ -144,7 +153,7 @@ def _run_recover(ns: argparse.Namespace) -> int:
 
     cfg = C.validate(C.RecoverConfig(**C.overrides_from(ns, C.RecoverConfig)), "cli")
     summary = recover(cfg)
-    print(f"distilled set written to {cfg.out} (images.pt, images/, grid.png)")
+    _say(f"distilled set written to {cfg.out} (images.pt, images/, grid.png)")
     _print_json(summary)
     return 0
 
@@ -159,8 +168,8 @@ def _run_dc(ns: argparse.Namespace) -> int:
         if getattr(ns, k) is not None:
             kw[k] = getattr(ns, k)
     res = dc(C.DCConfig(**kw))
-    print(f"distilled set written to {kw['out']} (images.pt, images/, grid.png)")
-    print(json.dumps(res, default=str))
+    _say(f"distilled set written to {kw['out']} (images.pt, images/, grid.png)")
+    _say(json.dumps(res, default=str))
     return 0
 
 
@@ -175,8 +184,8 @@ def _run_relabel(ns: argparse.Namespace) -> int:
     cfg = C.resolve_relabel(over, load_distilled(distilled)["meta"])
     kw = asdict(cfg)
     s = relabel(kw.pop("teacher"), kw.pop("distilled"), kw.pop("out"), **kw)
-    print(f"soft labels written to {cfg.out}")
-    print(json.dumps(s, default=str))
+    _say(f"soft labels written to {cfg.out}")
+    _say(json.dumps(s, default=str))
     return 0
 
 
@@ -196,14 +205,12 @@ def _student_overrides(ns: argparse.Namespace) -> dict:
 
 def _run_student(ns: argparse.Namespace) -> int:
     from guard_fast.distill.student import train_student
-    from guard_fast.runtime import dist_env
 
     if ns.stop_after is not None and ns.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {ns.stop_after}")
     cfg = C.resolve_student(_student_overrides(ns))
     m = train_student(cfg, stop_after=ns.stop_after)
-    if dist_env()[0] == 0:
-        _print_json(m)
+    _print_json(m)
     return 0
 
 
@@ -331,13 +338,11 @@ def _run_recover_or_dc(ns: argparse.Namespace) -> int:
 def _run_experts(ns: argparse.Namespace) -> int:
     from guard_fast.config.experts import resolve_experts
     from guard_fast.distill.experts import experts
-    from guard_fast.runtime import dist_env
 
     cfg = resolve_experts(C.overrides_from(ns, C.ExpertsConfig))
     summary = experts(cfg)
-    if dist_env()[0] == 0:
-        print(f"expert buffer written to {cfg.out}")
-        _print_json(summary)
+    _say(f"expert buffer written to {cfg.out}")
+    _print_json(summary)
     return 0
 
 
@@ -347,8 +352,8 @@ def _run_mtt(ns: argparse.Namespace) -> int:
 
     cfg = resolve_mtt(C.overrides_from(ns, C.MTTConfig))
     res = mtt(cfg)
-    print(f"distilled set written to {cfg.out} (images.pt, synthetic.pt, grid.png)")
-    print(json.dumps(res, default=str))
+    _say(f"distilled set written to {cfg.out} (images.pt, synthetic.pt, grid.png)")
+    _say(json.dumps(res, default=str))
     return 0
 
 
