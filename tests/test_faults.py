@@ -23,7 +23,8 @@ from guard_fast.runtime import io as rio
 from guard_fast.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SQ = ["squeeze", "--regularizer", "none", "--model", "convnet", "--max-train", "32",
+SQ = ["squeeze", "--regularizer", "none", "--model", "convnet", "--model-options", '{"width": 8}',
+      "--max-train", "32",
       "--max-val", "8", "--batch-size", "16", "--epochs", "2", "--no-progress", "--device", "cpu"]
 
 

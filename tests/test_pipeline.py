@@ -70,10 +70,24 @@ def test_no_argument_pipeline_smoke_writes_every_artifact_and_resumes(tmp_path, 
     assert "ipc" in capsys.readouterr().err
 
 
-def test_dc_through_the_recover_stage(tmp_path):
+def test_dc_through_the_recover_stage(tmp_path, monkeypatch):
+    """`recover --method dc` reaches the DC stage with the CLI's settings and writes a
+    distilled set. The wiring is what is tested here (test_dc tests DC itself), so DC's
+    network and real batch are shrunk under the flags (its full size costs ~20 s a step)."""
+    from guard_fast import config as C
+
+    seen = []
+
+    def small_dc(**kw):
+        seen.append(kw)
+        return C.dc.DCConfig(**kw, width=16, batch_real=16, image_size=16)
+
+    monkeypatch.setattr(C, "DCConfig", small_dc)
     out = tmp_path / "dc"
     assert main(["recover", "--method", "dc", "--ipc", "1", "--iterations", "1", "--out",
-                 str(out), "--no-progress"]) == 0
+                 str(out), "--no-progress", "--regularizer", "guard"]) == 0
+    assert seen and seen[0]["ipc"] == 1 and seen[0]["iterations"] == 1
+    assert seen[0]["regularizer"] == "guard" and seen[0]["out"] == str(out)
     assert (out / "images.pt").exists() and (out / "grid.png").exists()
 
 
