@@ -98,17 +98,18 @@ def plot_eps_sweep(result: Mapping[str, Any], path: str) -> None:
 
 
 def _plot_pipeline_sweep(summary: Mapping[str, Any], path: Path) -> None:
-    """PGD-100 accuracy vs eps, one line per method of a pipeline run; with seeds, the mean
-    over seeds with +- one std error bars."""
+    """PGD-100 accuracy vs eps, one line per method of a pipeline run, starting at eps 0 (no
+    perturbation: the clean accuracy); with seeds, the mean over seeds with +- one std error
+    bars."""
     lines = []
     for r in summary["rows"]:
         runs = r.get("per_seed") or [r]
         sw = runs[0]["sweep"]["sweep"]
-        accs = [[e["attacks"]["PGD100"]["acc"] for e in run["sweep"]["sweep"]] for run in runs]
+        accs = [[run["sweep"]["clean"]["acc"]] + [e["attacks"]["PGD100"]["acc"]
+                                                  for e in run["sweep"]["sweep"]] for run in runs]
         stats = [mean_std(col) for col in zip(*accs)]
-        clean = mean_std([run["sweep"]["clean"]["acc"] for run in runs])[0]
         err = [sd for _, sd in stats] if len(runs) > 1 else None
-        lines.append((f"{r['name']} (clean {clean:.1f})", [e["eps_255"] for e in sw],
+        lines.append((f"{r['name']} (clean {stats[0][0]:.1f})", [0.0] + [e["eps_255"] for e in sw],
                       [m for m, _ in stats], err))
     seeds = f", {len(summary['seeds'])} seeds (mean +- std)" if summary.get("seeds") else ""
     _plot_accuracy_vs_eps(path, lines, "PGD-100 accuracy (%)",
