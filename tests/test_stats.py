@@ -51,3 +51,46 @@ def test_significance_mark_follows_the_interval():
     assert one.lo is None and not one.significant and one.format() == "+10.0"
     with pytest.raises(ValueError, match="same seeds"):
         paired_diff([1.0, 2.0], [1.0])
+
+
+def test_collect_seeds_reads_a_partial_experiment(tmp_path, capsys):
+    """bench/collect_seeds.py: rows as their seeds complete, pairs over the seeds both have,
+    teachers from their robust_*.json; the per-seed JSON copied; a wrong folder exits 2."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import collect_seeds
+
+    def student(acc, pgd):
+        return {"clean": {"acc": acc}, "attacks": {"PGD100": {"acc": pgd}}}
+
+    exp = tmp_path / "exp"
+    runs = {0: {"sre2l": (80, 40), "guard": (82, 50)}, 1: {"sre2l": (84, 44), "guard": (85, 56)},
+            2: {"sre2l": (81, 41)}}  # seed 2's GUARD row still running
+    for k, methods in runs.items():
+        for m, (acc, pgd) in methods.items():
+            d = exp / "run" / f"seed{k}" / m / "eval"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(student(acc, pgd)))
+        t = exp / "teachers" / f"seed{k}" / "sre2l" / "squeeze"
+        t.mkdir(parents=True)
+        (t / "teacher.pt").write_bytes(b"")
+        (t / "metrics.jsonl").write_text("{}\n")
+        (t / "robust_paper-code_eps8_n1000_1000.json").write_text(json.dumps(
+            {"clean": {"acc": 95.0 + k}, "PGD100": {"acc": 70.0 + k}, "eps": 0.03}))
+    dest = tmp_path / "snap"
+    assert collect_seeds.main([str(exp), str(dest), "--pair", "guard", "sre2l"]) == 0
+    out = capsys.readouterr().out
+    assert "| guard | 2 | 83.5 ± 2.1 | 53.0 ± 4.2 |" in out, out
+    assert "| sre2l | 3 | 81.7 ± 2.1 | 41.7 ± 2.1 |" in out, out
+    assert "| teacher:sre2l | 3 | 96.0 ± 1.0 | 71.0 ± 1.0 |" in out, out
+    diff = paired_diff([82, 85], [80, 84])  # seeds 0 and 1 only
+    assert f"| guard - sre2l | 2 | {diff.format()} |" in out, out
+    assert (dest / "seed1" / "guard" / "student_eval.json").exists()
+    assert (dest / "seed2" / "sre2l" / "teacher_eval.json").exists()
+    assert (dest / "seed0" / "sre2l" / "teacher_metrics.jsonl").exists()
+    assert (dest / "table.md").read_text() == out
+    assert collect_seeds.main([str(tmp_path / "nothing")]) == 2
+    assert "holds no run/ folder" in capsys.readouterr().err
