@@ -412,8 +412,6 @@ def _open_folder(out: Path, cfg: PipelineConfig, rank: int) -> RunFolder | None:
 def _run_seeds(cfg: PipelineConfig, p: dict, rank: int, log) -> dict:
     """Every seed's pipeline (each resumable on its own: a rerun skips the complete ones),
     then the seeded summary: per method, its row of every seed."""
-    from guard_fast.evaluate import render_report
-
     out = Path(cfg.out)
     folder = _open_folder(out, cfg, rank)
     t0 = time.perf_counter()
@@ -427,12 +425,7 @@ def _run_seeds(cfg: PipelineConfig, p: dict, rank: int, log) -> dict:
         return json.loads((out / "results.json").read_text())
     summary = _summary(cfg, p, seeded_rows(per_seed), time.perf_counter() - t0)
     summary.update(seeds=[s for s, _ in runs], reference=REFERENCE_METHOD)
-    atomic_write_json(out / "results.json", summary)
-    text = render_report(out)
-    folder.complete()
-    log(text)
-    barrier()
-    return summary
+    return _finish(out, folder, summary, log)
 
 
 def seeded_rows(per_seed: list[dict]) -> list[dict]:
@@ -454,8 +447,6 @@ def _summary(cfg: PipelineConfig, p: dict, rows: list, seconds: float) -> dict:
 
 
 def _run_pipeline(cfg: PipelineConfig, p: dict, rank: int, log) -> dict:
-    from guard_fast.evaluate import render_report
-
     out = Path(cfg.out)
     folder = _open_folder(out, cfg, rank)
     t0 = time.perf_counter()
@@ -468,9 +459,15 @@ def _run_pipeline(cfg: PipelineConfig, p: dict, rank: int, log) -> dict:
         if src.exists():
             atomic_write_bytes(out / f"grid_{r['method']}.png", src.read_bytes())
     summary = _summary(cfg, p, rows, time.perf_counter() - t0)
+    return _finish(out, folder, summary, log)
+
+
+def _finish(out: Path, folder, summary: dict, log) -> dict:
+    """Rank 0's end of a pipeline run: results.json, the report, the complete marker."""
+    from guard_fast.evaluate import render_report
+
     atomic_write_json(out / "results.json", summary)
-    text = render_report(out)
+    log(render_report(out))
     folder.complete()
-    log(text)
     barrier()
     return summary
