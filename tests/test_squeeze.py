@@ -217,3 +217,19 @@ def test_speed_flags_run(tmp_path):
     with pytest.raises(ValueError, match="first-order"):
         squeeze(resolve_squeeze(dict(out=str(tmp_path / "c"), compile=True, max_train=64,
                                      epochs=1, batch_size=32, progress=False)))
+
+
+def test_grad_ratio_steps_log_the_regularizer_to_ce_ratio(tmp_path):
+    """--grad-ratio-steps: at each listed step grad_ratio.jsonl gets the CE's and the
+    regularizer's parameter-gradient norms and their ratio (GUARD: positive; plain: ~0)."""
+    rows = {}
+    for reg in ("guard", "none"):
+        squeeze(resolve_squeeze(dict(regularizer=reg, out=str(tmp_path / reg), model="convnet",
+                                     model_options={"width": 8, "norm": "batchnorm"},
+                                     max_train=64, max_val=16, epochs=1, batch_size=16,
+                                     grad_ratio_steps=[1, 3], progress=False)))
+        rows[reg] = [json.loads(l) for l in
+                     (tmp_path / reg / "grad_ratio.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows["guard"]] == [1, 3], rows
+    assert all(r["ce_grad_norm"] > 0 and r["grad_ratio"] > 0 for r in rows["guard"]), rows
+    assert all(r["grad_ratio"] < 1e-5 for r in rows["none"]), rows

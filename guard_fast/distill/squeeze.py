@@ -23,6 +23,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from guard_fast.config import SqueezeConfig
