@@ -261,13 +261,14 @@ def _eval_folder(cfg: C.EvaluateConfig):
     else:
         out = _student_dir_for_eval(cfg) / "eval"
     folder = RunFolder(out, "evaluate", asdict(cfg), resume="auto", final="results.json",
+                       defaults=asdict(C.EvaluateConfig()),
                        resumable={"device", "memory_budget"})
     folder.check()
     return folder
 
 
 def _run_evaluate(ns: argparse.Namespace) -> int:
-    from guard_fast.data import fixed_subset, get_data
+    from guard_fast.data import fixed_subset, get_data, skipped_summary
     from guard_fast.evaluate import format_table, robust_eval
     from guard_fast.runtime import load_classifier, resolve_device
 
@@ -289,7 +290,11 @@ def _run_evaluate(ns: argparse.Namespace) -> int:
     model_path = cfg.model or str(_train_student_for_eval(cfg))
     model, arch = load_classifier(model_path)
     data_name = arch.get("data", "mnist")
-    data = get_data(data_name, root=cfg.data_root, image_size=arch["image_size"])
+    data = get_data(data_name, root=cfg.data_root, image_size=arch["image_size"],
+                    on_corrupt=cfg.on_corrupt, on_corrupt_splits=("val",))
+    line = skipped_summary(data)
+    if line:
+        _say(line)
     out = folder.out
     eps = cfg.eps if cfg.eps is not None else C.default_eps(data_name)
     folder.start()

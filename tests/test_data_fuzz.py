@@ -166,3 +166,38 @@ def test_dali_cpu_converts_and_refuses_like_the_torch_path(tmp_path):
         skip = ImageFolderDataset(root, "train", "imagenet", 16, on_corrupt="skip")
         assert skip.num_skipped == 1
         assert sum(len(y) for _, y in gdali.DALILoader(skip, 8, device="cpu")) == 4
+
+
+def test_on_corrupt_flag_reaches_squeeze_and_evaluate(tmp_path, capsys):
+    """--on-corrupt on the command line: raise (default) stops naming the file before any
+    training; skip trains on the rest, prints the count and name, and lists every skipped file
+    in the run folder; evaluate takes the same flag."""
+    import json
+
+    from guard_fast.data.synthetic import write_synthetic_imagefolder
+    from guard_fast.train import main
+
+    root = tmp_path / "data"
+    write_synthetic_imagefolder(str(root), 2, 4, 16, fmt="PNG")
+    cls = sorted(os.listdir(root / "train"))[0]
+    (root / "train" / cls / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    sq = ["squeeze", "--dataset", "imagefolder", "--data", str(root), "--image-size", "16",
+          "--regularizer", "none", "--model", "convnet", "--model-options", '{"width": 4}',
+          "--epochs", "1", "--batch-size", "4", "--no-progress"]
+    assert main([*sq, "--out", str(tmp_path / "raise")]) == 2
+    assert "corrupt or non-image file" in capsys.readouterr().err
+    assert not (tmp_path / "raise" / "teacher.pt").exists()
+    assert main([*sq, "--on-corrupt", "skip", "--out", str(tmp_path / "skip")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 undecodable files (1 train, 0 val)" in out and "broken.png" in out
+    listed = json.loads((tmp_path / "skip" / "skipped_files.json").read_text())
+    assert listed["count"] == 1 and listed["files"][0]["path"].endswith("broken.png")
+    assert listed["files"][0]["split"] == "train"
+    assert json.loads((tmp_path / "skip" / "config.json").read_text())["on_corrupt"] == "skip"
+    (root / "val" / cls / "broken.png").write_bytes(b"")  # zero bytes in the validation split
+    ev = ["evaluate", "--model", str(tmp_path / "skip" / "teacher.pt"), "--data", str(root),
+          "--attacks", "MIM", "--n-examples", "9"]
+    assert main([*ev, "--out", str(tmp_path / "ev_raise")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert main([*ev, "--on-corrupt", "skip", "--out", str(tmp_path / "ev_skip")]) == 0
+    assert "skipped 1 undecodable files (0 train, 1 val)" in capsys.readouterr().out

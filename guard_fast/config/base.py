@@ -25,7 +25,10 @@ from dataclasses import MISSING, fields
 from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["opt", "resolve", "validate", "add_options", "overrides_from", "flag_of", "spec_of",
-           "to_dict", "parse_fraction"]
+           "to_dict", "parse_fraction", "ON_CORRUPT", "on_corrupt_opt"]
+
+# what a stage reading an ImageFolder data set does with a file it cannot decode
+ON_CORRUPT = ("raise", "skip")
 
 
 def opt(default: Any = MISSING, *, help: str, unit: str | None = None,
@@ -46,6 +49,14 @@ def opt(default: Any = MISSING, *, help: str, unit: str | None = None,
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def on_corrupt_opt() -> Any:
+    """The ``--on-corrupt`` field shared by the stages that read a data folder."""
+    return opt("raise", help="an image file that cannot be decoded (zero-byte, truncated, "
+               "garbage, a decompression bomb): raise = stop naming it; skip = decode every "
+               "file once at start, drop the bad ones and list them in the log (ImageFolder "
+               "data sets only)", choices=ON_CORRUPT)
 
 
 # ----------------------------------------------------------------------------- field types

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from guard_fast.config import limits as L
-from guard_fast.config.base import opt
+from guard_fast.config.base import on_corrupt_opt, opt
 
 __all__ = ["EvaluateConfig", "EVAL_PROTOCOL", "PROTOCOL_CHOICES", "default_eps", "EVAL_RULE"]
 
@@ -49,6 +49,7 @@ class EvaluateConfig:
                                   "<distilled>/../student)")
     data_root: str | None = opt(None, flag="--data", help="data set path (default: the bundled "
                                 "data, or the checkpoint's data set)")
+    on_corrupt: str = on_corrupt_opt()
     protocol: str = opt(EVAL_PROTOCOL, help="attack settings: paper-code (the GUARD public "
                         "code's) | standard (the attacks' own papers')", choices=PROTOCOL_CHOICES)
     eps: float | None = opt(None, help="L-inf radius; accepts fractions such as 8/255",

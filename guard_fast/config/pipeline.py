@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from guard_fast.config import limits as L
-from guard_fast.config.base import opt, validate
+from guard_fast.config.base import on_corrupt_opt, opt, validate
 from guard_fast.config.evaluate import EVAL_PROTOCOL, PROTOCOL_CHOICES, default_eps
 from guard_fast.config.methods import METHODS, method_spec
 
@@ -75,6 +75,7 @@ class PipelineConfig:
     preset: str = opt("mnist", help="data set and sizes (the others need --data)",
                       choices=tuple(PIPELINE_PRESETS))
     data_root: str | None = opt(None, flag="--data", help="your copy of the data set")
+    on_corrupt: str = on_corrupt_opt()
     out: str = opt("runs/pipeline", help="run folder (with --experiment: runs/<experiment>)")
     methods: tuple = opt(("sre2l", "guard"), help="comma list of " + ", ".join(METHODS) + ", "
                          "gr:<lambda_g>, or a method with teacher settings such as guard:lam=10 "

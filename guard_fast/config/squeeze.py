@@ -5,7 +5,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from guard_fast.config import limits as L
-from guard_fast.config.base import opt, resolve, to_dict
+from guard_fast.config.base import on_corrupt_opt, opt, resolve, to_dict
 
 __all__ = ["SqueezeConfig", "SQUEEZE_PRESETS", "PRESETS_NEEDING_DATA", "REGULARIZERS",
            "GUARD_MODES", "resolve_squeeze", "field_help"]
@@ -50,6 +50,7 @@ class SqueezeConfig:
                          "imagenet-1k, imagefolder, cifar10, cifar100")
     data_root: str | None = opt(None, flag="--data", help="path to your copy of the data set; "
                                 "needed by every preset but mnist")
+    on_corrupt: str = on_corrupt_opt()
     image_size: int = opt(32, help="training image side", unit="pixels", min=1, max=L.SIDE)
     model: str = opt("resnet18", help="architecture name (guard_fast.models.list_models())")
     model_options: dict = opt(help='keyword options of the architecture, a JSON object, e.g. '

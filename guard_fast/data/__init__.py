@@ -68,7 +68,8 @@ class DataBundle:
 
 
 def get_data(name: str = "mnist", root: str | None = None, image_size: int | None = None,
-             channels: int | None = None, on_corrupt: str = "raise") -> DataBundle:
+             channels: int | None = None, on_corrupt: str = "raise",
+             on_corrupt_splits: tuple[str, ...] = ("train", "val")) -> DataBundle:
     """Train and val datasets of ``name`` (one of ``DATASETS``).
 
     root: the data folder (required for every name but "mnist", which takes none, and
@@ -79,6 +80,9 @@ def get_data(name: str = "mnist", root: str | None = None, image_size: int | Non
     "skip" for ImageFolder kinds (see ``folder``); skipped counts are on bundle.train /
     bundle.val ``num_skipped``. The in-memory datasets (mnist, cifar*) have no files to
     skip, so there it has no effect; CIFAR pickles that fail to load always raise.
+    on_corrupt_splits: the splits the policy applies to; the others keep "raise" and are only
+    listed, never decoded here (a stage that reads only the validation images passes
+    ("val",) so that "skip" does not decode the whole training set to check it).
     """
     key = name.lower()
     if key not in DATASETS:
@@ -108,13 +112,33 @@ def get_data(name: str = "mnist", root: str | None = None, image_size: int | Non
         return DataBundle(train, val, train.num_classes, train.mean, train.std, size, 3, key, train.class_names)
     layout = "tiny" if key == "tiny-imagenet" else "imagefolder"
     native = 64 if key == "tiny-imagenet" else None
-    train = ImageFolderDataset(root, "train", kind, size, layout, on_corrupt=on_corrupt, native_size=native)
-    val = ImageFolderDataset(root, "val", kind, size, layout, on_corrupt=on_corrupt, native_size=native)
+    train, val = (ImageFolderDataset(root, split, kind, size, layout, native_size=native,
+                                     on_corrupt=on_corrupt if split in on_corrupt_splits else "raise")
+                  for split in ("train", "val"))
     return DataBundle(train, val, train.num_classes, IMAGENET_MEAN, IMAGENET_STD, size, 3, key,
                       list(train.classes))
 
 
-__all__ = ["get_data", "make_loader", "random_subset", "DataBundle", "DATASETS", "BundledMNIST", "FashionMNIST", "read_idx", "CIFAR", "ImageFolderDataset",
+def skipped_files(bundle: DataBundle) -> list[tuple[str, str, str]]:
+    """(split, path, reason) of every file the bundle's data sets skipped (on_corrupt="skip");
+    empty for the in-memory data sets."""
+    return [(split, path, why) for split, ds in (("train", bundle.train), ("val", bundle.val))
+            for path, why in getattr(ds, "skipped", ())]
+
+
+def skipped_summary(bundle: DataBundle, shown: int = 5) -> str | None:
+    """One log line counting the skipped files and naming the first ``shown``; None if none."""
+    rows = skipped_files(bundle)
+    if not rows:
+        return None
+    names = "; ".join(f"{p} ({why})" for _, p, why in rows[:shown])
+    more = f"; and {len(rows) - shown} more" if len(rows) > shown else ""
+    n_train = sum(r[0] == "train" for r in rows)
+    return (f"skipped {len(rows)} undecodable files ({n_train} train, {len(rows) - n_train} "
+            f"val): {names}{more}")
+
+
+__all__ = ["get_data", "skipped_files", "skipped_summary", "make_loader", "random_subset", "DataBundle", "DATASETS", "BundledMNIST", "FashionMNIST", "read_idx", "CIFAR", "ImageFolderDataset",
            "write_synthetic_imagefolder", "build_transform", "KINDS", "BACKENDS", "EpochLoader",
            "EpochBatchSampler", "epoch_order", "mix_seed", "stratified_split", "IMAGENET_MEAN", "IMAGENET_STD",
            "fixed_subset", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "MNIST_MEAN", "MNIST_STD"]

@@ -130,13 +130,28 @@ def _datasets(cfg: SqueezeConfig):
     """The data bundle and the train/val sets (fixed random subsets where asked)."""
     from guard_fast.data import get_data, random_subset
 
-    data = get_data(cfg.data, root=cfg.data_root, image_size=cfg.image_size)
+    data = get_data(cfg.data, root=cfg.data_root, image_size=cfg.image_size,
+                    on_corrupt=cfg.on_corrupt)
     train_ds, val_ds = data.train, data.val
     if cfg.max_train:
         train_ds = random_subset(train_ds, cfg.max_train, cfg.seed)
     if cfg.max_val:
         val_ds = random_subset(val_ds, cfg.max_val, cfg.seed + 1)
     return data, train_ds, val_ds
+
+
+def _note_skipped(data, folder) -> None:
+    """--on-corrupt skip: the count and the first names on the console, every skipped file
+    in skipped_files.json (written atomically at each start)."""
+    from guard_fast.data import skipped_files, skipped_summary
+    from guard_fast.runtime import atomic_write_json
+
+    line = skipped_summary(data)
+    if line is None:
+        return
+    print(line, flush=True)
+    rows = [{"split": s, "path": p, "reason": why} for s, p, why in skipped_files(data)]
+    atomic_write_json(folder.path("skipped_files.json"), {"count": len(rows), "files": rows})
 
 
 class _Optim:
@@ -251,6 +266,7 @@ def squeeze(cfg: SqueezeConfig) -> dict:
             start_epoch = int(ck["epoch"]) + 1
         if d.is_main:
             folder.start()
+            _note_skipped(data, folder)
         val_loader = make_loader(val_ds, batch_size=256, shuffle=False, seed=cfg.seed)
         metrics: dict = {}
         for epoch in range(start_epoch, cfg.epochs):

@@ -124,6 +124,7 @@ def _squeeze_stage(m: _MethodRun) -> None:
         return
     m.log(f"[{m.label}] squeeze (teacher: {m.sq_over['regularizer']})")
     scfg = resolve_squeeze({"preset": m.cfg.preset, "data_root": m.cfg.data_root,
+                            "on_corrupt": m.cfg.on_corrupt,
                             **m.p["squeeze"], **m.sq_over, "out": str(m.sq_dir),
                             **m.common(), "resume": state})
     m.timed("squeeze_s", lambda: squeeze(scfg))
@@ -149,7 +150,8 @@ def _real_subset_stage(m: _MethodRun) -> None:
     folder.start()
     m.log(f"[{m.label}] real subset ({ipc} training images per class)")
     data = get_data(arch.get("data", "mnist"), root=m.cfg.data_root, image_size=arch["image_size"],
-                    channels=arch["in_channels"])
+                    channels=arch["in_channels"], on_corrupt=m.cfg.on_corrupt,
+                    on_corrupt_splits=("train",))
     train = data.train
     train.transform = data.val.transform   # the same data set's un-augmented transform
     labels = dataset_labels(train)
@@ -227,7 +229,8 @@ def _eval_sets(m: _MethodRun, arch: dict):
     from guard_fast.data import fixed_subset, get_data
 
     data = get_data(arch.get("data", "mnist"), root=m.cfg.data_root, image_size=arch["image_size"],
-                    channels=arch["in_channels"])
+                    channels=arch["in_channels"], on_corrupt=m.cfg.on_corrupt,
+                    on_corrupt_splits=("val",))
     main = fixed_subset(data.val, m.p["eval_examples"], _EVAL_SUBSET_SEED)
     n = m.p.get("attack_examples")
     if n is None or n >= len(main[1]):
