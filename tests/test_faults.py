@@ -17,7 +17,7 @@ import torch
 
 from guard_fast.runtime import (FolderInUseError, NonFiniteError, RunFolder, StepWatch,
                                 WriteError, atomic_torch_save, atomic_write_bytes,
-                                classifier_arch, load_checkpoint, load_classifier,
+                                atomic_write_json, classifier_arch, load_checkpoint, load_classifier,
                                 save_classifier, save_training_state)
 from guard_fast.runtime import io as rio
 from guard_fast.train import main
@@ -340,6 +340,28 @@ def test_finished_stage_times_are_kept_for_the_resumed_report(tmp_path):
     m.timed("squeeze_s", lambda: None)
     # a kill now loses nothing: the rerun's row reads the squeeze time back
     assert "squeeze_s" in json.loads((tmp_path / "guard" / "times.json").read_text())
+
+
+def test_stage_seconds_come_from_the_stage_folders(tmp_path):
+    """A stage timed with its run folder reports the seconds its run.json holds over all
+    attempts (a killed first part included); a stage found complete (a teacher trained by
+    another method or table) still gets its seconds in the row."""
+    from guard_fast.pipeline.run import _MethodRun
+    from guard_fast.config.pipeline import PipelineConfig
+
+    teachers = tmp_path / "teachers"
+    m = _MethodRun("guard", PipelineConfig(out=str(tmp_path / "a"), device="cpu",
+                                           teachers=str(teachers)), {}, tmp_path / "a", print)
+    m.sq_dir.mkdir(parents=True)
+    atomic_write_json(m.sq_dir / "run.json", {"status": "complete", "wall_seconds": 123.5})
+    m.timed("squeeze_s", lambda: None, m.sq_dir)
+    assert m.times["squeeze_s"] == 123.5
+    other = _MethodRun("guard", PipelineConfig(out=str(tmp_path / "b"), device="cpu",
+                                               teachers=str(teachers)), {}, tmp_path / "b", print)
+    other.recorded("squeeze_s", other.sq_dir)      # the shared teacher's seconds
+    other.recorded("student_s", other.st_dir)      # nothing recorded there: left out
+    assert other.times == {"squeeze_s": 123.5}
+    assert json.loads((tmp_path / "b" / "guard" / "times.json").read_text()) == {"squeeze_s": 123.5}
 
 
 # ------------------------------------------------------------- kills: the driver, reduced

@@ -37,8 +37,33 @@ def test_run_folder_new_then_refusals(tmp_path):
     assert RunFolder(out, "squeeze", same, resume=True, resumable={"device"}).check()["lr"] == 0.1
     assert RunFolder(out, "squeeze", same, resume="auto", resumable={"device"}).check() is not None
     f.complete(metrics={"acc": 1.0})
-    assert json.loads((out / "run.json").read_text()) == {"status": "complete", "stage": "squeeze",
-                                                          "metrics": {"acc": 1.0}}
+    run = json.loads((out / "run.json").read_text())
+    assert run.pop("wall_seconds") >= 0
+    assert run == {"status": "complete", "stage": "squeeze", "metrics": {"acc": 1.0}}
+
+
+def test_run_folder_wall_seconds_add_up_over_attempts(tmp_path, monkeypatch):
+    """run.json's wall_seconds: refreshed with each metrics row, so a killed attempt's time up
+    to its last row is added to the resumed attempt's; recorded_seconds reads it back."""
+    from guard_fast.runtime import runfolder as rf
+
+    clock = [100.0]
+    monkeypatch.setattr(rf.time, "monotonic", lambda: clock[0])
+    out = tmp_path / "run"
+    first = RunFolder(out, "squeeze", {"lr": 0.1})
+    first.check()
+    first.start()
+    clock[0] += 7
+    first.log({"epoch": 0})
+    assert rf.recorded_seconds(out) == 7
+    clock[0] += 50          # killed here: these 50 s after the last row are not counted
+    again = RunFolder(out, "squeeze", {"lr": 0.1}, resume=True)
+    again.check()
+    again.start()
+    clock[0] += 3
+    again.complete()
+    assert rf.recorded_seconds(out) == 10
+    assert rf.recorded_seconds(tmp_path / "none") is None
 
 
 def test_run_folder_resume_without_run_and_bare_artifact(tmp_path):

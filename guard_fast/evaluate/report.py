@@ -138,7 +138,8 @@ def _fmt(v: Optional[float], pct: bool = False) -> str:
 
 
 def _stage_table(rows: Sequence[Mapping[str, Any]]) -> list:
-    """Seconds per stage, one line per method (a seeded run: summed over its seeds)."""
+    """Seconds per stage, one line per method (a seeded run: summed over its seeds): each
+    stage's wall time over all its attempts, a teacher shared by methods counted in each."""
     keys = ("squeeze_s", "recover_s", "relabel_s", "student_s", "eval_s", "sweep_s",
             "teacher_eval_s")
     lines = ["| Method | squeeze s | recover s | relabel s | student s | eval s | sweep s | "
@@ -150,7 +151,8 @@ def _stage_table(rows: Sequence[Mapping[str, Any]]) -> list:
             vals = [run["times"].get(k) for run in runs]
             cells.append(_fmt(sum(vals)) if all(v is not None for v in vals) else "-")
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    return lines
+    return ["Seconds per stage (wall time over all attempts of a resumed stage; a teacher "
+            "shared by several methods appears in each of their rows):", "", *lines]
 
 
 def _sweep_table(rows: Sequence[Mapping[str, Any]]) -> list:

@@ -31,7 +31,8 @@ from guard_fast.attacks.protocols import Protocol, get_protocol
 from guard_fast.config.pipeline import RESUMABLE, PipelineConfig, resolve_settings
 from guard_fast.config.methods import method_spec, split_control
 from guard_fast.runtime import (RunFolder, atomic_write_bytes, atomic_write_json, barrier,
-                                dist_env, distributed, load_classifier, resolve_device)
+                                dist_env, distributed, load_classifier, recorded_seconds,
+                                resolve_device)
 
 __all__ = ["run_pipeline", "run_method", "eval_protocol", "check_run_folder", "seed_runs",
            "seeded_rows", "REFERENCE_METHOD"]
@@ -97,17 +98,30 @@ class _MethodRun:
         self.teacher_pt = self.sq_dir / "teacher.pt"
         self.device = resolve_device(self.cfg.device)
 
-    def timed(self, key: str, fn):
+    def timed(self, key: str, fn, folder: Path | None = None):
         """fn(), its seconds kept in times.json as soon as it ends (rank 0), so a stage
-        finished before a kill keeps its time in the report of the resumed run."""
+        finished before a kill keeps its time in the report of the resumed run. With the
+        stage's run folder: the seconds its run.json records over all attempts (a stage
+        killed and resumed counts both parts), else the seconds of this call."""
         t0 = time.perf_counter()
         r = fn()
-        self.times[key] = round(time.perf_counter() - t0, 2)
+        took = recorded_seconds(folder) if folder is not None else None
+        self._keep(key, round(time.perf_counter() - t0, 2) if took is None else took)
+        return r
+
+    def recorded(self, key: str, folder: Path) -> None:
+        """A stage found complete: its seconds from its run folder (e.g. a teacher trained by
+        another method or table sharing it), when recorded there."""
+        took = recorded_seconds(folder)
+        if took is not None:
+            self._keep(key, took)
+
+    def _keep(self, key: str, seconds: float) -> None:
+        self.times[key] = seconds
         if dist_env()[0] == 0:
             tf = self.root / "times.json"
             atomic_write_json(tf, {**(json.loads(tf.read_text()) if tf.exists() else {}),
                                    key: self.times[key]})
-        return r
 
     def common(self) -> dict:
         """The settings every stage of this run shares."""
@@ -121,13 +135,13 @@ def _squeeze_stage(m: _MethodRun) -> None:
 
     state = _stage_resume(m.sq_dir, "teacher.pt")
     if state is None:
-        return
+        return m.recorded("squeeze_s", m.sq_dir)
     m.log(f"[{m.label}] squeeze (teacher: {m.sq_over['regularizer']})")
     scfg = resolve_squeeze({"preset": m.cfg.preset, "data_root": m.cfg.data_root,
                             "on_corrupt": m.cfg.on_corrupt,
                             **m.p["squeeze"], **m.sq_over, "out": str(m.sq_dir),
                             **m.common(), "resume": state})
-    m.timed("squeeze_s", lambda: squeeze(scfg))
+    m.timed("squeeze_s", lambda: squeeze(scfg), m.sq_dir)
 
 
 def _real_subset_stage(m: _MethodRun) -> None:
@@ -141,7 +155,7 @@ def _real_subset_stage(m: _MethodRun) -> None:
     from guard_fast.runtime import RunFolder
 
     if (m.rc_dir / "images.pt").exists():
-        return
+        return m.recorded("recover_s", m.rc_dir)
     teacher, arch = load_classifier(m.teacher_pt)
     ipc = m.p["ipc"]
     folder = RunFolder(m.rc_dir, "real-subset", {"teacher": str(m.teacher_pt), "ipc": ipc,
@@ -169,6 +183,7 @@ def _real_subset_stage(m: _MethodRun) -> None:
                          "num_classes": data.num_classes, "ipc": ipc,
                          "image_size": int(arch["image_size"]), "train_indices": idx})
     folder.complete(teacher_acc_on_recovered=acc)
+    m.recorded("recover_s", m.rc_dir)
 
 
 def _recover_stage(m: _MethodRun) -> None:
@@ -179,13 +194,13 @@ def _recover_stage(m: _MethodRun) -> None:
         return _real_subset_stage(m)
     state = _stage_resume(m.rc_dir, "images.pt")
     if state is None:
-        return
+        return m.recorded("recover_s", m.rc_dir)
     ipc = m.p["ipc"]
     m.log(f"[{m.label}] recover ({m.cfg.recover_method}, ipc {ipc})")
     rcfg = RecoverConfig(**{"teacher": str(m.teacher_pt), "method": m.cfg.recover_method,
                             "ipc": ipc, "out": str(m.rc_dir), **m.common(), "resume": state,
                             "group_size": min(ipc, 10), **m.p["recover"]})
-    rsum = m.timed("recover_s", lambda: recover(rcfg))
+    rsum = m.timed("recover_s", lambda: recover(rcfg), m.rc_dir)
     if rsum.get("teacher_acc_on_recovered") is not None:   # rank 0 merges and checks
         m.log(f"[{m.label}] teacher accuracy on its recovered images: "
               f"{rsum['teacher_acc_on_recovered']:.3f}")
@@ -199,21 +214,22 @@ def _student_stage(m: _MethodRun) -> None:
     from guard_fast.distill.student import train_student
 
     if (m.st_dir / "student.pt").exists():
-        return
+        m.recorded("relabel_s", m.rl_dir)
+        return m.recorded("student_s", m.st_dir)
     probe = resolve_student({"preset": m.cfg.preset, **m.p["student"]})
     m.log(f"[{m.label}] relabel ({probe.epochs} epochs of views)")
     m.timed("relabel_s", lambda: relabel(
         str(m.teacher_pt), str(m.rc_dir), str(m.rl_dir), epochs=probe.epochs,
         batch_size=probe.batch_size, seed=m.cfg.seed, device=m.cfg.device,
         min_scale=probe.min_scale, max_scale=probe.max_scale, mix=probe.mix,
-        progress=m.cfg.progress))
+        progress=m.cfg.progress), m.rl_dir)
     m.log(f"[{m.label}] student ({probe.model}, {probe.epochs} epochs)")
     st_cfg = resolve_student({"preset": m.cfg.preset, **m.p["student"],
                               "soft_labels": str(m.rl_dir), "distilled": str(m.rc_dir),
                               "out": str(m.st_dir), "device": m.cfg.device,
                               "progress": m.cfg.progress,
                               "resume": (m.st_dir / "config.json").exists()})
-    m.timed("student_s", lambda: train_student(st_cfg))
+    m.timed("student_s", lambda: train_student(st_cfg), m.st_dir)
 
 
 # the evaluation images do not depend on the run seed: every method and every seed of an

@@ -64,23 +64,23 @@ def _experts_stage(m: _TrajRun) -> None:
     from guard_fast.distill.experts import experts
 
     if (m.buffer / "buffer.json").exists():
-        return
+        return m.recorded("squeeze_s", m.buffer)
     m.log(f"[{m.label}] experts (regularizer {m.regularizer})")
     over = {**m.sizes["experts"], **m.common(), "regularizer": m.regularizer,
             "out": str(m.buffer), "resume": (m.buffer / "config.json").exists()}
-    m.timed("squeeze_s", lambda: experts(over, log=m.log))
+    m.timed("squeeze_s", lambda: experts(over, log=m.log), m.buffer)
 
 
 def _distill_stage(m: _TrajRun) -> None:
     from guard_fast.distill.mtt import mtt
 
     if (m.mtt_dir / "images.pt").exists():
-        return
+        return m.recorded("recover_s", m.mtt_dir)
     m.log(f"[{m.label}] {m.method} (ipc {m.p['ipc']})")
     over = {**m.sizes["distill"], **m.common(), "method": m.method, "ipc": m.p["ipc"],
             "buffer": str(m.buffer), "out": str(m.mtt_dir),
             "resume": (m.mtt_dir / "config.json").exists()}
-    m.timed("recover_s", lambda: mtt(over))
+    m.timed("recover_s", lambda: mtt(over), m.mtt_dir)
 
 
 def _eval_network(m: _TrajRun):

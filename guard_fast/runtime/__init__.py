@@ -11,11 +11,12 @@ from guard_fast.runtime.io import (WriteError, append_jsonl, atomic_torch_save,
                                    remove_stale_temps)
 from guard_fast.runtime.numeric import (NonFiniteError, StepWatch, as_nonfinite,
                                         check_finite_tensor, check_finite_weights)
-from guard_fast.runtime.runfolder import FolderInUseError, RunFolder, flatten
+from guard_fast.runtime.runfolder import FolderInUseError, RunFolder, flatten, recorded_seconds
 from guard_fast.runtime.seed import epoch_seed, seed_all
 
 __all__ = ["resolve_device", "Dist", "distributed", "dist_env", "barrier", "all_gather_object",
-           "RunFolder", "flatten", "classifier_arch", "save_classifier", "load_classifier",
+           "RunFolder", "flatten", "recorded_seconds", "classifier_arch", "save_classifier",
+           "load_classifier",
            "save_training_state", "load_training_state", "atomic_write_bytes",
            "atomic_write_json", "atomic_torch_save", "load_checkpoint", "append_jsonl",
            "seed_all", "epoch_seed", "WriteError", "remove_stale_temps", "NonFiniteError",

@@ -3,7 +3,10 @@
 Every stage writes into a folder of its own (``--out``):
 
   config.json   the resolved settings and the stage name, written first
-  run.json      {"status": "running" | "complete", "stage": ..., ...}, rewritten at the end
+  run.json      {"status": "running" | "complete", "stage": ..., "wall_seconds": ..., ...},
+                rewritten at the end; "wall_seconds" is the wall time of every attempt so
+                far (a killed attempt counts up to its last metrics row, when run.json is
+                refreshed)
   <final>       the stage's artifact (teacher.pt, images.pt, student.pt, ...), written last:
                 its presence, with run.json's "complete", marks a finished run
 
@@ -149,6 +152,16 @@ def _same_path(old: Any, new: Any, old_folder: Any, new_folder: str) -> bool:
         b, os.path.abspath(new_folder))
 
 
+def recorded_seconds(out: str | Path) -> float | None:
+    """run.json's "wall_seconds" of the run folder ``out`` (None: none recorded, e.g. written
+    before seconds were kept, or unreadable)."""
+    try:
+        v = json.loads((Path(out) / "run.json").read_text()).get("wall_seconds")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(v) if isinstance(v, (int, float)) else None
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """{"a": {"b": 1}} -> {"a.b": 1}: settings compared (and named) leaf by leaf."""
     out: dict = {}
@@ -190,6 +203,8 @@ class RunFolder:
         self.defaults = _jsonable(flatten(dict(defaults or {})))
         self.flag, self.out_flag = flag, out_flag
         self._lock_key: str | None = None
+        self._t0: float | None = None
+        self._seconds_before = 0.0
 
     # ------------------------------------------------------------------ paths and state
     def path(self, name: str) -> Path:
@@ -292,15 +307,32 @@ class RunFolder:
             self._lock()
             self._rules()
         remove_stale_temps(self.out)
+        self._seconds_before = recorded_seconds(self.out) or 0.0
+        self._t0 = time.monotonic()
         atomic_write_json(self.config_file, self.config)
-        atomic_write_json(self.out / "run.json", {"status": "running", "stage": self.stage})
+        self._write_status("running")
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of this run over all its attempts (earlier ones as last recorded)."""
+        now = 0.0 if self._t0 is None else time.monotonic() - self._t0
+        return round(self._seconds_before + now, 2)
+
+    def _write_status(self, status: str, **info: Any) -> None:
+        atomic_write_json(self.out / "run.json", {"status": status, "stage": self.stage,
+                                                  **info, "wall_seconds": self.seconds})
 
     def complete(self, **info: Any) -> None:
-        """run.json "complete", with what the stage reports (metrics, artifact paths)."""
-        atomic_write_json(self.out / "run.json", {"status": "complete", "stage": self.stage, **info})
+        """run.json "complete", with what the stage reports (metrics, artifact paths) and its
+        seconds over all attempts."""
+        self._write_status("complete", **info)
 
     def log(self, row: dict, name: str = "metrics.jsonl") -> None:
+        """A metrics row; run.json's seconds are refreshed with it, so a killed attempt's time
+        up to its last row counts in the resumed run's total."""
         append_jsonl(self.out / name, row)
+        if self._t0 is not None:
+            self._write_status("running")
 
     def last_log(self, name: str = "metrics.jsonl", **match: Any) -> dict | None:
         """The last row of a metrics file whose entries equal match (e.g. epoch=3), or None;
