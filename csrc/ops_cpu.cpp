@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -107,6 +108,41 @@ void rowwise_sum_sq(const scalar_t* a, const scalar_t* b, int64_t N, int64_t M,
   });
 }
 
+// ||g|| of one sample without overflow or underflow, in double: the largest magnitude m
+// first, then m * sqrt(sum (g / m)^2) (as LAPACK's nrm2 scales). NaN if any element is NaN,
+// inf if any is infinite. Used for the rare samples whose fast sum of squares left its range.
+template <typename scalar_t>
+double scaled_norm(const scalar_t* g, int64_t M) {
+  double m = 0;
+  for (int64_t j = 0; j < M; ++j) {
+    const double a = std::abs(static_cast<double>(g[j]));
+    if (std::isnan(a)) {
+      return a;
+    }
+    m = std::max(m, a);
+  }
+  if (m == 0 || std::isinf(m)) {
+    return m;
+  }
+  double s = 0;
+  for (int64_t j = 0; j < M; ++j) {
+    const double t = static_cast<double>(g[j]) / m;
+    s += t * t;
+  }
+  return m * std::sqrt(s);
+}
+
+// Whether a fast sum of squares ss of M elements may have overflowed, or lost precision to
+// squares below the smallest normal number: then the sample's norm is recomputed scaled.
+template <typename acc_t>
+bool outside_range(acc_t ss, int64_t M) {
+  if (std::isnan(ss)) {
+    return false;  // a NaN element: NaN either way
+  }
+  const acc_t floor = std::numeric_limits<acc_t>::min() / std::numeric_limits<acc_t>::epsilon();
+  return std::isinf(ss) || ss < floor * static_cast<acc_t>(M);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x, const at::Tensor& g,
@@ -129,14 +165,17 @@ std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x, const at::Te
     acc_t* nrm = norm.mutable_data_ptr<acc_t>();
 
     rowwise_sum_sq<scalar_t, false>(gs, nullptr, N, M, nrm);
-    // norm_i = sqrt(sum g^2); step_i = h / max(norm_i, tiny), or 0 when g_i == 0
+    // norm_i = sqrt(sum g^2), recomputed scaled where that sum left its range (overflow
+    // above ~1.8e19 or underflow below ~1e-19 in float); step_i = h / max(norm_i, tiny), or 0 when g_i == 0
     // so that a zero gradient leaves x_i bit-identical (and h / tiny can never
     // turn 0 * inf into NaN, even for tiny == 0).
     std::vector<acc_t> step(N);
     const acc_t h_acc = static_cast<acc_t>(h);
     const acc_t tiny_acc = static_cast<acc_t>(tiny);
     for (int64_t i = 0; i < N; ++i) {
-      const acc_t n = std::sqrt(nrm[i]);
+      const acc_t n = outside_range(nrm[i], M)
+                          ? static_cast<acc_t>(scaled_norm(gs + i * M, M))
+                          : std::sqrt(nrm[i]);
       nrm[i] = n;
       step[i] = n > acc_t(0) ? h_acc / std::max(n, tiny_acc) : acc_t(0);
     }

@@ -3,7 +3,7 @@
 //
 //   rowwise_sum_sq_kernel   grid = N * chunks blocks of kThreads threads; block
 //                           (i, c) sums d^2 over chunk c of sample i (d = a - b,
-//                           or d = a) in acc_t, reduces the block with warp
+//                           or d = a) in acc_t (perturb: double), reduces the block with warp
 //                           shuffles and stores (chunks == 1) or atomicAdds
 //                           (chunks > 1, into a zeroed buffer) into out[i].
 //   perturb_apply_kernel    xp = x + step_i * g, step_i = h / max(||g_i||, tiny)
@@ -42,16 +42,17 @@ __device__ __forceinline__ T device_sqrt(T v) {
   }
 }
 
-// a, b: N*M scalar_t (b unused unless kDiff). out: (N,) acc_t.
+// a, b: N*M scalar_t (b unused unless kDiff). out: (N,) sum_t.
 // Block blockIdx.x = i * chunks + c sums d^2 over elements
 // [c*chunk, min(M, (c+1)*chunk)) of sample i. chunk is a multiple of the pack
-// width when kPacked.
-template <typename scalar_t, bool kDiff, bool kPacked>
+// width when kPacked. sum_t: acc_t for sqdiff_norm (as eager sums), double for
+// perturb's norm (the squares of any float, half or bfloat16 neither overflow nor
+// underflow in double, as the reference's scaled norm does not).
+template <typename scalar_t, typename sum_t, bool kDiff, bool kPacked>
 __global__ void __launch_bounds__(kThreads)
     rowwise_sum_sq_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                          int64_t M, int64_t chunk, int64_t chunks,
-                          at::opmath_type<scalar_t>* __restrict__ out) {
-  using acc_t = at::opmath_type<scalar_t>;
+                          int64_t M, int64_t chunk, int64_t chunks, sum_t* __restrict__ out) {
+  using acc_t = sum_t;
   constexpr int V = kPacked ? pack_width<scalar_t>() : 1;
   using P = Pack<scalar_t, V>;
   const int64_t row = blockIdx.x / chunks;
@@ -87,26 +88,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// x, g, xp: N*M scalar_t; ss: (N,) sums of squares of g; norm: (N,) output.
-// xp_i = x_i + step_i * g_i with step_i = h / max(sqrt(ss_i), tiny), and
+// x, g, xp: N*M scalar_t; ss: (N,) sums of squares of g in double; norm: (N,)
+// output. xp_i = x_i + step_i * g_i with step_i = h / max(sqrt(ss_i), tiny), and
 // step_i = 0 (xp_i = x_i exactly) when ss_i == 0. The thread that owns the
 // first element of sample i also writes norm_i = sqrt(ss_i).
 template <typename scalar_t, bool kPacked>
 __global__ void __launch_bounds__(kThreads)
     perturb_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                         const at::opmath_type<scalar_t>* __restrict__ ss,
+                         const double* __restrict__ ss,
                          at::opmath_type<scalar_t>* __restrict__ norm,
-                         scalar_t* __restrict__ xp, int64_t M, int64_t total,
-                         at::opmath_type<scalar_t> h, at::opmath_type<scalar_t> tiny) {
+                         scalar_t* __restrict__ xp, int64_t M, int64_t total, double h,
+                         double tiny) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = kPacked ? pack_width<scalar_t>() : 1;
   for (int64_t stride = pack_stride<V>(), j = first_pack<V>(); j < total; j += stride) {
     const int64_t row = j / M;
-    const acc_t n = device_sqrt(ss[row]);
+    const double nd = sqrt(ss[row]);
     if (j == row * M) {
-      norm[row] = n;
+      norm[row] = static_cast<acc_t>(nd);
     }
-    const acc_t step = n > acc_t(0) ? h / (n > tiny ? n : tiny) : acc_t(0);
+    const acc_t step = static_cast<acc_t>(nd > 0.0 ? h / (nd > tiny ? nd : tiny) : 0.0);
     const auto px = load_pack<V>(x, j);
     if (step == acc_t(0)) {
       store_pack(xp, j, px);  // zero gradient (or h == 0): copy x bit for bit
@@ -149,12 +150,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// out[i] = sum_j d_ij^2 for N samples of M > 0 elements; out is (N,) acc_t on
+// out[i] = sum_j d_ij^2 for N samples of M > 0 elements; out is (N,) sum_t on
 // the device and is zeroed here when rows are split.
-template <typename scalar_t, bool kDiff>
+template <typename scalar_t, typename sum_t, bool kDiff>
 void rowwise_sum_sq(const char* op, const scalar_t* a, const scalar_t* b, int64_t N, int64_t M,
                     at::Tensor& out, const DeviceScope& scope) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = sum_t;
   const bool packed = packs_ok<scalar_t>(M, {a, b});
   const RowSplit split = split_rows(op, N, M, packed ? pack_width<scalar_t>() : 1, scope.device);
   if (split.chunks > 1) {
@@ -163,10 +164,10 @@ void rowwise_sum_sq(const char* op, const scalar_t* a, const scalar_t* b, int64_
   const dim3 grid(static_cast<unsigned>(N * split.chunks));
   acc_t* o = out.mutable_data_ptr<acc_t>();
   if (packed) {
-    rowwise_sum_sq_kernel<scalar_t, kDiff, true>
+    rowwise_sum_sq_kernel<scalar_t, sum_t, kDiff, true>
         <<<grid, kThreads, 0, scope.stream>>>(a, b, M, split.chunk, split.chunks, o);
   } else {
-    rowwise_sum_sq_kernel<scalar_t, kDiff, false>
+    rowwise_sum_sq_kernel<scalar_t, sum_t, kDiff, false>
         <<<grid, kThreads, 0, scope.stream>>>(a, b, M, split.chunk, split.chunks, o);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -185,17 +186,18 @@ std::tuple<at::Tensor, at::Tensor> perturb_cuda(const at::Tensor& x, const at::T
     return {xp, at::zeros({d.N}, acc_opts)};
   }
   at::Tensor norm = at::empty({d.N}, acc_opts);
-  at::Tensor ss = at::empty({d.N}, acc_opts);
+  at::Tensor ss = at::empty({d.N}, x.options().dtype(at::kDouble));
   GUARD_FAST_DISPATCH_FLOATING(x.scalar_type(), "perturb_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto [xs, gs] = d.data<scalar_t, 2>();
     scalar_t* out = xp.mutable_data_ptr<scalar_t>();
-    rowwise_sum_sq<scalar_t, false>("perturb", gs, nullptr, d.N, d.M, ss, scope);
+    rowwise_sum_sq<scalar_t, double, false>("perturb", gs, nullptr, d.N, d.M, ss, scope);
     const int64_t total = d.N * d.M;
-    const acc_t* ssp = ss.const_data_ptr<acc_t>();
+    const double* ssp = ss.const_data_ptr<double>();
     acc_t* np = norm.mutable_data_ptr<acc_t>();
-    const acc_t h_acc = static_cast<acc_t>(h);
-    const acc_t tiny_acc = static_cast<acc_t>(tiny);
+    // h and tiny as the float the CPU kernel and eager use, carried in double
+    const double h_acc = static_cast<double>(static_cast<acc_t>(h));
+    const double tiny_acc = static_cast<double>(static_cast<acc_t>(tiny));
     launch_elementwise<scalar_t>(scope, d.M, total, {xs, gs, out}, [&](auto packed, int blocks) {
       perturb_apply_kernel<scalar_t, decltype(packed)::value>
           <<<blocks, kThreads, 0, scope.stream>>>(xs, gs, ssp, np, out, d.M, total, h_acc,
@@ -216,7 +218,8 @@ at::Tensor sqdiff_norm_cuda(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor out = at::empty({d.N}, acc_opts);
   GUARD_FAST_DISPATCH_FLOATING(a.scalar_type(), "sqdiff_norm_cuda", [&] {
     const auto [as, bs] = d.data<scalar_t, 2>();
-    rowwise_sum_sq<scalar_t, true>("sqdiff_norm", as, bs, d.N, d.M, out, scope);
+    rowwise_sum_sq<scalar_t, at::opmath_type<scalar_t>, true>("sqdiff_norm", as, bs, d.N, d.M,
+                                                               out, scope);
   });
   return out;
 }

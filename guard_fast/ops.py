@@ -248,12 +248,18 @@ def _like(a: Tensor, *others: Tensor) -> Tensor:
 def perturb(x: Tensor, g: Tensor, h: float, tiny: float = 1e-12) -> tuple[Tensor, Tensor]:
     """(x + h * g / max(||g||, tiny), ||g||) per sample, one pass over g after its norm.
 
-    ||g|| is sqrt(sum of squares) in the accumulation dtype (float32 for float32/bf16/fp16
-    inputs) in the C++, CUDA and Triton kernels: a sample whose norm is above about 1.8e19
-    overflows to inf, one below about 1e-19 underflows to 0 (the torch reference's scaled
-    norm stays finite there; tests/test_ops_fuzz.py found it). An underflowed norm makes the
-    step h * g / tiny instead of a unit step: a sample whose CE gradient is that small (a
-    saturated, confidently right sample) is then barely moved."""
+    ||g|| has the range of a norm taken in float64 for float32/bf16/fp16 inputs (eager
+    torch's float32 norm does not: it is a plain float32 sum of squares, as these kernels'
+    was; the reference kernels.guard_penalty.perturb_ref takes it in float64): the CUDA and
+    Triton kernels sum the squares in float64 (where no such square overflows or
+    underflows); the C++ kernel sums them in float32 and recomputes, scaled by the largest
+    magnitude, the rare samples whose sum overflowed or fell below float32's normal range
+    (before this, norms above about 1.8e19 became inf and a step of 0). float64 inputs:
+    the CUDA and Triton sums are plain float64 (range about 1e-154 to 1e154), the C++ one is
+    rescaled as for float32. The norm is
+    returned in the accumulation dtype (float32 below float64), so one below float32's
+    smallest normal is stored subnormal. A norm below tiny makes the step h * g / tiny: a
+    sample whose gradient is that small (saturated, confidently right) is barely moved."""
     _check_pair("x", x, "g", g)
     _check_scalar("perturb", "h", h)
     _check_scalar("perturb", "tiny", tiny, 0.0, lo_inclusive=False)

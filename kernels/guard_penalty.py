@@ -72,10 +72,14 @@ def _prepare(*ts: torch.Tensor) -> tuple[list[torch.Tensor], str]:
 
 
 def perturb_ref(x: torch.Tensor, g: torch.Tensor, h: float, tiny: float = 1e-12):
-    """x + h * g / max(||g||, tiny) per sample; returns (xp, norm) with norm in acc dtype."""
+    """x + h * g / max(||g||, tiny) per sample; returns (xp, norm) with norm in acc dtype.
+
+    ||g|| is taken in float64 and rounded to the acc dtype: eager torch's float32 norm is a
+    plain float32 sum of squares, which overflows above about 1.8e19 (a zero step) and
+    underflows below about 1e-19; the kernels keep the float64 range (see ops.perturb)."""
     acc = acc_dtype(x.dtype)
     g_acc = g.to(acc)
-    n = g_acc.reshape(g.shape[0], -1).norm(dim=1)
+    n = g.to(torch.float64).reshape(g.shape[0], -1).norm(dim=1).to(acc)
     scale = h / n.clamp_min(tiny)
     shape = (-1,) + (1,) * (x.dim() - 1)
     xp = (x.to(acc) + g_acc * scale.view(shape)).to(x.dtype)
@@ -205,7 +209,10 @@ def perturb_triton(x: torch.Tensor, g: torch.Tensor, h: float, tiny: float = 1e-
     out = torch.empty_like(x)
     x2, g2, o2 = rows(x, layout), rows(g, layout), rows(out, layout)
     n, d = x2.shape
-    norm = row_partials(g2, None, "sq", acc).sum(dim=1).sqrt_()
+    # the sum of squares in float64: no float/half/bfloat16 square overflows or underflows
+    # there, so the norm needs no scaling (float64 inputs: plain, range about 1e+-154)
+    norm64 = row_partials(g2, None, "sq", torch.float64).sum(dim=1).sqrt_()
+    norm = norm64.to(acc)
     scale = h / norm.clamp_min(tiny)
     s, chunk = _split(n, d, x.device)
     _axpy_rows_kernel[(n, s)](x2, g2, scale, o2, d, chunk, BLOCK=_BLOCK)
