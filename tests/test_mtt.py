@@ -4,6 +4,7 @@ resumption after a kill, the published presets, and the errors for unusable buff
 
 Everything runs on tiny ConvNets (width 2-8, 8-28 px, a few images and steps)."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -268,3 +269,50 @@ def test_cli_stages(tmp_path, capsys):
     assert main(["experts", "--regularizer", "pgd-at", "--out", str(tmp_path / "e")]) == 2
     assert "experts train with none, guard, gr" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_experts_on_an_imagefolder_data_set(tmp_path, monkeypatch):
+    """--dataset imagefolder: the images decoded into memory as MTT's loader reads them
+    (squashed to image-size, no crop), experts trained on them; a set that would not fit in
+    memory is refused before decoding, naming the size; ZCA on large images is refused."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    import guard_fast.data.real as R
+    from guard_fast.data.synthetic import write_synthetic_imagefolder
+    from guard_fast.train import main
+
+    root = tmp_path / "data"
+    write_synthetic_imagefolder(str(root), 3, 5, 24, fmt="PNG")
+    cls = sorted(os.listdir(root / "train"))[0]
+    Image.fromarray(np.full((12, 30, 3), 200, np.uint8)).save(root / "train" / cls / "wide.png")
+    R._load_real_cached.cache_clear()
+    real = R.load_real("imagefolder", str(root), 16)
+    assert real.train_x.shape == (16, 3, 16, 16) and real.val_x.shape == (15, 3, 16, 16)
+    assert real.num_classes == 3 and real.train_y.tolist().count(0) == 6
+    names = sorted(os.listdir(root / "train" / cls))
+    want = v2.Compose([v2.ToImage(), v2.Resize((16, 16), antialias=True),
+                       v2.ToDtype(torch.float32, scale=True)])(
+        Image.open(root / "train" / cls / "wide.png").convert("RGB"))
+    assert torch.equal(real.train_x[names.index("wide.png")], want)  # squashed, not cropped
+    out = tmp_path / "buf"
+    args = ["experts", "--dataset", "imagefolder", "--data", str(root), "--image-size", "16",
+            "--num-experts", "1", "--epochs", "2", "--width", "4", "--depth", "2",
+            "--batch-train", "8", "--device", "cpu", "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0
+    meta = json.loads((out / "buffer.json").read_text())["meta"]
+    assert meta["data"] == "imagefolder" and meta["arch"]["image_size"] == 16
+    M.mtt(_mtt_cfg(out, tmp_path / "syn", width=4, data="imagefolder", data_root=str(root),
+                   max_start_epoch=1, eval_models=1, eval_epochs=1))   # its MTT distillation
+    from guard_fast.data.distilled import load_distilled
+    assert load_distilled(tmp_path / "syn")["images"].shape == (3, 3, 16, 16)
+    R._load_real_cached.cache_clear()
+    monkeypatch.setattr(R, "available_memory", lambda: 10**5)
+    assert main([*args, "--out", str(tmp_path / "big")]) == 2
+    assert not (tmp_path / "big").exists()
+    monkeypatch.undo()
+    R._load_real_cached.cache_clear()
+    from guard_fast.data.zca import ZCA
+    with pytest.raises(ValueError, match="drop --zca"):
+        ZCA.fit(torch.zeros(2, 3, 65, 64))

@@ -32,6 +32,12 @@ EXPERTS_PRESETS: dict[str, dict[str, Any]] = {
     "cifar10": dict(data="cifar10", image_size=32, num_experts=100, epochs=50, zca=True),
     "cifar10-nozca": dict(data="cifar10", image_size=32, num_experts=100, epochs=50, zca=False),
     "cifar100": dict(data="cifar100", image_size=32, num_experts=100, epochs=50, zca=True),
+    # MTT's buffer.py for its ImageNet subsets (--res 128, ConvNetD5) and Tiny-ImageNet
+    # (64 px, ConvNetD4): no ZCA, the other settings its defaults
+    "imagenette": dict(data="imagenette", image_size=128, model="convnet_d5", num_experts=100,
+                       epochs=50, zca=False),
+    "tiny-imagenet": dict(data="tiny-imagenet", image_size=64, model="convnet_d4",
+                          num_experts=100, epochs=50, zca=False),
 }
 _SQ = {f.name: f for f in fields(SqueezeConfig)}
 
@@ -49,8 +55,11 @@ class ExpertsConfig:
 
     preset: str = opt("mnist", help="data set and sizes", choices=tuple(EXPERTS_PRESETS))
     data: str = opt("mnist", flag="--dataset",
-                    help="real data set: mnist (bundled), fashion-mnist, cifar10, cifar100")
-    data_root: str | None = opt(None, flag="--data", help="path of the CIFAR pickles")
+                    help="real data set: mnist (bundled), fashion-mnist, cifar10, cifar100, "
+                         "imagenette, tiny-imagenet, imagefolder (decoded into memory as MTT "
+                         "reads them: squashed to image-size, no crop)")
+    data_root: str | None = opt(None, flag="--data", help="path of the CIFAR pickles or the "
+                                "ImageFolder root")
     image_size: int | None = opt(None, help="image side", unit="pixels", min=1, max=L.SIDE,
                                  default_note="the data set's")
     channels: int | None = opt(None, help="mnist only: image channels (1 or 3)", min=1, max=3)
@@ -104,6 +113,8 @@ def resolve_experts(overrides: dict[str, Any] | None = None) -> ExpertsConfig:
     overrides = dict(overrides or {})
     preset = overrides.pop("preset", None) or "mnist"
     cfg = resolve(ExpertsConfig, overrides, EXPERTS_PRESETS, preset, what="experts")
+    if cfg.data not in ("mnist", "fashion-mnist") and "channels" not in overrides:
+        cfg.channels = None   # a grey preset's channels do not carry to an RGB data set
     check_strategy(cfg.dsa_strategy)
     if cfg.channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3, got {cfg.channels} (flag --channels)")

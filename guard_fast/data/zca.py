@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ZCA", "ZCA_EPS"]
+__all__ = ["ZCA", "ZCA_EPS", "ZCA_MAX_DIM"]
 
 ZCA_EPS = 0.1  # the public code's kornia.enhance.ZCAWhitening(eps=0.1)
+ZCA_MAX_DIM = 3 * 64 * 64  # values per image: a 12,288^2 float64 covariance is 1.1 GiB
 
 
 class ZCA(nn.Module):
@@ -31,6 +32,13 @@ class ZCA(nn.Module):
         if images.dim() != 4 or images.shape[0] < 2:
             raise ValueError(f"ZCA is fitted on (N >= 2, C, H, W) images, got "
                              f"{tuple(images.shape)}")
+        dim = images[0].numel()
+        if dim > ZCA_MAX_DIM:
+            raise ValueError(
+                f"ZCA whitening of {tuple(images.shape[1:])} images needs a {dim:,} x {dim:,} "
+                f"covariance ({dim * dim * 8 / 2**30:.1f} GiB in float64) and its "
+                f"eigendecomposition; it is offered up to {ZCA_MAX_DIM:,} values per image "
+                "(3 x 64 x 64; MTT whitens only its 32 px CIFAR buffers): drop --zca")
         x = images.flatten(1).double()
         m = x.mean(0)
         xc = x - m
