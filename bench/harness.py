@@ -94,6 +94,50 @@ def time_fn(fn: Callable[[], object], warmup: int = 2, reps: int = 5,
             "peak_mem_mb": round(float(peak), 1)}
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1, reps: int = 5,
+                     device: str | torch.device = "cpu",
+                     reference: str | None = None) -> dict[str, dict]:
+    """Wall times of several variants measured side by side: after `warmup` calls of each,
+    `reps` rounds that call every variant once, in an order rotated each round, so that a
+    slow spell of a shared machine falls on all of them. Per variant: median / p20 / p80 ms,
+    and with `reference`, ratio_vs_ref = the median over rounds of this variant's time over
+    the reference's in the same round (p20 / p80 too): the figure to quote on a noisy VM."""
+    device = torch.device(device)
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    _sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            _sync(device)
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for n in names:
+        q = torch.tensor(times[n], dtype=torch.float64)
+        row = {"median_ms": float(q.median()), "p20_ms": float(q.quantile(0.2)),
+               "p80_ms": float(q.quantile(0.8)), "reps": reps, "warmup": warmup}
+        if reference is not None:
+            ratio = q / torch.tensor(times[reference], dtype=torch.float64)
+            row.update(ratio_vs_ref=float(ratio.median()), ratio_p20=float(ratio.quantile(0.2)),
+                       ratio_p80=float(ratio.quantile(0.8)))
+        out[n] = row
+    return out
+
+
+def cuda_peak_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak CUDA memory of one call of fn beyond what was allocated before it (MiB)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+
+
 class _LiveTensorBytes:
     """Counts the bytes of tensor storages created while active and not yet freed.
 
