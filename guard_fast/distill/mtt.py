@@ -83,7 +83,8 @@ _RESUMABLE_DIFF = {"resume", "progress", "device", "iterations", "checkpoint_eve
 
 def match_loss(w_n: Tensor, w_start: Tensor, w_target: Tensor) -> Tensor:
     """MTT's normalized matching loss ||w_N - w*||^2 / ||w_start - w*||^2."""
-    return ((w_n - w_target) ** 2).sum() / ((w_start - w_target) ** 2).sum()
+    return (F.mse_loss(w_n, w_target, reduction="sum")
+            / F.mse_loss(w_start, w_target, reduction="sum"))
 
 
 def make_plan(n: int, batch: int, steps: int, strategy: str | None, side: int,
