@@ -5,7 +5,8 @@ command, and compare the final artifacts with an uninterrupted run.
     python bench/fault_inject.py --stages squeeze,recover --random 2 --out /tmp/fi
 
 Stages, on tiny settings (the bundled digits, CPU): squeeze, recover, dc (recover --method
-dc), relabel, student, evaluate (--model), all (the whole pipeline, --smoke, one method).
+dc), relabel, student, evaluate (--model), experts (MTT's buffer), mtt (distillation from
+that buffer), all (the whole pipeline, --smoke, one method).
 The uninterrupted reference run of each stage is also the input of the next (its teacher,
 distilled set, soft labels, student).
 
@@ -152,6 +153,15 @@ def build_stages(root: Path) -> list[Stage]:
         Stage("evaluate", ["evaluate", "--model", str(Path(ref("student")) / "student.pt"),
                            "--n-examples", "8", "--attacks", "PGD100,MIM", "--eps", "8/255",
                            *cpu], ["results.json"], False, "results.json", None),
+        Stage("experts", ["experts", "--preset", "mnist", "--num-experts", "2", "--epochs", "3",
+                          "--max-train", "64", "--width", "4", "--batch-train", "16",
+                          "--no-progress", *cpu],
+              ["expert_*.pt", "buffer.json"], True, "buffer.json", "expert_001.pt"),
+        Stage("mtt", ["mtt", "--preset", "mnist", "--buffer", ref("experts"), "--width", "4",
+                      "--ipc", "1", "--iterations", "4", "--checkpoint-every", "1",
+                      "--syn-steps", "2", "--expert-epochs", "1", "--max-start-epoch", "2",
+                      "--eval-models", "1", "--eval-epochs", "2", "--no-progress", *cpu],
+              ["images.pt", "synthetic.pt"], True, "images.pt", "checkpoint.pt"),
         Stage("all", ["all", "--smoke", "--methods", "guard", "--no-progress", *cpu],
               ["results.json", "*/squeeze/teacher.pt", "*/recover/images.pt",
                "*/relabel/epoch_*.pt", "*/student/student.pt", "*/eps_sweep.json"],
@@ -254,7 +264,8 @@ def run_stage(st: Stage, root: Path, n_random: int, rng: random.Random, log=prin
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stages", default="squeeze,recover,dc,relabel,student,evaluate,all")
+    ap.add_argument("--stages",
+                    default="squeeze,recover,dc,relabel,student,evaluate,experts,mtt,all")
     ap.add_argument("--random", type=int, default=2, help="random kill points per stage")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
@@ -269,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     order = [s for s in stages if s in names]
     need = {"recover": ["squeeze"], "dc": [], "relabel": ["squeeze", "recover"],
             "student": ["squeeze", "recover", "relabel"],
-            "evaluate": ["squeeze", "recover", "relabel", "student"]}
+            "evaluate": ["squeeze", "recover", "relabel", "student"], "mtt": ["experts"]}
     rng = random.Random(a.seed)
     t0 = time.perf_counter()
     results = []
