@@ -214,6 +214,39 @@ def test_nan_input_batch_stops_squeeze_with_exit_1_and_writes_no_checkpoint(tmp_
         assert not (out / "checkpoint.pt").exists() and not (out / "teacher.pt").exists()
 
 
+def test_a_loss_that_diverges_but_stays_finite_stops_squeeze_keeping_the_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    """An epoch whose mean loss is far above the best epoch's (finite, no NaN anywhere):
+    exit 1 naming the epoch and both means, the previous epoch's checkpoint kept; the watch
+    of a resumed run knows the logged epochs; --diverge-factor 0 turns it off."""
+    import guard_fast.distill.squeeze as sq
+    from guard_fast.runtime import DivergedError, DivergenceWatch, load_checkpoint
+
+    real = sq._train_epoch
+
+    def blows_up(cfg, epoch, *a, **k):
+        m = real(cfg, epoch, *a, **k)
+        return dict(m, train_loss=m["train_loss"] * (1e4 if epoch == 1 else 1))
+
+    monkeypatch.setattr(sq, "_train_epoch", blows_up)
+    out = tmp_path / "run"
+    args = [*SQ, "--epochs", "3", "--out", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "squeeze: the training loss diverged at epoch 2" in err and "best epoch mean" in err
+    assert "Traceback" not in err and not (out / "teacher.pt").exists()
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 0   # epoch 1's, kept
+    assert main([*args, "--resume"]) == 1                          # the logged epoch 1 counts
+    assert main([*args, "--resume", "--diverge-factor", "0"]) == 0
+    assert (out / "teacher.pt").exists()
+    w = DivergenceWatch("x", 10, [(1, 2.0), (2, 0.5)])
+    w.check(3, 4.9)                     # below 10 x the best (0.5)
+    with pytest.raises(DivergedError, match=r"epoch 4 .*epoch mean 6 .*10x the best epoch "
+                                            r"mean 0\.5, epoch 2"):
+        w.check(4, 6.0)
+    DivergenceWatch("x", 0, [(1, 1e-9)]).check(2, 1e9)   # off
+
+
 def test_nonfinite_weights_never_replace_a_checkpoint(tmp_path):
     from guard_fast.models import build_model
 

@@ -25,7 +25,7 @@ from dataclasses import MISSING, fields
 from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["opt", "resolve", "validate", "add_options", "overrides_from", "flag_of", "spec_of",
-           "to_dict", "parse_fraction", "ON_CORRUPT", "on_corrupt_opt"]
+           "to_dict", "parse_fraction", "ON_CORRUPT", "on_corrupt_opt", "diverge_opt"]
 
 # what a stage reading an ImageFolder data set does with a file it cannot decode
 ON_CORRUPT = ("raise", "skip")
@@ -57,6 +57,13 @@ def on_corrupt_opt() -> Any:
                "garbage, a decompression bomb): raise = stop naming it; skip = decode every "
                "file once at start, drop the bad ones and list them in the log (ImageFolder "
                "data sets only)", choices=ON_CORRUPT)
+
+
+def diverge_opt() -> Any:
+    """The ``--diverge-factor`` field shared by the training stages (squeeze, student)."""
+    return opt(100.0, help="stop (exit 1, checkpoint kept) when an epoch's mean training loss "
+               "exceeds this many times the best epoch's: a loss that diverges without "
+               "becoming NaN; 0 = off", min=0, max=1e12)
 
 
 # ----------------------------------------------------------------------------- field types

@@ -5,7 +5,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from guard_fast.config import limits as L
-from guard_fast.config.base import on_corrupt_opt, opt, resolve, to_dict
+from guard_fast.config.base import diverge_opt, on_corrupt_opt, opt, resolve, to_dict
 
 __all__ = ["SqueezeConfig", "SQUEEZE_PRESETS", "PRESETS_NEEDING_DATA", "REGULARIZERS",
            "GUARD_MODES", "resolve_squeeze", "field_help"]
@@ -65,6 +65,7 @@ class SqueezeConfig:
     weight_decay: float = opt(1e-4, help="SGD weight decay", min=0, max=1)
     warmup_epochs: int = opt(0, help="linear warm-up", unit="epochs", min=0, max=L.EPOCHS)
     regularizer: str = opt("guard", help="teacher regularizer", choices=REGULARIZERS)
+    diverge_factor: float = diverge_opt()
     grad_ratio_steps: list[int] = opt(help="global steps (from 1) at which the ratio of the "
                                       "regularizer's to the CE's parameter-gradient norm is "
                                       "written to grad_ratio.jsonl (comma list)",

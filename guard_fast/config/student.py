@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from guard_fast.config import limits as L
-from guard_fast.config.base import flag_of, opt, resolve, to_dict, validate
+from guard_fast.config.base import diverge_opt, flag_of, opt, resolve, to_dict, validate
 
 __all__ = ["StudentConfig", "STUDENT_PRESETS", "OPTIMIZERS", "LOSS_SCALES", "MIXES",
            "VIEW_FIELDS", "VIEW_DEFAULTS", "resolve_student", "validate_student",
@@ -150,6 +150,7 @@ class StudentConfig:
     val_root: str | None = opt(None, help="path to your copy of the validation data set")
     max_val: int | None = opt(None, help="validate on a fixed random subset of this many images",
                               unit="images", min=1, max=L.IMAGES)
+    diverge_factor: float = diverge_opt()
     val_every: int = opt(1, help="validate every this many epochs (and after the last)",
                          unit="epochs", min=1, max=L.EPOCHS)
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")

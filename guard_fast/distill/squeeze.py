@@ -29,14 +29,15 @@ from torch import nn
 from guard_fast.config import SqueezeConfig
 from guard_fast.losses import guard_loss
 from guard_fast.losses.criterion import build_criterion
-from guard_fast.runtime import (RunFolder, StepWatch, as_nonfinite, classifier_arch, distributed,
+from guard_fast.runtime import (DivergenceWatch, RunFolder, StepWatch, all_gather_object,
+                                as_nonfinite, classifier_arch, distributed,
                                 epoch_seed, load_training_state, resolve_device, save_classifier,
                                 save_training_state, seed_all)
 
 __all__ = ["squeeze", "build_criterion"]
 
 # fields that may differ between a run and its resumption
-_RESUMABLE_DIFF = {"resume", "progress", "epochs", "workers", "device"}
+_RESUMABLE_DIFF = {"resume", "progress", "epochs", "workers", "device", "diverge_factor"}
 
 
 class _Normalize(nn.Module):
@@ -269,9 +270,14 @@ def squeeze(cfg: SqueezeConfig) -> dict:
             _note_skipped(data, folder)
         val_loader = make_loader(val_ds, batch_size=256, shuffle=False, seed=cfg.seed)
         metrics: dict = {}
+        # the epochs a resumed run already did, as rank 0 logged them (every rank alike)
+        done = all_gather_object(folder.history("train_loss") if d.is_main else None)[0]
+        diverge = DivergenceWatch("squeeze", cfg.diverge_factor, done)
         for epoch in range(start_epoch, cfg.epochs):
             metrics = _train_epoch(cfg, epoch, t, o, crit, train_ds, device, d,
                                    lambda row: folder.log(row, name="grad_ratio.jsonl"))
+            losses = all_gather_object(metrics["train_loss"])   # every rank decides alike
+            diverge.check(epoch + 1, sum(losses) / len(losses))
             if not d.is_main:
                 continue
             metrics.update(_val_metrics(t.core, t.prep, val_loader, device, cfg))

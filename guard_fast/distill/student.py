@@ -61,14 +61,15 @@ from torch import Tensor, nn
 from guard_fast.config.student import (LOSS_SCALES, VIEW_FIELDS, StudentConfig, resolve_student,
                                        validate_student)
 from guard_fast.data import softlabels as rl
-from guard_fast.runtime import (RunFolder, StepWatch, classifier_arch, distributed,
+from guard_fast.runtime import (DivergenceWatch, RunFolder, StepWatch, all_gather_object,
+                                classifier_arch, distributed,
                                 load_training_state, resolve_device, save_classifier,
                                 save_training_state)
 
 __all__ = ["train_student", "kd_loss", "kd_loss_sum", "param_groups", "lr_factor"]
 
 # fields that may differ between a run and its resumption
-_RESUMABLE_DIFF = {"resume", "progress", "device", "val_every"}
+_RESUMABLE_DIFF = {"resume", "progress", "device", "val_every", "diverge_factor"}
 
 
 # --------------------------------------------------------------------------- loss, optimizer
@@ -392,8 +393,12 @@ def train_student(cfg: StudentConfig | None = None, *, distilled=None, teacher=N
             val_loader = _val_loader(cfg, val_data)
         end = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         metrics: dict = {}
+        # the epochs a resumed run already did, as rank 0 logged them (every rank alike)
+        done = all_gather_object(folder.history("train_kd") if d.is_main else None)[0]
+        diverge = DivergenceWatch("student", cfg.diverge_factor, done)
         for epoch in range(start, end):
             metrics = _train_epoch(cfg, epoch, s, source, d)
+            diverge.check(epoch + 1, metrics["train_kd"])   # the same on every rank (reduced)
             if d.is_main:
                 _end_epoch(cfg, epoch, metrics, s, val_loader, folder, d.device)
         if d.is_main and end == cfg.epochs:

@@ -9,8 +9,9 @@ from guard_fast.runtime.dist import Dist, all_gather_object, barrier, dist_env, 
 from guard_fast.runtime.io import (WriteError, append_jsonl, atomic_torch_save,
                                    atomic_write_bytes, atomic_write_json, load_checkpoint,
                                    remove_stale_temps)
-from guard_fast.runtime.numeric import (NonFiniteError, StepWatch, as_nonfinite,
-                                        check_finite_tensor, check_finite_weights)
+from guard_fast.runtime.numeric import (DivergedError, DivergenceWatch, NonFiniteError,
+                                        StepWatch, as_nonfinite, check_finite_tensor,
+                                        check_finite_weights)
 from guard_fast.runtime.runfolder import FolderInUseError, RunFolder, flatten, recorded_seconds
 from guard_fast.runtime.seed import epoch_seed, seed_all
 
@@ -21,4 +22,4 @@ __all__ = ["resolve_device", "Dist", "distributed", "dist_env", "barrier", "all_
            "atomic_write_json", "atomic_torch_save", "load_checkpoint", "append_jsonl",
            "seed_all", "epoch_seed", "WriteError", "remove_stale_temps", "NonFiniteError",
            "StepWatch", "as_nonfinite", "check_finite_tensor", "check_finite_weights",
-           "FolderInUseError"]
+           "FolderInUseError", "DivergedError", "DivergenceWatch"]

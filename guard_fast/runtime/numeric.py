@@ -18,6 +18,12 @@ Use from a stage (squeeze, recover, student, dc; the experts / MTT stages the sa
 
 A loss function that raises on its own (GuardLoss's input and penalty checks) is turned
 into the same error, with the same statistics, by :func:`as_nonfinite`.
+
+A loss that diverges but stays finite is caught per epoch by :class:`DivergenceWatch`
+(squeeze and student, ``--diverge-factor``): an epoch whose mean training loss is more than
+that factor times the best epoch mean so far stops the stage with :class:`DivergedError`
+(also a FloatingPointError, exit 1) before its checkpoint is written. A resumed run's watch
+starts from the epochs logged in its metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -26,8 +32,8 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NonFiniteError", "StepWatch", "check_finite_weights", "check_finite_tensor",
-           "as_nonfinite"]
+__all__ = ["NonFiniteError", "DivergedError", "StepWatch", "DivergenceWatch",
+           "check_finite_weights", "check_finite_tensor", "as_nonfinite"]
 
 _KEEP = "stopped; no checkpoint was written with these values (the last good one is the resume point)"
 
@@ -44,6 +50,47 @@ class NonFiniteError(FloatingPointError):
         parts = ", ".join(f"{k}={_fmt(v)}" for k, v in self.stats.items())
         super().__init__(f"{stage}: non-finite values at {where}" + (f" ({parts})" if parts else "")
                          + f"; {_KEEP}." + (f" {hint}" if hint else ""))
+
+
+class DivergedError(NonFiniteError):
+    """A finite training loss that grew far above its best: where, and the numbers."""
+
+    def __init__(self, stage: str, where: str, stats: dict, hint: str = ""):
+        FloatingPointError.__init__(
+            self, f"{stage}: the training loss diverged at {where} (epoch mean "
+            f"{_fmt(stats['epoch_loss'])} is more than {_fmt(stats['factor'])}x the best epoch "
+            f"mean {_fmt(stats['best_loss'])}, epoch {stats['best_epoch']}); {_KEEP}."
+            + (f" {hint}" if hint else "") + " --diverge-factor 0 turns this check off.")
+        self.stage, self.where, self.stats = stage, where, dict(stats)
+
+
+class DivergenceWatch:
+    """Epoch-mean losses of one training run: check() raises DivergedError when one is more
+    than ``factor`` times the lowest so far (factor 0: never). ``history``: (epoch, loss) of
+    the epochs already done (a resumed run's metrics.jsonl rows). Non-finite means are left
+    to StepWatch."""
+
+    hint = "Lower the learning rate, or raise --diverge-factor if this loss is expected to grow."
+
+    def __init__(self, stage: str, factor: float, history: Iterable[tuple[int, float]] = ()):
+        self.stage, self.factor = stage, float(factor)
+        self.best: tuple[int, float] | None = None
+        for epoch, loss in history:
+            self._keep(epoch, loss)
+
+    def _keep(self, epoch: int, loss: float) -> None:
+        if loss == loss and abs(loss) != float("inf") and (self.best is None
+                                                           or loss < self.best[1]):
+            self.best = (int(epoch), float(loss))
+
+    def check(self, epoch: int, loss: float) -> None:
+        """The epoch's (1-based) mean training loss; raises before it becomes the record."""
+        if (self.factor > 0 and self.best is not None and loss == loss and self.best[1] > 0
+                and loss > self.factor * self.best[1]):
+            raise DivergedError(self.stage, f"epoch {epoch}",
+                                {"epoch_loss": float(loss), "best_loss": self.best[1],
+                                 "best_epoch": self.best[0], "factor": self.factor}, self.hint)
+        self._keep(epoch, loss)
 
 
 class StepWatch:

@@ -334,6 +334,20 @@ class RunFolder:
         if self._t0 is not None:
             self._write_status("running")
 
+    def history(self, key: str, name: str = "metrics.jsonl") -> list[tuple[int, Any]]:
+        """(epoch, row[key]) of every logged row holding both (a torn last line skipped):
+        what a resumed run already did."""
+        f = self.out / name
+        rows = []
+        for line in (f.read_text().splitlines() if f.is_file() else []):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "epoch" in row and key in row:
+                rows.append((row["epoch"], row[key]))
+        return rows
+
     def last_log(self, name: str = "metrics.jsonl", **match: Any) -> dict | None:
         """The last row of a metrics file whose entries equal match (e.g. epoch=3), or None;
         a torn last line (a kill mid-append) is skipped. What a run resumed after its last
