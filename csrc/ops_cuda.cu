@@ -88,14 +88,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// x, g, xp: N*M scalar_t; ss: (N,) sums of squares of g in double; norm: (N,)
-// output. xp_i = x_i + step_i * g_i with step_i = h / max(sqrt(ss_i), tiny), and
-// step_i = 0 (xp_i = x_i exactly) when ss_i == 0. The thread that owns the
-// first element of sample i also writes norm_i = sqrt(ss_i).
+// x, g, xp: N*M scalar_t; n64: (N,) norms of g in double; norm: (N,) output.
+// xp_i = x_i + step_i * g_i with step_i = h / max(n64_i, tiny), and step_i = 0
+// (xp_i = x_i exactly) when n64_i == 0. The thread that owns the first element
+// of sample i also writes norm_i = n64_i rounded to acc_t.
 template <typename scalar_t, bool kPacked>
 __global__ void __launch_bounds__(kThreads)
     perturb_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                         const double* __restrict__ ss,
+                         const double* __restrict__ n64,
                          at::opmath_type<scalar_t>* __restrict__ norm,
                          scalar_t* __restrict__ xp, int64_t M, int64_t total, double h,
                          double tiny) {
@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int V = kPacked ? pack_width<scalar_t>() : 1;
   for (int64_t stride = pack_stride<V>(), j = first_pack<V>(); j < total; j += stride) {
     const int64_t row = j / M;
-    const double nd = sqrt(ss[row]);
+    const double nd = n64[row];
     if (j == row * M) {
       norm[row] = static_cast<acc_t>(nd);
     }
@@ -192,8 +192,21 @@ std::tuple<at::Tensor, at::Tensor> perturb_cuda(const at::Tensor& x, const at::T
     const auto [xs, gs] = d.data<scalar_t, 2>();
     scalar_t* out = xp.mutable_data_ptr<scalar_t>();
     rowwise_sum_sq<scalar_t, double, false>("perturb", gs, nullptr, d.N, d.M, ss, scope);
+    at::Tensor n64 = ss.sqrt();
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      // float64 inputs: rows whose plain sum left float64's range (about 1e+-154) take
+      // the scaled norm m * ||g / m||, m the row's largest |g| (ATen on the device,
+      // computed for every row so that nothing syncs with the host)
+      const at::Tensor a = d.t[1].abs().reshape({d.N, -1});
+      const at::Tensor m = at::amax(a, {1});
+      const at::Tensor safe = at::where(m > 0, m, at::ones_like(m));  // m may be subnormal
+      at::Tensor scaled = m * at::linalg_vector_norm(a / safe.unsqueeze(1), 2,
+                                                     at::IntArrayRef{1}, false, std::nullopt);
+      scaled = at::where(m.isinf() | (m == 0), m, scaled);
+      n64 = at::where((n64 < 1e-150) | n64.isinf(), scaled, n64);
+    }
     const int64_t total = d.N * d.M;
-    const double* ssp = ss.const_data_ptr<double>();
+    const double* ssp = n64.const_data_ptr<double>();
     acc_t* np = norm.mutable_data_ptr<acc_t>();
     // h and tiny as the float the CPU kernel and eager use, carried in double
     const double h_acc = static_cast<double>(static_cast<acc_t>(h));

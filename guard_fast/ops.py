@@ -255,8 +255,8 @@ def perturb(x: Tensor, g: Tensor, h: float, tiny: float = 1e-12) -> tuple[Tensor
     underflows); the C++ kernel sums them in float32 and recomputes, scaled by the largest
     magnitude, the rare samples whose sum overflowed or fell below float32's normal range
     (before this, norms above about 1.8e19 became inf and a step of 0). float64 inputs:
-    the CUDA and Triton sums are plain float64 (range about 1e-154 to 1e154), the C++ one is
-    rescaled as for float32. The norm is
+    every backend gives the scaled norm's range too (CUDA and Triton replace the rows whose
+    plain float64 sum left about 1e+-154 by the scaled norm; C++ rescales as for float32). The norm is
     returned in the accumulation dtype (float32 below float64), so one below float32's
     smallest normal is stored subnormal. A norm below tiny makes the step h * g / tiny: a
     sample whose gradient is that small (saturated, confidently right) is barely moved."""

@@ -77,8 +77,12 @@ def mim_step_ref(x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor,
     adds nothing to the momentum (both reference codes produce NaN there)."""
     tiny = torch.finfo(grad.dtype).tiny
     if per_sample:
-        dims = tuple(range(1, grad.dim()))
-        m = grad / grad.abs().mean(dim=dims, keepdim=True).clamp_min_(tiny)
+        # each sample's mean |g| (a (N,) batch of scalars is N samples of one value: mean
+        # over dim=() would reduce the whole batch; the long fuzz profile found it)
+        a = grad.abs()
+        a = a.flatten(1) if a.dim() > 1 else a.unsqueeze(1)
+        scale = a.mean(dim=1).clamp_min_(tiny).view((-1,) + (1,) * (grad.dim() - 1))
+        m = grad / scale
     else:
         m = grad / torch.linalg.vector_norm(grad, ord=1).clamp_min(tiny)
     m.add_(momentum if decay == 1.0 else momentum * decay)

@@ -71,15 +71,29 @@ def _prepare(*ts: torch.Tensor) -> tuple[list[torch.Tensor], str]:
 # ----------------------------------------------------------------------------- references
 
 
+def scaled_norm64(g2: torch.Tensor) -> torch.Tensor:
+    """Row norms of the (N, D) g2 in float64 with float64's whole range: the largest |g| of
+    each row m first, then m * ||g / m|| (inf where an element is inf, NaN where one is)."""
+    a = g2.to(torch.float64).abs()
+    if a.shape[1] == 0:
+        return a.new_zeros(a.shape[0])
+    m = a.amax(dim=1)
+    safe = torch.where(m > 0, m, torch.ones_like(m))   # m may be subnormal: no clamp to tiny
+    n = m * (a / safe.unsqueeze(1)).norm(dim=1)
+    return torch.where(torch.isinf(m) | (m == 0), m, n)
+
+
 def perturb_ref(x: torch.Tensor, g: torch.Tensor, h: float, tiny: float = 1e-12):
     """x + h * g / max(||g||, tiny) per sample; returns (xp, norm) with norm in acc dtype.
 
-    ||g|| is taken in float64 and rounded to the acc dtype: eager torch's float32 norm is a
-    plain float32 sum of squares, which overflows above about 1.8e19 (a zero step) and
-    underflows below about 1e-19; the kernels keep the float64 range (see ops.perturb)."""
+    ||g|| is taken scaled in float64 (scaled_norm64) and rounded to the acc dtype: eager
+    torch's norm is a plain sum of squares, which in float32 overflows above about 1.8e19 (a
+    zero step) and underflows below about 1e-19, in float64 outside about 1e+-154; the
+    kernels keep the scaled norm's range (see ops.perturb)."""
     acc = acc_dtype(x.dtype)
     g_acc = g.to(acc)
-    n = g.to(torch.float64).reshape(g.shape[0], -1).norm(dim=1).to(acc)
+    g2 = g.flatten(1) if g.dim() > 1 else g.reshape(-1, 1)
+    n = scaled_norm64(g2).to(acc)
     scale = h / n.clamp_min(tiny)
     shape = (-1,) + (1,) * (x.dim() - 1)
     xp = (x.to(acc) + g_acc * scale.view(shape)).to(x.dtype)
@@ -210,8 +224,13 @@ def perturb_triton(x: torch.Tensor, g: torch.Tensor, h: float, tiny: float = 1e-
     x2, g2, o2 = rows(x, layout), rows(g, layout), rows(out, layout)
     n, d = x2.shape
     # the sum of squares in float64: no float/half/bfloat16 square overflows or underflows
-    # there, so the norm needs no scaling (float64 inputs: plain, range about 1e+-154)
+    # there, so the norm needs no scaling; float64 inputs: rows whose plain sum left its
+    # range (about 1e+-154) take the scaled norm (one more pass, computed for every row so
+    # that nothing syncs with the host)
     norm64 = row_partials(g2, None, "sq", torch.float64).sum(dim=1).sqrt_()
+    if x.dtype == torch.float64:
+        out_of_range = (norm64 < 1e-150) | torch.isinf(norm64)
+        norm64 = torch.where(out_of_range, scaled_norm64(g2), norm64)
     norm = norm64.to(acc)
     scale = h / norm.clamp_min(tiny)
     s, chunk = _split(n, d, x.device)

@@ -200,7 +200,7 @@ def test_penalty_ops_against_reference(backend, shape, dtype, data):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if _TRITON else []))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mag", [1e25, 1e-25, 1e-40])
+@pytest.mark.parametrize("mag", [1e25, 1e-25, 1e-40, 1e200, 1e-200])
 def test_perturb_norm_has_the_reference_range(backend, dtype, mag):
     """Gradients whose squares overflow (1e25: 1e50) or underflow (1e-25, and a subnormal
     1e-40 in float32) in float32: the norm is still the true norm (float64's range, as the
@@ -228,6 +228,17 @@ def test_perturb_norm_has_the_reference_range(backend, dtype, mag):
     step = (xp.double() - x.double())[:2].norm(dim=1)
     assert torch.allclose(step, torch.full_like(step, 3.0), rtol=8 * _ulp(dtype) + 0.01 * (
         dtype == torch.bfloat16), atol=0), (backend, step)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if _TRITON else []))
+def test_mim_per_sample_scale_of_a_batch_of_scalars(backend):
+    """A (N,) batch is N samples of one value each: each is divided by its own |g| (the
+    reference once divided by the batch's mean |g|: found by the long fuzz profile)."""
+    x = torch.tensor([0.9701, 0.7078])
+    g = torch.tensor([1.5410, -0.2934])
+    _, m = _impl(backend, "mim_step")(x, x, g, g, 0.0, 0.0, 0.0, True)
+    assert torch.equal(m, torch.tensor([1.0, -1.0]))
+    assert torch.equal(ks.mim_step_ref(x, x, g, g, 0.0, 0.0, 0.0, True)[1], m)
 
 
 @pytest.mark.skipif(not _TRITON, reason="needs triton (CUDA, or TRITON_INTERPRET=1)")
