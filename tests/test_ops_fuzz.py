@@ -165,9 +165,21 @@ def _count(key):
 # ----------------------------------------------------------------------------- the fused ops
 
 
+def _interp_safe(backend, dtype, *ts):
+    """Triton's CPU interpreter widens bfloat16 subnormals wrongly (2.76e-40 -> 2^-127, in
+    any kernel; a GPU converts them in hardware): under it, bfloat16 inputs have them
+    flushed to zero, so that the test checks the kernels and not the interpreter."""
+    if not (backend == "triton" and dtype == torch.bfloat16
+            and os.environ.get("TRITON_INTERPRET") == "1"):
+        return ts
+    tiny = torch.finfo(dtype).tiny
+    return tuple(torch.where(t.abs() < tiny, torch.zeros_like(t), t) for t in ts)
+
+
 def _check_penalty_ops(backend, shape, dtype, data):
     x = data.draw(tensors(shape, dtype))
     g = data.draw(tensors(shape, dtype))
+    x, g = _interp_safe(backend, dtype, x, g)
     h = data.draw(st.sampled_from([0.0, 1e-3, 3.0, -2.0]))
     tiny = data.draw(st.sampled_from([1e-12, 1.0, torch.finfo(torch.float32).tiny]))
     xp, n = _impl(backend, "perturb")(x, g, h, tiny)
@@ -268,6 +280,7 @@ def _check_steps(backend, shape, dtype, data):
     xo = data.draw(tensors(shape, dtype, unit=True))
     gr = data.draw(tensors(shape, dtype))
     mo = data.draw(tensors(shape, dtype))
+    x, xa, xo, gr, mo = _interp_safe(backend, dtype, x, xa, xo, gr, mo)
     alpha = data.draw(st.sampled_from([0.0, 1 / 255, 2 / 255, 0.1]))
     eps = data.draw(st.sampled_from(EPSES))
     out = _impl(backend, "pgd_step")(xa, x, gr, alpha, eps)

@@ -355,3 +355,22 @@ def test_cli_and_torchrun_share_epochs_out(setup, tmp_path):
         b = torch.load(tmp_path / "two" / f"epoch_{e:04d}.pt", weights_only=True)
         assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["views"]["boxes"],
                                                                     b["views"]["boxes"])
+
+
+def test_relabel_takes_the_squeeze_folder_as_recover_does(tmp_path):
+    """--teacher DIR (a squeeze run folder) is its teacher.pt, as for recover; a folder
+    without one says to run squeeze."""
+    from guard_fast.data.softlabels import resolve_teacher
+    from guard_fast.models import build_model
+    from guard_fast.runtime import classifier_arch, save_classifier
+    from guard_fast.models import Normalized
+
+    arch = classifier_arch("convnet", 10, 3, 16, (0.5,) * 3, (0.5,) * 3, options={"width": 4})
+    net = build_model("convnet", 10, 3, image_size=16, width=4)
+    save_classifier(tmp_path / "sq" / "teacher.pt", Normalized(net, arch["mean"], arch["std"]),
+                    arch, {})
+    _, a, path = resolve_teacher(str(tmp_path / "sq"))
+    assert path.endswith("teacher.pt") and a["model"] == "convnet"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="run the squeeze stage first"):
+        resolve_teacher(str(tmp_path / "empty"))

@@ -26,7 +26,7 @@ class RelabelConfig:
     """Relabel: the teacher's logits on every view of ``epochs`` epochs of student training.
     None fields are filled by :func:`resolve_relabel` (see PRESET_FIELDS)."""
 
-    teacher: str | None = opt(None, help="teacher.pt from the squeeze stage",
+    teacher: str | None = opt(None, help="teacher.pt, or the squeeze run folder that holds it",
                               default_note="the teacher the distilled set was recovered from")
     distilled: str = opt("runs/recover", help="distilled-set folder (the recover stage's --out) "
                          "or images.pt")

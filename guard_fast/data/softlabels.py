@@ -320,8 +320,11 @@ def _arch_of(model: nn.Module) -> dict:
 
 def resolve_teacher(teacher, arch: dict | None = None) -> tuple[nn.Module, dict, str | None]:
     if isinstance(teacher, (str, Path)):
-        model, a = load_classifier(teacher)
-        return model, dict(a), str(Path(teacher).resolve())
+        from guard_fast.runtime import teacher_path
+
+        path = teacher_path(teacher)   # teacher.pt, or the squeeze folder holding it
+        model, a = load_classifier(path)
+        return model, dict(a), str(path.resolve())
     if isinstance(teacher, nn.Module):
         return teacher, dict(arch or _arch_of(teacher)), None
     raise TypeError(f"teacher must be a path to teacher.pt or an nn.Module, got {type(teacher)}")

@@ -61,7 +61,7 @@ from guard_fast.data.loader import mix_seed
 from guard_fast.data.transforms import rrc_fallback
 from guard_fast.runtime import (RunFolder, StepWatch, atomic_torch_save, check_finite_tensor,
                                 distributed, load_checkpoint,
-                                load_classifier, resolve_device)
+                                load_classifier, resolve_device, teacher_path)
 
 __all__ = ["recover", "resolve_recover", "Synthesizer", "AugDraw", "draw_augment",
            "apply_augment", "rrc_params", "cda_min_crop", "cosine_lr", "find_batchnorms",
@@ -247,19 +247,6 @@ class Synthesizer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- config
-def teacher_path(p: str | Path) -> Path:
-    p = Path(p)
-    if p.is_dir():
-        if not (p / "teacher.pt").is_file():
-            raise FileNotFoundError(f"{p} holds no teacher.pt: run the squeeze stage first "
-                                    f"(python -m guard_fast.train squeeze --out {p})")
-        return p / "teacher.pt"
-    if not p.is_file():
-        raise FileNotFoundError(f"teacher {p} does not exist: run the squeeze stage first "
-                                "(python -m guard_fast.train squeeze)")
-    return p
-
-
 # ----------------------------------------------------------------------------- the run
 def _tasks(cfg: RecoverConfig, num_classes: int, rank: int, world: int):
     """This rank's tasks: (chunk index, classes of the chunk, ipc ids of the group)."""

@@ -3,7 +3,7 @@
 Every stage, the pipeline, the benches and the tests use these; a stage never imports
 another stage for a utility."""
 from guard_fast.runtime.checkpoint import (classifier_arch, load_classifier, load_training_state,
-                                           save_classifier, save_training_state)
+                                           save_classifier, save_training_state, teacher_path)
 from guard_fast.runtime.device import resolve_device
 from guard_fast.runtime.dist import Dist, all_gather_object, barrier, dist_env, distributed
 from guard_fast.runtime.io import (WriteError, append_jsonl, atomic_torch_save,
@@ -22,4 +22,4 @@ __all__ = ["resolve_device", "Dist", "distributed", "dist_env", "barrier", "all_
            "atomic_write_json", "atomic_torch_save", "load_checkpoint", "append_jsonl",
            "seed_all", "epoch_seed", "WriteError", "remove_stale_temps", "NonFiniteError",
            "StepWatch", "as_nonfinite", "check_finite_tensor", "check_finite_weights",
-           "FolderInUseError", "DivergedError", "DivergenceWatch"]
+           "FolderInUseError", "DivergedError", "DivergenceWatch", "teacher_path"]

@@ -18,7 +18,7 @@ from torch import nn
 from guard_fast.runtime.io import atomic_torch_save, load_checkpoint
 from guard_fast.runtime.numeric import check_finite_weights
 
-__all__ = ["classifier_arch", "save_classifier", "load_classifier", "save_training_state",
+__all__ = ["classifier_arch", "save_classifier", "load_classifier", "teacher_path", "save_training_state",
            "load_training_state", "ARCH_KEYS"]
 
 ARCH_KEYS = ("model", "num_classes", "in_channels", "image_size", "mean", "std")
@@ -44,6 +44,21 @@ def save_classifier(path: str | Path, model: nn.Module, arch: dict, metrics: dic
     atomic_torch_save(path, {"model": model.state_dict(), "arch": dict(arch),
                              "metrics": dict(metrics or {}), **extra})
     return Path(path)
+
+
+def teacher_path(p: str | Path) -> Path:
+    """teacher.pt given as the file or as the squeeze run folder that holds it (the stages
+    that take --teacher accept both); FileNotFoundError saying what to run when absent."""
+    p = Path(p)
+    if p.is_dir():
+        if not (p / "teacher.pt").is_file():
+            raise FileNotFoundError(f"{p} holds no teacher.pt: run the squeeze stage first "
+                                    f"(python -m guard_fast.train squeeze --out {p})")
+        return p / "teacher.pt"
+    if not p.is_file():
+        raise FileNotFoundError(f"teacher {p} does not exist: run the squeeze stage first "
+                                "(python -m guard_fast.train squeeze)")
+    return p
 
 
 def load_classifier(path: str | Path, arch_expected: dict | None = None) -> tuple[nn.Module, dict]:
