@@ -176,6 +176,15 @@ def _interp_safe(backend, dtype, *ts):
     return tuple(torch.where(t.abs() < tiny, torch.zeros_like(t), t) for t in ts)
 
 
+def _interp_floor(backend, dtype) -> float:
+    """The same interpreter defect on outputs: a bfloat16 result below the smallest normal
+    number may be rounded wrongly there, so such results get that much absolute slack."""
+    if (backend == "triton" and dtype == torch.bfloat16
+            and os.environ.get("TRITON_INTERPRET") == "1"):
+        return torch.finfo(dtype).tiny
+    return 0.0
+
+
 def _check_penalty_ops(backend, shape, dtype, data):
     x = data.draw(tensors(shape, dtype))
     g = data.draw(tensors(shape, dtype))
@@ -198,8 +207,9 @@ def _check_penalty_ops(backend, shape, dtype, data):
     go = data.draw(tensors((shape[0],), gp.acc_dtype(dtype)))
     da, db = _impl(backend, "sqdiff_norm_backward")(go.contiguous(), x, g)
     ra, rb = gp.sqdiff_norm_backward_ref(go, x, g)
-    _close(f"sqdiff_norm_backward da [{backend}]", da, ra, 2 * _ulp(dtype) * ra.double().abs())
-    _close(f"sqdiff_norm_backward db [{backend}]", db, rb, 2 * _ulp(dtype) * rb.double().abs())
+    fl = _interp_floor(backend, dtype)
+    _close(f"sqdiff_norm_backward da [{backend}]", da, ra, 2 * _ulp(dtype) * ra.double().abs() + fl)
+    _close(f"sqdiff_norm_backward db [{backend}]", db, rb, 2 * _ulp(dtype) * rb.double().abs() + fl)
     _count(f"perturb/sqdiff_norm/sqdiff_norm_backward [{backend}]")
 
 
