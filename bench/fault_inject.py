@@ -25,7 +25,7 @@ dc, student) and the killed run had written its config.json, as a user would rer
 relabel, evaluate and all continue on their own.
 
 Comparison: every tensor bit for bit (torch.equal) and every number exactly, except keys
-that are timings (seconds, *_s, *per_s, time); strings (paths, which differ between the
+that are timings (seconds, *_s, *_ms, *per_s, time); strings (paths, which differ between the
 folders) are not compared. All of these stages are deterministic on the CPU, so the
 documented tolerance is zero. "lost" counts reruns that failed or whose artifacts are
 missing; "differ" those whose artifacts are not identical; "stale temps" counts temporary
@@ -53,7 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-_TIME_KEYS = ("seconds", "time", "per_s", "_s", "elapsed")
+_TIME_KEYS = ("seconds", "time", "per_s", "_s", "_ms", "elapsed")
 
 
 def _is_time_key(k: str) -> bool:
