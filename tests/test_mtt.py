@@ -316,3 +316,37 @@ def test_experts_on_an_imagefolder_data_set(tmp_path, monkeypatch):
     from guard_fast.data.zca import ZCA
     with pytest.raises(ValueError, match="drop --zca"):
         ZCA.fit(torch.zeros(2, 3, 65, 64))
+
+
+def test_nonfinite_values_stop_experts_and_mtt_keeping_their_files(tmp_path, buffer, capsys,
+                                                                    monkeypatch):
+    """A diverging expert or distillation: exit 1 with the step's statistics, and no expert
+    file or checkpoint written with the non-finite values (an expert whose last step broke
+    its weights while the epoch's mean loss stayed finite included)."""
+    import guard_fast.data.dsa as D
+    from guard_fast.train import main
+
+    real = D.train_epoch
+
+    def breaks_weights(net, *a, **k):
+        loss = real(net, *a, **k)
+        with torch.no_grad():
+            next(net.parameters()).view(-1)[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(D, "train_epoch", breaks_weights)
+    out = tmp_path / "e"
+    assert main(["experts", "--num-experts", "1", "--epochs", "2", "--max-train", "40",
+                 "--width", "2", "--batch-train", "16", "--device", "cpu",
+                 "--no-progress", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "experts: non-finite values at expert 0, after epoch 1" in err
+    assert "Traceback" not in err
+    assert not (out / "expert_000.pt").exists()
+    real_unroll = M.unroll_loss
+    monkeypatch.setattr(M, "unroll_loss", lambda *a: real_unroll(*a) * float("nan"))
+    run = tmp_path / "m"
+    with pytest.raises(FloatingPointError, match="non-finite values at iteration 1 "
+                                                 r"\(matching_loss=nan"):
+        M.mtt(_mtt_cfg(buffer, run, checkpoint_every=1))
+    assert not (run / "checkpoint.pt").exists()

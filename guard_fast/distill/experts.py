@@ -29,8 +29,8 @@ from guard_fast.config.experts import ExpertsConfig, resolve_experts
 from guard_fast.data.loader import mix_seed
 from guard_fast.data.trajectories import (BUFFER_INDEX, InputSpace, build_net, expert_path,
                                           load_expert, save_expert)
-from guard_fast.runtime import (RunFolder, atomic_torch_save, atomic_write_json, distributed,
-                                resolve_device)
+from guard_fast.runtime import (NonFiniteError, RunFolder, atomic_torch_save, atomic_write_json,
+                                check_finite_weights, distributed, resolve_device)
 
 __all__ = ["experts", "EXPERT_REGULARIZERS"]
 
@@ -106,9 +106,13 @@ def _train_expert(cfg: ExpertsConfig, k: int, r: _Real, device: torch.device, me
         loss = train_epoch(net, opt, r.x, r.y, cfg.batch_train, gen,
                            cfg.dsa_strategy if cfg.dsa else None,
                            lambda m, xb, yb: crit(m, xb, yb).loss)
+        hint = "Lower --lr-teacher (or --lam with a regularizer)."
         if loss != loss or loss in (float("inf"), float("-inf")):
-            raise FloatingPointError(f"expert {k}: training loss is not finite in epoch {e + 1}; "
-                                     "lower --lr-teacher (or --lam with a regularizer)")
+            raise NonFiniteError("experts", f"expert {k}, epoch {e + 1}",
+                                 {"train_loss": loss, "lr_teacher": cfg.lr_teacher}, hint)
+        # a last step that broke the weights leaves the epoch's mean loss finite: the
+        # expert's file (its resume point) is not overwritten with them
+        check_finite_weights("experts", net, f"expert {k}, after epoch {e + 1}", hint)
         rows.append(flat.flatten().cpu())
         accs.append(_accuracy(net, r.vx, r.vy))
         done = e + 1

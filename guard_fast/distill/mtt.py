@@ -66,8 +66,8 @@ from guard_fast.data import dsa
 from guard_fast.data.loader import mix_seed
 from guard_fast.data.trajectories import Buffer, build_net, load_buffer, space_of
 from guard_fast.models.flat import FlatNet
-from guard_fast.runtime import (RunFolder, append_jsonl, atomic_torch_save, load_checkpoint,
-                                resolve_device)
+from guard_fast.runtime import (NonFiniteError, RunFolder, append_jsonl, atomic_torch_save,
+                                check_finite_tensor, load_checkpoint, resolve_device)
 
 __all__ = ["mtt", "match_loss", "make_plan", "unroll_loss", "tesla_grads", "expert_labels",
            "evaluate_synthetic", "check_buffer"]
@@ -315,9 +315,14 @@ def _iteration(cfg: MTTConfig, it: int, st: _State, buf: Buffer, flat: FlatNet, 
     with torch.no_grad():  # keep the step size positive (module docstring)
         st.lr.clamp_(min=_LR_MIN)
     lv = float(loss.detach())
+    hint = "Lower --lr-img or --lr-lr."
     if not math.isfinite(lv):
-        raise FloatingPointError(f"{cfg.method} matching loss is not finite at iteration "
-                                 f"{it + 1}; lower --lr-img or --lr-lr")
+        raise NonFiniteError(cfg.method, f"iteration {it + 1}",
+                             {"matching_loss": lv, "lr": float(st.lr.detach()), "expert": e,
+                              "start_epoch": start}, hint)
+    # the images and step size after the update: the checkpoint is not written with NaNs
+    check_finite_tensor(cfg.method, "images", st.images, f"iteration {it + 1}", hint)
+    check_finite_tensor(cfg.method, "lr", st.lr, f"iteration {it + 1}", hint)
     return {"iteration": it + 1, "loss": lv, "lr": float(st.lr.detach()), "expert": e,
             "start_epoch": start, "seconds": time.perf_counter() - t0}
 
