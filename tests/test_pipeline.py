@@ -112,6 +112,42 @@ def test_experiments_smoke(name, tmp_path, teachers, single_thread):
                                                   "MTT + GUARD experts (IPC 1)"]
 
 
+def test_table2_trajectory_rows_are_paired_with_sre2l_and_guard(tmp_path, teachers,
+                                                                 single_thread):
+    """With seeds, Table 2's trajectory rows are tabled beside the same IPC's SRe2L and GUARD
+    rows with paired differences to both; --experiment table2-trajectory on table2's --out
+    reruns nothing and writes the same tables to <out>/trajectory/; --ipc restricts table2 to
+    that IPC; the trajectory part without table2's rows is tabled on its own."""
+    cfg = PipelineConfig(smoke=True, progress=False, teachers=str(teachers / "s2"),
+                         eval_examples=2, attack_examples=1, seeds=2)
+    out = tmp_path / "t2"
+    text = run_experiment("table2", cfg, out=str(out), log=lambda *a: None)
+    traj = text[text.index("## Trajectory matching"):]
+    for diff in ("Difference to SRe2L", "Difference to GUARD"):
+        block = traj[traj.index(diff):].split("\n\n")[1]
+        assert "| MTT |" in block and "| TESLA |" in block and "| MTT + GUARD experts |" in block
+    assert traj.count("| SRe2L |") == 2     # in the mean table and in the GUARD differences
+    seen = []
+    alone = run_experiment("table2-trajectory", cfg, out=str(out), log=seen.append)
+    assert not any("experts (regularizer" in str(x) for x in seen), "a complete run reran"
+    assert (out / "trajectory" / "results.md").read_text() == alone
+    assert alone.split("## Trajectory matching")[1] == text.split("## Trajectory matching")[1]
+    rows = json.loads((out / "trajectory" / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["MTT (IPC 1)", "TESLA (IPC 1)",
+                                         "MTT + GUARD experts (IPC 1)"]
+    lone = run_experiment("table2-trajectory", cfg, out=str(tmp_path / "lone"),
+                          log=lambda *a: None)
+    assert "| MTT |" in lone and "| SRe2L |" not in lone and "Difference to" not in lone
+
+
+def test_table2_ipc_option_selects_one_ipc():
+    from guard_fast.pipeline.experiments import table2_ipcs
+
+    assert table2_ipcs(PipelineConfig(preset="mnist")) == (10, 50)
+    assert table2_ipcs(PipelineConfig(preset="mnist", ipc=50)) == (50,)
+    assert table2_ipcs(PipelineConfig(smoke=True, ipc=50)) == (1,)
+
+
 def test_table4_is_the_squeeze_cost_bench(tmp_path, capsys):
     """Table 4 (squeeze cost per regularizer) is measured by bench/bench_table4.py, which
     writes the table and one row per regularizer; `--experiment table4` names that command."""

@@ -217,9 +217,10 @@ def _single_seed_table(rows: Sequence[Mapping[str, Any]]) -> list:
     return lines
 
 
-def _seeded_tables(rows: Sequence[Mapping[str, Any]], reference: Optional[str]) -> list:
-    """Mean ± std over seeds per method; then each method minus the reference method,
-    paired by seed, with its 95% interval (the significant ones marked)."""
+def _seeded_tables(rows: Sequence[Mapping[str, Any]], references: Sequence[str]) -> list:
+    """Mean ± std over seeds per method; then, for each reference method present, every
+    other method minus it, paired by seed, with its 95% interval (the significant ones
+    marked)."""
     cols = _column_order(rows)
     per = [[_columns(run) for run in r["per_seed"]] for r in rows]
     lines = ["| Method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -231,22 +232,24 @@ def _seeded_tables(rows: Sequence[Mapping[str, Any]], reference: Optional[str]) 
             vals = [c["Teacher penalty"][0] for c in runs if "Teacher penalty" in c]
             cells[i] = f"{mean_std(vals)[0]:.3g}" if vals else "-"
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    ref = next((i for i, r in enumerate(rows) if r["method"] == reference), None)
-    if ref is None:
-        return lines
     acc_cols = [k for k in cols if k != "Teacher penalty"]
-    lines += ["", f"Difference to {rows[ref]['name']} (percentage points, paired by seed; "
-              f"{INTERVAL_METHOD}):", "",
-              "| Method | " + " | ".join(acc_cols) + " |", "|---|" + "---:|" * len(acc_cols)]
-    for i, (r, runs) in enumerate(zip(rows, per)):
-        if i == ref:
+    for reference in references:
+        ref = next((i for i, r in enumerate(rows) if r["method"] == reference), None)
+        if ref is None:
             continue
-        cells = []
-        for k in acc_cols:
-            a = [c[k][0] for c in runs if k in c]
-            b = [c[k][0] for c in per[ref] if k in c]
-            cells.append(paired_diff(a, b).format() if len(a) == len(b) == len(runs) else "-")
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        lines += ["", f"Difference to {rows[ref]['name']} (percentage points, paired by seed; "
+                  f"{INTERVAL_METHOD}):", "",
+                  "| Method | " + " | ".join(acc_cols) + " |", "|---|" + "---:|" * len(acc_cols)]
+        for i, (r, runs) in enumerate(zip(rows, per)):
+            if i == ref:
+                continue
+            cells = []
+            for k in acc_cols:
+                a = [c[k][0] for c in runs if k in c]
+                b = [c[k][0] for c in per[ref] if k in c]
+                cells.append(paired_diff(a, b).format() if len(a) == len(b) == len(runs)
+                             else "-")
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -289,7 +292,8 @@ def grad_ratio_table(rows: Sequence[Mapping[str, Any]]) -> list:
 def results_tables(summary: Mapping[str, Any]) -> list:
     """The accuracy tables of a pipeline (or experiment) summary: with one seed each
     accuracy +- its standard error over images; with seeds mean +- std and the paired
-    differences to the reference method."""
+    differences to the reference method (summary["reference"], SRe2L by default) and to
+    each method of summary["also_against"]."""
     rows = summary["rows"]
     seeds = summary.get("seeds")
     head = (f"Accuracy (%) of each student and its teacher, {_images_note(summary)}, protocol "
@@ -299,7 +303,8 @@ def results_tables(summary: Mapping[str, Any]) -> list:
     if seeds:
         return [head + f"; mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))}). "
                 "Teacher penalty: the teacher's validation GUARD penalty (mean).", "",
-                *_seeded_tables(rows, summary.get("reference", "sre2l")), *ratio]
+                *_seeded_tables(rows, [summary.get("reference", "sre2l"),
+                                       *summary.get("also_against", ())]), *ratio]
     return [head + "; ± one binomial standard error over the images. Teacher penalty: the "
             "teacher's validation GUARD penalty.", "", *_single_seed_table(rows), *ratio]
 

@@ -3,6 +3,9 @@
   table1  GUARD (exact, official-cifar) vs SRe2L vs SRe2L + PGD adversarial training of the
           teacher, and the real-subset controls
   table2  GUARD vs SRe2L at IPC 10 and 50; MTT, TESLA, MTT + GUARD experts at IPC 10, 50
+          (--ipc K: that IPC alone)
+  table2-trajectory  table2's trajectory rows alone, written to <out>/trajectory/ (give
+          table2's --out: they are tabled beside its SRe2L and GUARD rows, paired by seed)
   table3  gradient-norm regularization (three lambda_g) against GUARD and SRe2L
   table5  SRe2L, CDA and DC, each with and without GUARD
 
@@ -34,6 +37,8 @@ EXPERIMENTS = {
     "table1": "GUARD (exact and official-cifar) vs SRe2L vs SRe2L + PGD adversarial training "
               "(teacher eps 1/255), with the real-subset controls",
     "table2": "GUARD vs SRe2L at IPC 10 and 50",
+    "table2-trajectory": "Table 2's trajectory rows alone (MTT, TESLA, MTT + GUARD experts), "
+                         "beside table2's SRe2L and GUARD rows where --out holds them",
     "table3": "gradient-norm regularization (three lambda_g) against GUARD and SRe2L",
     "table4": "time per squeeze iteration and peak memory: GUARD vs adversarial training "
               "(a bench: python bench/bench_table4.py)",
@@ -145,9 +150,14 @@ def _table1(cfg: PipelineConfig, base: PipelineConfig, root: Path, log) -> str:
     return _combine(root, EXPERIMENTS["table1"], [("", Path(c.out))])
 
 
+def table2_ipcs(cfg: PipelineConfig) -> tuple:
+    """Table 2's IPCs: 10 and 50, the one given with --ipc, or 1 in the smoke setting."""
+    return (1,) if cfg.smoke else (cfg.ipc,) if cfg.ipc else TABLE2_IPC
+
+
 def _table2(cfg: PipelineConfig, base: PipelineConfig, root: Path, log) -> str:
     parts = []
-    for k in ((1,) if cfg.smoke else TABLE2_IPC):
+    for k in table2_ipcs(cfg):
         c = dataclasses.replace(base, ipc=k, out=str(root / f"ipc{k}"),
                                 methods=("sre2l", GUARD_EXACT, GUARD_OFFICIAL))
         run_pipeline(c, log=log)
@@ -155,6 +165,16 @@ def _table2(cfg: PipelineConfig, base: PipelineConfig, root: Path, log) -> str:
     from guard_fast.pipeline.trajectory import add_table2_rows
 
     return add_table2_rows(cfg, base, root, _combine(root, EXPERIMENTS["table2"], parts), log)
+
+
+def _table2_trajectory(cfg: PipelineConfig, base: PipelineConfig, root: Path, log) -> str:
+    from guard_fast.pipeline.trajectory import add_table2_rows
+
+    out = root / "trajectory"
+    out.mkdir(parents=True, exist_ok=True)
+    title = EXPERIMENTS["table2-trajectory"]
+    atomic_write_json(out / "results.json", {"title": title, "rows": [], "parts": []})
+    return add_table2_rows(cfg, base, root, f"# {title}\n", log, write_to=out)
 
 
 def _table3(cfg: PipelineConfig, base: PipelineConfig, root: Path, log) -> str:
@@ -185,7 +205,8 @@ def _table5(cfg: PipelineConfig, base: PipelineConfig, root: Path, log) -> str:
     return text
 
 
-_RUNS = {"table1": _table1, "table2": _table2, "table3": _table3, "table5": _table5}
+_RUNS = {"table1": _table1, "table2": _table2, "table2-trajectory": _table2_trajectory,
+         "table3": _table3, "table5": _table5}
 
 
 def run_experiment(name: str, cfg: PipelineConfig, out: str | None = None, log=print) -> str:

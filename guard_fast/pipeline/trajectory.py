@@ -144,34 +144,56 @@ def _data_name(m: _TrajRun) -> str:
     return json.loads((m.buffer / "buffer.json").read_text())["meta"]["data"]
 
 
-def add_table2_rows(cfg, base, root: Path, text: str, log=print) -> str:
-    """Table 2's trajectory rows: MTT, TESLA and MTT + GUARD experts at IPC 10 and 50 (1 in
-    the smoke setting), each IPC one pipeline run under root/trajectory_ipc<k> with the
-    experiment's shared buffers; their rows are added to root/results.json and results.md
-    (text: the table so far). Returns the new text."""
+def trajectory_part(base, root: Path, k: int, methods=tuple(TRAJECTORY_METHODS),
+                    log=print) -> tuple[dict, list]:
+    """Table 2's trajectory rows at IPC k: one pipeline run of methods under
+    root/trajectory_ipc<k> with the experiment's settings (base) and shared buffers. Returns
+    its summary and its tables: beside IPC k's SRe2L and GUARD rows when root/ipc<k> holds
+    them with the same seeds, so that with seeds the trajectory rows get paired differences
+    to SRe2L and to GUARD; else on their own."""
     import dataclasses
 
     from guard_fast.evaluate import results_tables
-    from guard_fast.pipeline.experiments import TABLE2_IPC
+    from guard_fast.pipeline.experiments import GUARD_EXACT
     from guard_fast.pipeline.run import run_pipeline
+
+    c = dataclasses.replace(base, methods=tuple(methods), ipc=k,
+                            out=str(root / f"trajectory_ipc{k}"))
+    summary = run_pipeline(c, log=log)
+    shown = dict(summary)
+    part = root / f"ipc{k}" / "results.json"
+    beside = json.loads(part.read_text()) if part.exists() else None
+    if beside is not None and beside.get("seeds") == summary.get("seeds"):
+        shown.update(rows=[*beside["rows"], *summary["rows"]], reference="sre2l",
+                     also_against=[GUARD_EXACT])
+    return summary, [f"### IPC {k}", "", *results_tables(shown), ""]
+
+
+def add_table2_rows(cfg, base, root: Path, text: str, log=print,
+                    write_to: Path | None = None) -> str:
+    """Table 2's trajectory rows: MTT, TESLA and MTT + GUARD experts at IPC 10 and 50 (1 in
+    the smoke setting; cfg.ipc alone when the experiment was given --ipc), each IPC one
+    trajectory_part; their rows are added to root/results.json and results.md (text: the
+    table so far; written to write_to, root by default). Returns the new text."""
+    from guard_fast.pipeline.experiments import table2_ipcs
     from guard_fast.runtime import atomic_write_bytes
 
-    js = json.loads((root / "results.json").read_text())
+    dest = Path(write_to or root)
+    js = json.loads((dest / "results.json").read_text())
     lines = ["", "## Trajectory matching", "",
              "MTT's ConvNet trained on each synthetic set with its learned step size (MTT's "
-             "evaluation); GUARD experts: experts trained with GUARD's penalty.", ""]
-    for k in ((1,) if cfg.smoke else TABLE2_IPC):
-        c = dataclasses.replace(base, methods=tuple(TRAJECTORY_METHODS), ipc=k,
-                                out=str(root / f"trajectory_ipc{k}"))
-        summary = run_pipeline(c, log=log)
+             "evaluation); GUARD experts: experts trained with GUARD's penalty. Each IPC's "
+             "SRe2L and GUARD rows are repeated beside them for the paired differences.", ""]
+    for k in table2_ipcs(cfg):
+        summary, tables = trajectory_part(base, root, k, log=log)
         part = f"trajectory IPC {k}"
-        js.setdefault("parts", []).append({"part": part, "folder": Path(c.out).name,
+        js.setdefault("parts", []).append({"part": part, "folder": f"trajectory_ipc{k}",
                                            "summary": summary})
         js["rows"] += [{"part": part, "name": f"{r['name']} (IPC {k})", "method": r["method"],
                         **{x: r[x] for x in r if x not in ("name", "method")}}
                        for r in summary["rows"]]
-        lines += [f"### IPC {k}", "", *results_tables(summary), ""]
-    atomic_write_json(root / "results.json", js)
+        lines += tables
+    atomic_write_json(dest / "results.json", js)
     text += "\n".join(lines) + "\n"
-    atomic_write_bytes(root / "results.md", text.encode())
+    atomic_write_bytes(dest / "results.md", text.encode())
     return text
