@@ -317,6 +317,11 @@ def _run_all(ns: argparse.Namespace) -> int:
 
     cfg = C.validate(C.PipelineConfig(**C.overrides_from(ns, C.PipelineConfig)), "cli")
     resolve_device(cfg.device)  # a CUDA device on a machine without one: say so first
+    if ns.experiment and ns.methods is not None:
+        raise ValueError(f"--methods does not apply to --experiment {ns.experiment}: an "
+                         "experiment's rows are fixed (the README's experiments section "
+                         "lists them); for rows of your own run `all --methods "
+                         "...` without --experiment")
     if ns.experiment:
         run_experiment(ns.experiment, cfg, out=ns.out)
     else:

@@ -169,6 +169,11 @@ def test_table4_is_the_squeeze_cost_bench(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_names_the_problem(tmp_path, capsys):
+    # an experiment's rows are fixed: --methods with --experiment is refused, not ignored
+    assert main(["all", "--experiment", "table1", "--methods", "sre2l", "--smoke",
+                 "--out", str(tmp_path / "t1")]) == 2
+    assert "--methods does not apply to --experiment table1" in capsys.readouterr().err
+    assert not (tmp_path / "t1").exists()
     assert main(["relabel", "--distilled", str(tmp_path / "nothing"), "--out",
                  str(tmp_path / "rl")]) == 2
     assert "run the recover" in capsys.readouterr().err
