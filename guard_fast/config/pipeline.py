@@ -60,8 +60,10 @@ SMOKE: dict[str, Any] = dict(squeeze=dict(epochs=1, max_train=64, max_val=32, ba
                              recover=dict(iterations=2), ipc=2,
                              student=dict(epochs=1, **_SMOKE_NET),
                              eval_examples=4, sweep=(2 / 255,), square_queries=10)
-# settings that may differ when a run is continued (they do not change its results)
-RESUMABLE = frozenset({"progress", "device"})
+# settings that may differ when a run is continued (they do not change its results; the
+# methods each have their own folders and checked settings: a continued run may add or drop
+# rows)
+RESUMABLE = frozenset({"progress", "device", "methods"})
 # the experiments' evaluation: every validation image for clean and PGD-100, a stratified
 # subset of this many for the costlier attacks
 EXPERIMENT_ATTACK_EXAMPLES = 1000
