@@ -117,9 +117,10 @@ def test_experiments_smoke(name, tmp_path, teachers, single_thread):
 def test_table2_trajectory_rows_are_paired_with_sre2l_and_guard(tmp_path, teachers,
                                                                  single_thread):
     """Table 2 end to end in its smoke form with 2 seeds. Its trajectory rows are tabled
-    beside the same IPC's SRe2L and GUARD rows with paired differences to both; --experiment table2-trajectory on table2's --out
-    reruns nothing and writes the same tables to <out>/trajectory/; --ipc restricts table2 to
-    that IPC; the trajectory part without table2's rows is tabled on its own."""
+    beside the same IPC's SRe2L and GUARD rows with paired differences to both;
+    --experiment table2-trajectory on table2's --out reruns nothing and writes the same
+    tables to <out>/trajectory/; the trajectory part without table2's rows is tabled on
+    its own."""
     cfg = PipelineConfig(smoke=True, progress=False, teachers=str(teachers / "s2"),
                          eval_examples=2, attack_examples=1, seeds=2)
     out = tmp_path / "t2"
