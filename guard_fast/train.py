@@ -382,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     elif argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["all", *argv]  # python -m guard_fast.train --preset imagenette --data PATH
     ns = parser.parse_args(argv)
+    from guard_fast.runtime.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()   # CPU loops reuse their freed buffers (see its docstring)
     if ns.stage is None:
         parser.print_help()
         return 2
