@@ -4,12 +4,12 @@ glibc's malloc serves blocks above its mmap threshold with fresh mmap'd pages an
 memory above its trim threshold at the top of the heap back to the kernel. A training step or
 an attack step frees its activation and gradient buffers and allocates the same sizes again on
 the next step, so by default every step faults its buffers in afresh and the kernel zeroes
-them: on this project's CPU loops a quarter to a half of the CPU time was kernel time (MTT's
-unroll at IPC 10 on Fashion-MNIST sizes; PGD on a batch of 500 digits). With both thresholds
-raised the freed blocks stay in the process and are reused: measured on a 2-core AMD EPYC VM,
-one thread, PGD-10 steps on 500 images 2.5-2.6 s -> 1.9-2.0 s, MTT iterations 3.7 -> 3.1 s,
-kernel time 3.2 -> 0.9 s. The cost: the process keeps its peak heap (resident memory does not
-shrink after a large step).
+them. Raised, the freed blocks stay in the process and are reused. bench/bench_allocator.py
+(a fresh process per arm, alternated, 5 rounds, one thread, a 2-core AMD EPYC VM): 10 PGD
+steps on 500 28x28 images 2.55 -> 1.83 s (x0.72 [0.72, 0.75]), kernel time 2.03 -> 0.02 s;
+one MTT iteration at the fashion-mnist size 3.90 -> 3.26 s (x0.82 [0.71, 1.03]), kernel time
+1.79 -> 0.43 s (bench/results/allocator.jsonl). The cost: the process keeps its peak heap
+(resident memory does not shrink after a large step).
 
 `python -m guard_fast.train` applies it at start-up (so the pipeline, the stages, the seed
 workers and torchrun ranks get it); a library import does not. Skipped, leaving malloc as it
