@@ -4,9 +4,12 @@ against a straightforward loop written the way the public MTT code is.
   straightforward  a flattened-parameter module (the net's Parameters replaced by views of
                    one flat vector set as attributes before every call, as MTT's
                    ReparamModule does), the list of student parameters kept, one
-                   autograd.grad(create_graph=True) per step, the loss, one backward
+                   autograd.grad(create_graph=True) per step, the loss, one backward; its
+                   network has PyTorch's nn.GroupNorm, as the public code's has
   mtt              guard_fast.distill.mtt.unroll_loss (torch.func.functional_call on a
-                   flat vector) and one backward: the same exact gradient
+                   flat vector) and one backward: the same exact gradient, on guard_fast's
+                   ConvNet (its InstanceNorm: the fused C++ double backward on the CPU)
+  mtt-groupnorm    the same on the network with PyTorch's nn.GroupNorm (what the kernel buys)
   tesla            guard_fast.distill.mtt.tesla_grads: TESLA's constant-memory gradient
   tesla-exact      tesla_grads(exact=True): the exact gradient by a reverse sweep over the
                    stored parameter vectors
@@ -31,7 +34,22 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-VARIANTS = ("straightforward", "mtt", "tesla", "tesla-exact")
+VARIANTS = ("straightforward", "mtt", "mtt-groupnorm", "tesla", "tesla-exact")
+
+
+def _plain_groupnorm(net: nn.Module) -> nn.Module:
+    """A copy of net with guard_fast's InstanceNorm modules replaced by PyTorch's
+    nn.GroupNorm (same parameters): the public code's network."""
+    from guard_fast.models.instance_norm import InstanceNorm
+
+    net = copy.deepcopy(net)
+    for parent in net.modules():
+        for name, m in list(parent.named_children()):
+            if isinstance(m, InstanceNorm):
+                gn = nn.GroupNorm(m.num_groups, m.num_channels, eps=m.eps, affine=True)
+                gn.load_state_dict(m.state_dict())
+                setattr(parent, name, gn.to(m.weight.device, m.weight.dtype))
+    return net
 
 
 class _FlatModule(nn.Module):
@@ -92,10 +110,13 @@ def _setup(args, device, steps):
 
 
 def _fn(variant, M, flat, w0, wT, images, labels, lr, plan, fm):
+    from guard_fast.models.flat import FlatNet
+
     if variant == "straightforward":
         return lambda: _straightforward(fm, w0, wT, images, labels, lr, plan)
-    if variant == "mtt":
-        return lambda: torch.autograd.grad(M.unroll_loss(flat, w0, wT, images, labels, lr, plan),
+    if variant in ("mtt", "mtt-groupnorm"):
+        f = flat if variant == "mtt" else FlatNet(_plain_groupnorm(flat.net))
+        return lambda: torch.autograd.grad(M.unroll_loss(f, w0, wT, images, labels, lr, plan),
                                            (images, lr))
     return lambda: M.tesla_grads(flat, w0, wT, images, labels, lr, plan,
                                  exact=variant == "tesla-exact")[1:]
@@ -106,7 +127,7 @@ def _check(fns) -> tuple[float, float | None]:
     ||g_tesla - g_exact|| / ||g_exact|| of the image gradient: what TESLA's gradient drops)."""
     ref = fns["mtt"]()[0]
     worst = 0.0
-    for v in ("straightforward", "tesla-exact"):
+    for v in ("straightforward", "mtt-groupnorm", "tesla-exact"):
         if v in fns:
             g = fns[v]()[0]
             worst = max(worst, float((g - ref).abs().max() / ref.abs().max()))
@@ -139,7 +160,7 @@ def main(argv=None) -> int:
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:
         M, flat, w0, wT, images, labels, lr, plan = _setup(args, device, steps)
-        fm = _FlatModule(copy.deepcopy(flat.net)).to(device)
+        fm = _FlatModule(_plain_groupnorm(flat.net)).to(device)
         fns = {v: _fn(v, M, flat, w0, wT, images, labels, lr, plan, fm) for v in variants}
         err, drop = _check(fns) if "mtt" in fns else (None, None)
         ref = "straightforward" if "straightforward" in fns else None

@@ -164,6 +164,17 @@ GUARD_FAST_DECLARE_KERNELS(cuda)
 at::Tensor fab_project_cpu(const at::Tensor& t, const at::Tensor& w, const at::Tensor& b);
 at::Tensor fab_project_meta(const at::Tensor& t, const at::Tensor& w, const at::Tensor& b);
 
+// The double backward of instance norm (GroupNorm, one group per channel), per (n, c)
+// group in two passes (instance_norm_cpu.cpp). CPU only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_double_backward_cpu(
+    const at::Tensor& u, const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& gw_up,
+    const at::Tensor& gb_up);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_double_backward_meta(
+    const at::Tensor& u, const at::Tensor& gy, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& gw_up,
+    const at::Tensor& gb_up);
+
 // Whether this library was built with the CUDA kernels (register.cpp).
 bool cuda_compiled();
 

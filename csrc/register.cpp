@@ -45,6 +45,10 @@ TORCH_LIBRARY(guard_fast_C, m) {
         tags);
   // FAB's L-inf projection, per row (CPU kernel only)
   m.def("fab_project(Tensor t, Tensor w, Tensor b) -> Tensor", tags);
+  // instance norm's double backward, per (n, c) group (CPU kernel only)
+  m.def("instance_norm_double_backward(Tensor u, Tensor gy, Tensor x, Tensor mean, Tensor rstd, "
+        "Tensor weight, Tensor gw_up, Tensor gb_up) -> (Tensor, Tensor, Tensor)",
+        tags);
 }
 
 // The ops with a kernel for every backend (GUARD_FAST_DECLARE_KERNELS in
@@ -61,6 +65,7 @@ TORCH_LIBRARY(guard_fast_C, m) {
 TORCH_LIBRARY_IMPL(guard_fast_C, CPU, m) {
   GUARD_FAST_IMPL_KERNELS(m, cpu);
   m.impl("fab_project", &guard_fast::fab_project_cpu);
+  m.impl("instance_norm_double_backward", &guard_fast::instance_norm_double_backward_cpu);
 }
 
 // Meta kernels double as the fake (abstract) impls used by FakeTensor,
@@ -69,6 +74,7 @@ TORCH_LIBRARY_IMPL(guard_fast_C, CPU, m) {
 TORCH_LIBRARY_IMPL(guard_fast_C, Meta, m) {
   GUARD_FAST_IMPL_KERNELS(m, meta);
   m.impl("fab_project", &guard_fast::fab_project_meta);
+  m.impl("instance_norm_double_backward", &guard_fast::instance_norm_double_backward_meta);
 }
 
 #ifdef GUARD_FAST_WITH_CUDA
@@ -82,7 +88,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "guard_fast C++/CUDA kernels; the ops live in torch.ops.guard_fast_C "
       "(perturb, sqdiff_norm, sqdiff_norm_backward, pgd_step, mim_step, apgd_step, "
-      "square_window).";
+      "square_window, fab_project, instance_norm_double_backward).";
   m.def("cuda_compiled", &guard_fast::cuda_compiled,
         "True when the CUDA kernels were compiled into this build.");
 }

@@ -14,7 +14,10 @@ Two details follow the public code (DC's ``utils.py``, copied by MTT/TESLA):
 * "instance norm" is ``nn.GroupNorm(width, width, affine=True)``: one group per channel,
   which normalizes each sample's channel over its spatial extent (instance norm) with a
   learnable per-channel scale and shift, and keeps no running statistics, so the network
-  behaves the same in train and eval mode.
+  behaves the same in train and eval mode. It is built as
+  :class:`~guard_fast.models.instance_norm.InstanceNorm`, an ``nn.GroupNorm`` with the same
+  parameters and state_dict whose double backward (MTT's unroll, DC's gradient matching) runs
+  as one fused C++ kernel on the CPU.
 * a one-channel input gets ``padding=3`` in the first conv (28x28 MNIST becomes 32x32, so
   the classifier sees 4x4 maps as for CIFAR). The public code keeps that padding for any
   one-channel image size; so does this class, and the classifier's input size is computed
@@ -24,6 +27,8 @@ Two details follow the public code (DC's ``utils.py``, copied by MTT/TESLA):
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+from .instance_norm import InstanceNorm
 
 NORMS = ("instancenorm", "batchnorm", "none")
 
@@ -75,7 +80,7 @@ class ConvNet(nn.Module):
             pad = first_padding if d == 0 else 1
             layers.append(nn.Conv2d(c, width, kernel_size=3, padding=pad))
             if norm == "instancenorm":
-                layers.append(nn.GroupNorm(width, width, affine=True))
+                layers.append(InstanceNorm(width))
             elif norm == "batchnorm":
                 layers.append(nn.BatchNorm2d(width))
             layers.append(nn.ReLU(inplace=True))
