@@ -97,7 +97,7 @@ def test_kernel_rejects_bad_input():
 
 def test_mtt_unroll_gradients_equal_pytorch_groupnorm():
     """The whole point: MTT's image and step-size gradients through 8 steps with DSA
-    (crop makes channels_last activations) are PyTorch's, in float64."""
+    (DSA on, crop among the steps) are PyTorch's, in float64."""
     from guard_fast.data import dsa
     from guard_fast.distill import mtt
 
