@@ -144,7 +144,7 @@ def _extensions():
     os.environ.setdefault("MAX_JOBS", str(min(4, os.cpu_count() or 1)))
     sources = [os.path.join(CSRC, f)
                for f in ("common.cpp", "ops_cpu.cpp", "attack_steps_cpu.cpp", "fab_cpu.cpp",
-                         "instance_norm_cpu.cpp", "register.cpp")]
+                         "instance_norm_cpu.cpp", "pool_cpu.cpp", "register.cpp")]
     # Python's own CFLAGS carry -g, which doubles the C++ compile time here (45 s -> 22 s
     # for ops_cpu.cpp): drop it unless GUARD_FAST_DEBUG_BUILD=1.
     cxx = ["-O3"] + ([] if _flag("GUARD_FAST_DEBUG_BUILD") else ["-g0"])

@@ -5,11 +5,11 @@ against a straightforward loop written the way the public MTT code is.
                    one flat vector set as attributes before every call, as MTT's
                    ReparamModule does), the list of student parameters kept, one
                    autograd.grad(create_graph=True) per step, the loss, one backward; its
-                   network has PyTorch's nn.GroupNorm, as the public code's has
+                   network has PyTorch's nn.GroupNorm and nn.AvgPool2d, as the public code's
   mtt              guard_fast.distill.mtt.unroll_loss (torch.func.functional_call on a
                    flat vector) and one backward: the same exact gradient, on guard_fast's
-                   ConvNet (its InstanceNorm: the fused C++ double backward on the CPU)
-  mtt-groupnorm    the same on the network with PyTorch's nn.GroupNorm (what the kernel buys)
+                   ConvNet (its InstanceNorm and AvgPool2x2: fused C++ kernels on the CPU)
+  mtt-torch-layers the same on PyTorch's nn.GroupNorm and nn.AvgPool2d (what the kernels buy)
   tesla            guard_fast.distill.mtt.tesla_grads: TESLA's constant-memory gradient
   tesla-exact      tesla_grads(exact=True): the exact gradient by a reverse sweep over the
                    stored parameter vectors
@@ -34,13 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-VARIANTS = ("straightforward", "mtt", "mtt-groupnorm", "tesla", "tesla-exact")
+VARIANTS = ("straightforward", "mtt", "mtt-torch-layers", "tesla", "tesla-exact")
 
 
-def _plain_groupnorm(net: nn.Module) -> nn.Module:
-    """A copy of net with guard_fast's InstanceNorm modules replaced by PyTorch's
-    nn.GroupNorm (same parameters): the public code's network."""
+def _torch_layers(net: nn.Module) -> nn.Module:
+    """A copy of net with guard_fast's InstanceNorm and AvgPool2x2 modules replaced by
+    PyTorch's nn.GroupNorm and nn.AvgPool2d (same parameters): the public code's network."""
     from guard_fast.models.instance_norm import InstanceNorm
+    from guard_fast.models.pool import AvgPool2x2
 
     net = copy.deepcopy(net)
     for parent in net.modules():
@@ -49,6 +50,8 @@ def _plain_groupnorm(net: nn.Module) -> nn.Module:
                 gn = nn.GroupNorm(m.num_groups, m.num_channels, eps=m.eps, affine=True)
                 gn.load_state_dict(m.state_dict())
                 setattr(parent, name, gn.to(m.weight.device, m.weight.dtype))
+            elif isinstance(m, AvgPool2x2):
+                setattr(parent, name, nn.AvgPool2d(kernel_size=2, stride=2))
     return net
 
 
@@ -114,8 +117,8 @@ def _fn(variant, M, flat, w0, wT, images, labels, lr, plan, fm):
 
     if variant == "straightforward":
         return lambda: _straightforward(fm, w0, wT, images, labels, lr, plan)
-    if variant in ("mtt", "mtt-groupnorm"):
-        f = flat if variant == "mtt" else FlatNet(_plain_groupnorm(flat.net))
+    if variant in ("mtt", "mtt-torch-layers"):
+        f = flat if variant == "mtt" else FlatNet(_torch_layers(flat.net))
         return lambda: torch.autograd.grad(M.unroll_loss(f, w0, wT, images, labels, lr, plan),
                                            (images, lr))
     return lambda: M.tesla_grads(flat, w0, wT, images, labels, lr, plan,
@@ -127,7 +130,7 @@ def _check(fns) -> tuple[float, float | None]:
     ||g_tesla - g_exact|| / ||g_exact|| of the image gradient: what TESLA's gradient drops)."""
     ref = fns["mtt"]()[0]
     worst = 0.0
-    for v in ("straightforward", "mtt-groupnorm", "tesla-exact"):
+    for v in ("straightforward", "mtt-torch-layers", "tesla-exact"):
         if v in fns:
             g = fns[v]()[0]
             worst = max(worst, float((g - ref).abs().max() / ref.abs().max()))
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:
         M, flat, w0, wT, images, labels, lr, plan = _setup(args, device, steps)
-        fm = _FlatModule(_plain_groupnorm(flat.net)).to(device)
+        fm = _FlatModule(_torch_layers(flat.net)).to(device)
         fns = {v: _fn(v, M, flat, w0, wT, images, labels, lr, plan, fm) for v in variants}
         err, drop = _check(fns) if "mtt" in fns else (None, None)
         ref = "straightforward" if "straightforward" in fns else None

@@ -175,6 +175,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_double_backward_met
     const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& gw_up,
     const at::Tensor& gb_up);
 
+// 2x2 / stride-2 average pooling and its backward (pool_cpu.cpp). CPU only.
+at::Tensor avg_pool2x2_cpu(const at::Tensor& x);
+at::Tensor avg_pool2x2_backward_cpu(const at::Tensor& gy, int64_t H, int64_t W);
+at::Tensor avg_pool2x2_meta(const at::Tensor& x);
+at::Tensor avg_pool2x2_backward_meta(const at::Tensor& gy, int64_t H, int64_t W);
+
 // Whether this library was built with the CUDA kernels (register.cpp).
 bool cuda_compiled();
 

@@ -49,6 +49,9 @@ TORCH_LIBRARY(guard_fast_C, m) {
   m.def("instance_norm_double_backward(Tensor u, Tensor gy, Tensor x, Tensor mean, Tensor rstd, "
         "Tensor weight, Tensor gw_up, Tensor gb_up) -> (Tensor, Tensor, Tensor)",
         tags);
+  // 2x2 / stride-2 average pooling and its backward (CPU kernels only)
+  m.def("avg_pool2x2(Tensor x) -> Tensor", tags);
+  m.def("avg_pool2x2_backward(Tensor gy, int H, int W) -> Tensor", tags);
 }
 
 // The ops with a kernel for every backend (GUARD_FAST_DECLARE_KERNELS in
@@ -66,6 +69,8 @@ TORCH_LIBRARY_IMPL(guard_fast_C, CPU, m) {
   GUARD_FAST_IMPL_KERNELS(m, cpu);
   m.impl("fab_project", &guard_fast::fab_project_cpu);
   m.impl("instance_norm_double_backward", &guard_fast::instance_norm_double_backward_cpu);
+  m.impl("avg_pool2x2", &guard_fast::avg_pool2x2_cpu);
+  m.impl("avg_pool2x2_backward", &guard_fast::avg_pool2x2_backward_cpu);
 }
 
 // Meta kernels double as the fake (abstract) impls used by FakeTensor,
@@ -75,6 +80,8 @@ TORCH_LIBRARY_IMPL(guard_fast_C, Meta, m) {
   GUARD_FAST_IMPL_KERNELS(m, meta);
   m.impl("fab_project", &guard_fast::fab_project_meta);
   m.impl("instance_norm_double_backward", &guard_fast::instance_norm_double_backward_meta);
+  m.impl("avg_pool2x2", &guard_fast::avg_pool2x2_meta);
+  m.impl("avg_pool2x2_backward", &guard_fast::avg_pool2x2_backward_meta);
 }
 
 #ifdef GUARD_FAST_WITH_CUDA
@@ -88,7 +95,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
       "guard_fast C++/CUDA kernels; the ops live in torch.ops.guard_fast_C "
       "(perturb, sqdiff_norm, sqdiff_norm_backward, pgd_step, mim_step, apgd_step, "
-      "square_window, fab_project, instance_norm_double_backward).";
+      "square_window, fab_project, instance_norm_double_backward, avg_pool2x2).";
   m.def("cuda_compiled", &guard_fast::cuda_compiled,
         "True when the CUDA kernels were compiled into this build.");
 }

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from guard_fast.models import build_model
 from guard_fast.models import instance_norm as inorm
 from guard_fast.models.flat import FlatNet
+from guard_fast.models.pool import AvgPool2x2
 
 pytestmark = pytest.mark.skipif(not inorm.fused_available(),
                                 reason="guard_fast._C without instance_norm_double_backward")
@@ -96,19 +97,23 @@ def test_kernel_rejects_bad_input():
 
 
 def test_mtt_unroll_gradients_equal_pytorch_groupnorm():
-    """The whole point: MTT's image and step-size gradients through 8 steps with DSA
-    (DSA on, crop among the steps) are PyTorch's, in float64."""
+    """The whole point: MTT's image and step-size gradients through 8 steps (DSA on, crop
+    among the steps) on guard_fast's ConvNet (fused norm and pooling) are those on
+    PyTorch's layers, in float64."""
     from guard_fast.data import dsa
     from guard_fast.distill import mtt
 
     torch.manual_seed(0)
     net = build_model("convnet", 10, 3, image_size=16, width=8, depth=2).double()
     ref_net = copy.deepcopy(net)
-    for i, m in enumerate(ref_net.features):
+    for i, m in enumerate(ref_net.features):  # PyTorch's own layers, as the public code's
         if isinstance(m, inorm.InstanceNorm):
             gn = torch.nn.GroupNorm(m.num_channels, m.num_channels).double()
             gn.load_state_dict(m.state_dict())
             ref_net.features[i] = gn
+        elif isinstance(m, AvgPool2x2):
+            ref_net.features[i] = torch.nn.AvgPool2d(2, 2)
+    assert any(isinstance(m, AvgPool2x2) for m in net.features)
     flat, ref = FlatNet(net), FlatNet(ref_net)
     w0 = flat.flatten()
     wT = w0 + 0.01 * torch.randn_like(w0)

@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 from guard_fast.models.instance_norm import InstanceNorm
+from guard_fast.models.pool import AvgPool2x2
 
 from guard_fast.models import (IMAGENET_MEAN, IMAGENET_STD, ConvNet, Normalized, build_model,
                                list_models, resnet18)
@@ -62,8 +63,9 @@ def test_resnet50_and_convnet_d5_forward():
 def test_convnet_structure_matches_dc():
     m = build_model("convnet", 10, 3)
     kinds = [type(l) for l in m.features]
-    assert kinds == [nn.Conv2d, InstanceNorm, nn.ReLU, nn.AvgPool2d] * 3
+    assert kinds == [nn.Conv2d, InstanceNorm, nn.ReLU, AvgPool2x2] * 3
     assert isinstance(m.features[1], nn.GroupNorm)  # same parameters and state_dict
+    assert isinstance(m.features[3], nn.AvgPool2d)
     gn = m.features[1]
     assert gn.num_groups == gn.num_channels == 128 and gn.affine
     assert m.features[0].padding == (1, 1) and m.features[0].kernel_size == (3, 3)

@@ -17,7 +17,8 @@ Two details follow the public code (DC's ``utils.py``, copied by MTT/TESLA):
   behaves the same in train and eval mode. It is built as
   :class:`~guard_fast.models.instance_norm.InstanceNorm`, an ``nn.GroupNorm`` with the same
   parameters and state_dict whose double backward (MTT's unroll, DC's gradient matching) runs
-  as one fused C++ kernel on the CPU.
+  as one fused C++ kernel on the CPU; its 2x2 average pooling is
+  :class:`~guard_fast.models.pool.AvgPool2x2`, an ``nn.AvgPool2d(2, 2)`` on fused CPU kernels.
 * a one-channel input gets ``padding=3`` in the first conv (28x28 MNIST becomes 32x32, so
   the classifier sees 4x4 maps as for CIFAR). The public code keeps that padding for any
   one-channel image size; so does this class, and the classifier's input size is computed
@@ -29,6 +30,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .instance_norm import InstanceNorm
+from .pool import AvgPool2x2
 
 NORMS = ("instancenorm", "batchnorm", "none")
 
@@ -84,7 +86,7 @@ class ConvNet(nn.Module):
             elif norm == "batchnorm":
                 layers.append(nn.BatchNorm2d(width))
             layers.append(nn.ReLU(inplace=True))
-            layers.append(nn.AvgPool2d(kernel_size=2, stride=2))
+            layers.append(AvgPool2x2())
             c = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * side * side, num_classes)
