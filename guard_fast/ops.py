@@ -79,6 +79,16 @@ def _triton_on_cpu() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cpu_layer_op(op: str, switch: str) -> bool:
+    """Whether the CPU-only layer kernel guard_fast_C::<op> (fused instance norm / pooling,
+    guard_fast/models/) may run: the extension has it, and neither GUARD_FAST_BACKEND nor
+    the layer's own switch (environment variable `switch`) is "torch"."""
+    if os.environ.get(switch, "auto") == "torch" or os.environ.get("GUARD_FAST_BACKEND",
+                                                                    "auto") == "torch":
+        return False
+    return extension is not None and hasattr(torch.ops.guard_fast_C, op)
+
+
 # ----------------------------------------------------------------------------- registry
 
 

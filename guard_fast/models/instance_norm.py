@@ -22,8 +22,6 @@ third derivative) raises and names the switch.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,12 +36,7 @@ def fused_available() -> bool:
     neither GUARD_FAST_BACKEND=torch nor GUARD_FAST_INSTANCE_NORM=torch asks otherwise)."""
     from guard_fast import ops
 
-    if os.environ.get("GUARD_FAST_INSTANCE_NORM", "auto") == "torch":
-        return False
-    if os.environ.get("GUARD_FAST_BACKEND", "auto") == "torch":
-        return False
-    return ops.extension is not None and hasattr(torch.ops.guard_fast_C,
-                                                 "instance_norm_double_backward")
+    return ops.cpu_layer_op("instance_norm_double_backward", "GUARD_FAST_INSTANCE_NORM")
 
 
 class _Backward(torch.autograd.Function):

@@ -14,8 +14,6 @@ rounding (tests/test_pool.py).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,13 +22,10 @@ __all__ = ["AvgPool2x2", "avg_pool2x2", "fused_available"]
 
 
 def fused_available() -> bool:
+    """Whether the fused kernels can run here (see the module docstring)."""
     from guard_fast import ops
 
-    if os.environ.get("GUARD_FAST_POOL", "auto") == "torch":
-        return False
-    if os.environ.get("GUARD_FAST_BACKEND", "auto") == "torch":
-        return False
-    return ops.extension is not None and hasattr(torch.ops.guard_fast_C, "avg_pool2x2")
+    return ops.cpu_layer_op("avg_pool2x2", "GUARD_FAST_POOL")
 
 
 class _Pool(torch.autograd.Function):
