@@ -198,7 +198,7 @@ setup(
     package_dir=package_dir,
     install_requires=["torch>=2.6", "torchvision", "numpy", "tqdm", "mlxtend>=0.23", "pillow"],
     extras_require={
-        "test": ["pytest", "hypothesis>=6.100", "torchattacks==3.5.1", "pyautoattack==0.2.0",
+        "test": ["pytest", "pytest-xdist>=3.5", "hypothesis>=6.100", "torchattacks==3.5.1", "pyautoattack==0.2.0",
                  "nvidia-dali-cuda130"],
         "dali": ["nvidia-dali-cuda130"],
     },
