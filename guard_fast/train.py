@@ -317,11 +317,16 @@ def _run_all(ns: argparse.Namespace) -> int:
 
     cfg = C.validate(C.PipelineConfig(**C.overrides_from(ns, C.PipelineConfig)), "cli")
     resolve_device(cfg.device)  # a CUDA device on a machine without one: say so first
-    if ns.experiment and ns.methods is not None:
-        raise ValueError(f"--methods does not apply to --experiment {ns.experiment}: an "
-                         "experiment's rows are fixed (the README's experiments section "
-                         "lists them); for rows of your own run `all --methods "
-                         "...` without --experiment")
+    if ns.experiment:
+        from guard_fast.pipeline.experiments import EXPERIMENT_FIXES
+
+        for field in EXPERIMENT_FIXES.get(ns.experiment, ()):
+            if getattr(ns, field, None) is not None:
+                flag = "--" + field.replace("_", "-")
+                raise ValueError(f"{flag} does not apply to --experiment {ns.experiment}: an "
+                                 "experiment's rows are fixed (the README's experiments "
+                                 f"section lists them); for rows of your own run `all {flag} "
+                                 "...` without --experiment")
     if ns.experiment:
         run_experiment(ns.experiment, cfg, out=ns.out)
     else:

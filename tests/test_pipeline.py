@@ -182,6 +182,11 @@ def test_bad_input_names_the_problem(tmp_path, capsys):
                  "--out", str(tmp_path / "t1")]) == 2
     assert "--methods does not apply to --experiment table1" in capsys.readouterr().err
     assert not (tmp_path / "t1").exists()
+    # table5 sets the recover method of its rows itself (SRe2L and CDA)
+    assert main(["all", "--experiment", "table5", "--recover-method", "cda", "--smoke",
+                 "--out", str(tmp_path / "t5")]) == 2
+    assert "--recover-method does not apply to --experiment table5" in capsys.readouterr().err
+    assert not (tmp_path / "t5").exists()
     assert main(["relabel", "--distilled", str(tmp_path / "nothing"), "--out",
                  str(tmp_path / "rl")]) == 2
     assert "run the recover" in capsys.readouterr().err

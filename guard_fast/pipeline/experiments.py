@@ -55,6 +55,11 @@ GUARD_OFFICIAL = "guard:guard_mode=official-cifar"
 TABLE1_METHODS = ("sre2l", GUARD_EXACT, "real", "real@" + GUARD_EXACT, GUARD_OFFICIAL, "sre2l-adv")
 TABLE2_IPC = (10, 50)
 TABLE3_LAMBDAS = ("1e-3", "1e-2", "1e-1")
+# the pipeline settings each experiment sets itself (its rows): given on the command line with
+# --experiment they are refused, not silently replaced
+EXPERIMENT_FIXES = {"table1": ("methods",), "table2": ("methods",),
+                    "table2-trajectory": ("methods",), "table3": ("methods",),
+                    "table5": ("methods", "recover_method")}
 
 # The experiments' sizes on the data sets that need no --data (bundled digits, Fashion-MNIST),
 # chosen so that a table with 3 seeds fits in about an hour of a 2-core CPU: DC's ConvNet
