@@ -148,6 +148,7 @@ def test_published_presets_are_the_public_values():
         "tiny-imagenet-ipc10": (20, 2, 40, 200, False, 10000, 1e-4, 0.01),
         "tiny-imagenet-ipc50": (20, 2, 40, 300, False, 10000, 1e-4, 0.01),
         "imagenette-ipc1": (20, 2, 10, None, False, 1000, 1e-6, 0.01),
+        "imagenette-ipc10": (20, 2, 10, 20, False, 100000, 1e-6, 0.01),
         "tesla-cifar10-ipc1": (50, 2, 5, None, False, 1000, 1e-7, 0.01),
         "tesla-cifar100-ipc50": (80, 2, 40, 125, True, 1000, 1e-5, 0.01),
         "tesla-imagenet-1k-ipc1": (10, 3, 10, 100, False, 10000, 1e-4, 0.01),
