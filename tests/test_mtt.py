@@ -163,6 +163,20 @@ def test_published_presets_are_the_public_values():
     assert resolve_mtt({"preset": "cifar10-ipc10"}).label_mode() == "hard"
 
 
+def test_pipeline_sizes_take_synthetic_minibatches_from_ipc_50():
+    from guard_fast.config.mtt import TRAJECTORY_PIPELINE, trajectory_distill_sizes
+
+    fm = TRAJECTORY_PIPELINE["fashion-mnist"]
+    # IPC 10: the whole synthetic set per student step (the preset's batch_syn None)
+    assert resolve_mtt({**trajectory_distill_sizes(fm, 10), "ipc": 10}).batch_syn is None
+    # IPC 50 and above: minibatches of IPC 10's size, so an iteration costs the same
+    for k in (50, 100):
+        assert resolve_mtt({**trajectory_distill_sizes(fm, k), "ipc": k}).batch_syn == 100
+    # the smoke sizes have no per-IPC entry
+    assert trajectory_distill_sizes(TRAJECTORY_PIPELINE["smoke"], 50) == \
+        TRAJECTORY_PIPELINE["smoke"]["distill"]
+
+
 # ----------------------------------------------------------------------------- stages
 
 TINY_EXPERTS = dict(num_experts=1, epochs=3, max_train=40, width=2, batch_train=16,

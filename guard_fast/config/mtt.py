@@ -21,7 +21,7 @@ from guard_fast.config import limits as L
 from guard_fast.config.base import opt, resolve, to_dict
 
 __all__ = ["MTTConfig", "MTT_PRESETS", "TESLA_PRESETS", "MTT_METHODS", "TESLA_GRADIENTS",
-           "MTT_LABELS", "resolve_mtt"]
+           "MTT_LABELS", "resolve_mtt", "trajectory_distill_sizes"]
 
 MTT_METHODS = ("mtt", "tesla")
 TESLA_GRADIENTS = ("tesla", "exact")
@@ -140,12 +140,27 @@ def resolve_mtt(overrides: dict[str, Any] | None = None) -> MTTConfig:
 # The pipeline's trajectory methods (guard_fast.pipeline.trajectory): expert buffer and
 # distillation sizes per pipeline preset (CPU sizes: the bundled digits and Fashion-MNIST;
 # other presets are refused, run the experts and mtt stages with the published presets
-# there), and the smoke sizes.
+# there), and the smoke sizes. distill_by_ipc: distillation settings above an IPC (the largest
+# key not above it applies): from IPC 50 on, each differentiable student step takes a
+# minibatch of 100 synthetic images (IPC 10's whole set) as MTT does for its larger sets
+# (CIFAR-100 IPC 50: 125, Tiny-ImageNet IPC 10/50: 200/300), so that an IPC-50 iteration costs
+# what an IPC-10 one does instead of five times as much.
+_CPU_BY_IPC = {50: dict(batch_syn=100)}
 TRAJECTORY_PIPELINE: dict[str, dict[str, Any]] = {
-    "mnist": dict(experts=dict(preset="mnist"), distill=dict(preset="mnist"), eval_epochs=300),
+    "mnist": dict(experts=dict(preset="mnist"), distill=dict(preset="mnist"), eval_epochs=300,
+                  distill_by_ipc=_CPU_BY_IPC),
     "fashion-mnist": dict(experts=dict(preset="fashion-mnist"),
-                          distill=dict(preset="fashion-mnist"), eval_epochs=300),
+                          distill=dict(preset="fashion-mnist"), eval_epochs=300,
+                          distill_by_ipc=_CPU_BY_IPC),
     "smoke": dict(experts=dict(preset="mnist", num_experts=1, epochs=2, max_train=64, width=4),
                   distill=dict(preset="mnist", width=4, syn_steps=2, max_start_epoch=1,
                                expert_epochs=1, iterations=2), eval_epochs=1),
 }
+
+
+def trajectory_distill_sizes(sizes: dict[str, Any], ipc: int) -> dict[str, Any]:
+    """The distillation settings of a TRAJECTORY_PIPELINE entry at ipc: its distill dict, then
+    the distill_by_ipc entry of the largest IPC key not above ipc."""
+    by_ipc = sizes.get("distill_by_ipc", {})
+    keys = [k for k in by_ipc if k <= ipc]
+    return {**sizes["distill"], **(by_ipc[max(keys)] if keys else {})}

@@ -72,12 +72,13 @@ def _experts_stage(m: _TrajRun) -> None:
 
 
 def _distill_stage(m: _TrajRun) -> None:
+    from guard_fast.config.mtt import trajectory_distill_sizes
     from guard_fast.distill.mtt import mtt
 
     if (m.mtt_dir / "images.pt").exists():
         return m.recorded("recover_s", m.mtt_dir)
     m.log(f"[{m.label}] {m.method} (ipc {m.p['ipc']})")
-    over = {**m.sizes["distill"], **m.common(), "method": m.method, "ipc": m.p["ipc"],
+    over = {**trajectory_distill_sizes(m.sizes, m.p["ipc"]), **m.common(), "method": m.method, "ipc": m.p["ipc"],
             "buffer": str(m.buffer), "out": str(m.mtt_dir),
             "resume": (m.mtt_dir / "config.json").exists()}
     m.timed("recover_s", lambda: mtt(over), m.mtt_dir)
